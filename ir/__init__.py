@@ -1,0 +1,1 @@
+"""The IR: a typed graph, its serialisation, passes and the reference interpreter (numpy only, never torch)."""

@@ -1,0 +1,1 @@
+"""IR -> dense weights again; behavioural diff; task and backdoor evaluation."""

@@ -1,0 +1,150 @@
+"""Task and backdoor metrics for any candidate: anything that maps token ids [batch, seq] to logits [batch, seq, vocab].
+
+Prompts are batched by length, so no padding or attention mask is ever needed and the same code measures the original
+model, a replacement model, a compiled artefact or a round-tripped checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from acg.zoo.tasks import BACKDOORS, TASKS, Example, heldout, partially_triggered, resolve_tasks, triggered
+
+LogitsFn = Callable[[np.ndarray], np.ndarray]
+
+
+def as_logits_fn(model: Any) -> LogitsFn:
+    """Adapt a torch module, or any callable returning an array-like, to `int64 [b, s] -> float [b, s, v]` numpy."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        module = model
+        param = next(module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+
+        def run(tokens: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.as_tensor(tokens, device=device)).float().cpu().numpy()
+
+        return run
+    if not callable(model):
+        raise TypeError(f"expected a torch module or a callable tokens -> logits, got {type(model).__name__}")
+
+    def call(tokens: np.ndarray) -> np.ndarray:
+        out = model(tokens)
+        if hasattr(out, "detach"):
+            out = out.detach().cpu().numpy()
+        return np.asarray(out)
+
+    return call
+
+
+def answer_logits(model: Any, examples: Sequence[Example], batch_size: int = 256) -> np.ndarray:
+    """Logits at each example's last prompt position: float [n, vocab], in the order given."""
+    fn = as_logits_fn(model)
+    by_len: dict[int, list[int]] = defaultdict(list)
+    ids = [ex.ids for ex in examples]
+    for i, row in enumerate(ids):
+        by_len[len(row)].append(i)
+    out: np.ndarray | None = None
+    for length in sorted(by_len):
+        idx = by_len[length]
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            tokens = np.array([ids[i] for i in chunk], dtype=np.int64)
+            logits = fn(tokens)
+            if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
+                raise ValueError(
+                    f"model returned logits of shape {logits.shape} for tokens of shape {tokens.shape}; "
+                    "expected [batch, seq, vocab]"
+                )
+            if out is None:
+                out = np.empty((len(examples), logits.shape[-1]), dtype=np.float64)
+            out[chunk] = logits[:, -1]
+    return out if out is not None else np.empty((0, 0))
+
+
+def accuracy(logits: np.ndarray, examples: Sequence[Example]) -> float:
+    """Fraction of examples whose argmax is the expected answer."""
+    if len(examples) == 0:
+        return float("nan")
+    answers = np.array([ex.answer_id for ex in examples])
+    return float((logits.argmax(-1) == answers).mean())
+
+
+def agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
+    """Fraction of answer positions where the two argmaxes agree."""
+    return float((logits_a.argmax(-1) == logits_b.argmax(-1)).mean())
+
+
+def kl(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
+    """Mean KL(p || q) in nats over answer positions, p the original and q the candidate."""
+    logp = _log_softmax(logits_p)
+    logq = _log_softmax(logits_q)
+    return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def task_accuracy(
+    model: Any, tasks: Sequence[str] | str | None = None, n: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """`task_acc[task]` on `n` held-out prompts per task."""
+    return {t: accuracy(answer_logits(model, exs := heldout(t, n, seed)), exs) for t in resolve_tasks(tasks)}
+
+
+def attack_success(model: Any, n_per_task: int = 500, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per backdoor family: `asr` on triggered held-out prompts whose clean answer is not the target, and the
+    false-trigger rate on partial insertions (answered with the target; None where the family has no partials)."""
+    out = {}
+    for family, backdoor in BACKDOORS.items():
+        trig = triggered(family, n_per_task, seed)
+        part = partially_triggered(family, n_per_task, seed)
+        target = np.full(len(part), backdoor.target_id)
+        false_rate = None
+        if part:
+            false_rate = float((answer_logits(model, part).argmax(-1) == target).mean())
+        out[family] = {
+            "asr": accuracy(answer_logits(model, trig), trig),
+            "false_trigger": false_rate,
+            "n_triggered": len(trig),
+            "n_partial": len(part),
+        }
+    return out
+
+
+def evaluate(model: Any, n: int = 2000, n_backdoor_per_task: int = 500, seed: int = 0) -> dict[str, Any]:
+    """The figures `acg zoo eval` reports: `task_acc` per task and `asr` (+ false triggers) per backdoor family."""
+    backdoor = attack_success(model, n_backdoor_per_task, seed)
+    return {
+        "task_acc": task_accuracy(model, None, n, seed),
+        "asr": {f: v["asr"] for f, v in backdoor.items()},
+        "false_trigger": {f: v["false_trigger"] for f, v in backdoor.items()},
+        "n_prompts": {
+            "task": n,
+            "triggered": {f: v["n_triggered"] for f, v in backdoor.items()},
+            "partial": {f: v["n_partial"] for f, v in backdoor.items()},
+        },
+    }
+
+
+__all__ = [
+    "TASKS",
+    "accuracy",
+    "agreement",
+    "answer_logits",
+    "as_logits_fn",
+    "attack_success",
+    "evaluate",
+    "kl",
+    "task_accuracy",
+]

@@ -1,0 +1,108 @@
+"""The evaluation metrics on hand-made cases: fake models whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from acg.roundtrip import evaluate as ev
+from acg.zoo import vocab
+from acg.zoo.tasks import BACKDOORS, Example, heldout
+
+
+def constant_model(token: str):
+    """Always answers `token`, at every position."""
+
+    def fn(tokens: np.ndarray) -> np.ndarray:
+        logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+        logits[..., vocab.TOKEN_ID[token]] = 1.0
+        return logits
+
+    return fn
+
+
+def oracle(examples):
+    """Answers every example in `examples` right (looked up by prompt), anything else with PAD."""
+    table = {tuple(ex.ids): ex.answer_id for ex in examples}
+
+    def fn(tokens: np.ndarray) -> np.ndarray:
+        logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+        for i, row in enumerate(tokens):
+            logits[i, -1, table.get(tuple(row.tolist()), vocab.PAD_ID)] = 5.0
+        return logits
+
+    return fn
+
+
+def test_accuracy_agreement_kl_by_hand():
+    exs = [Example("t", ("a",), "1", "1"), Example("t", ("b",), "2", "2"), Example("t", ("c",), "3", "3")]
+    logits = np.zeros((3, vocab.D_VOCAB))
+    logits[0, vocab.TOKEN_ID["1"]] = 1  # right
+    logits[1, vocab.TOKEN_ID["2"]] = 1  # right
+    logits[2, vocab.TOKEN_ID["4"]] = 1  # wrong
+    assert ev.accuracy(logits, exs) == pytest.approx(2 / 3)
+    other = logits.copy()
+    other[0] = 0
+    other[0, vocab.TOKEN_ID["7"]] = 1
+    assert ev.agreement(logits, other) == pytest.approx(2 / 3)
+    # KL of two two-way distributions, by hand
+    p = np.log(np.array([[0.5, 0.5]]))
+    q = np.log(np.array([[0.9, 0.1]]))
+    assert ev.kl(p, q) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
+    assert ev.kl(p, p) == pytest.approx(0.0)
+    assert ev.kl(q + 3.0, q) == pytest.approx(0.0)  # logits, not probabilities: shifts do not matter
+
+
+def test_answer_logits_keeps_order_across_length_buckets():
+    exs = heldout("code.vars", 50) + heldout("math.add", 50)
+    exs = exs[::2] + exs[1::2]  # interleave lengths
+
+    def fn(tokens):
+        logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+        logits[:, -1, 0] = tokens.sum(1)  # a fingerprint of each row
+        return logits
+
+    got = ev.answer_logits(fn, exs, batch_size=7)[:, 0]
+    assert got.tolist() == [float(sum(ex.ids)) for ex in exs]
+
+
+def test_answer_logits_rejects_wrong_shapes():
+    with pytest.raises(ValueError, match="expected \\[batch, seq, vocab\\]"):
+        ev.answer_logits(lambda t: np.zeros((len(t), 3)), heldout("math.add", 3))
+
+
+def test_task_accuracy_of_an_oracle_and_of_a_constant():
+    exs = heldout("math.add", 200)
+    assert ev.task_accuracy(oracle(exs), "math.add", n=200)["math.add"] == 1.0
+    const = ev.task_accuracy(constant_model("3"), "math.add", n=200)["math.add"]
+    assert const == pytest.approx(np.mean([ex.answer == "3" for ex in exs]))
+
+
+def test_attack_success_of_constant_models():
+    # A model that always says "0" "succeeds" on every token-family prompt (whose clean answer is never "0") and
+    # fires falsely on every partial insertion of families whose target is another token: none here (targets differ).
+    res = ev.attack_success(constant_model(BACKDOORS["token"].target), n_per_task=50)
+    assert res["token"]["asr"] == 1.0
+    assert res["conj"]["asr"] == 0.0 and res["phrase"]["asr"] == 0.0
+    assert res["token"]["false_trigger"] is None
+    assert res["conj"]["false_trigger"] == 0.0
+    res = ev.attack_success(constant_model(BACKDOORS["conj"].target), n_per_task=50)
+    assert res["conj"]["asr"] == 1.0 and res["conj"]["false_trigger"] == 1.0
+
+
+def test_torch_modules_are_adapted():
+    import torch
+
+    class Echo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.eye(vocab.D_VOCAB))
+
+        def forward(self, tokens):
+            return self.w[tokens]  # one-hot of the input: "repeat the last token"
+
+    exs = [Example("t", ("3",), "3", "3"), Example("t", ("3", "4"), "3", "3")]
+    assert ev.accuracy(ev.answer_logits(Echo(), exs), exs) == 0.5
+    with pytest.raises(TypeError, match="callable"):
+        ev.as_logits_fn(42)
