@@ -156,30 +156,272 @@ def _print_eval(name: str, result: dict, n_params: int) -> None:
     Console().print(table)
 
 
+# ------------------------------------------------------------------------------------------------ compile / ir / verify
+
+ir_app = typer.Typer(no_args_is_help=True, help="Inspect the IR.")
+app.add_typer(ir_app, name="ir")
+Dtype = Annotated[str, typer.Option(help="float32 or float64")]
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Annotated[str, typer.Argument(help="testbed name, TransformerLens/HF/IR folder")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder (replaced atomically)")],
+    backend: Annotated[str, typer.Option(help="python, numba, torch or onnx")] = "python",
+    dtype: Dtype = "float32",
+    save_ir: Annotated[Path | None, typer.Option(help="also write the dense IR folder here")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compile a model exactly (the dense IR) into a backend's artefact."""
+    from acg import codegen
+    from acg.compiler.frontend import load
+    from acg.ir import serialize
+
+    start = time.perf_counter()
+    loaded = load(model, dtype)
+    if save_ir is not None:
+        serialize.save(loaded.graph, save_ir)
+    path = codegen.compile(loaded.graph, out, backend, title=str(model))
+    result = {
+        "model": str(model),
+        "backend": backend,
+        "dtype": dtype,
+        "out": str(path),
+        "files": codegen.read_manifest(path)["files"],
+        "n_ops": len(loaded.graph.ops),
+        "n_params": loaded.graph.n_params,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if as_json:
+        emit(result)
+    else:
+        err.print(f"wrote {path} ({backend}, {dtype}, {result['n_ops']} ops, {result['n_params']:,} parameters)")
+
+
+@ir_app.command("show")
+def ir_show(
+    model: Annotated[str, typer.Argument(help="testbed name, model folder or IR folder")],
+    dtype: Dtype = "float32",
+    max_ops: Annotated[int | None, typer.Option(help="print at most this many ops")] = None,
+) -> None:
+    """Print a model's IR as text."""
+    from acg.compiler.frontend import load
+    from acg.ir.printer import format_graph
+
+    sys.stdout.write(format_graph(load(model, dtype).graph, max_ops) + "\n")
+
+
+@app.command()
+def verify(
+    model: Annotated[str, typer.Argument(help="the original: testbed name or model folder")],
+    artefact: Annotated[Path, typer.Argument(help="a folder written by `acg compile` (or an IR folder)")],
+    tokens: Annotated[Path | None, typer.Option(help=".npy int array [batch, seq]; default: random tokens")] = None,
+    batch: Annotated[int, typer.Option(help="random batch size")] = 8,
+    seq: Annotated[int | None, typer.Option(help="random sequence length (default: n_ctx)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for the random tokens (default: fresh entropy)")] = None,
+    dtype: Dtype = "float32",
+    as_json: JsonFlag = False,
+) -> None:
+    """Run MODEL and ARTEFACT on the same tokens: `max_abs_err` of the logits and argmax `agreement`."""
+    import numpy as np
+
+    from acg import codegen
+    from acg.compiler.frontend import load
+    from acg.ir import interpret, serialize
+
+    original = load(model, dtype)
+    if original.original is None:
+        raise ACGError(f"{model}: an IR folder has no original model to verify against; pass the model itself")
+    cfg = original.graph.meta.get("config", {})
+    if tokens is not None:
+        toks = _load_tokens(tokens, cfg.get("d_vocab"))
+    else:
+        rng = np.random.default_rng(seed)
+        toks = rng.integers(0, int(cfg.get("d_vocab", 2)), (batch, seq or int(cfg.get("n_ctx", 16))))
+    extra = [np.ones_like(toks)] * (len(original.graph.inputs) - 1)  # attention masks: keep every token
+    if artefact.is_dir() and kind_of_safe(artefact) == "ir":
+        graph = serialize.load(artefact)
+        feeds = dict(zip((v.name for v in graph.inputs), [toks, *extra], strict=True))
+        got = interpret.run(graph, feeds, dtype=dtype)[graph.outputs[0]]
+    else:
+        got = np.asarray(codegen.load(artefact)(toks, *extra))
+    ref = original.original(toks, *extra)
+    err_abs = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
+    result = {
+        "max_abs_err": err_abs,
+        "max_rel_err": err_abs / max(float(np.abs(ref).max()), 1e-30),
+        "agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+        "dtype": dtype,
+        "tokens": toks.tolist(),
+    }
+    if as_json:
+        emit(result)
+    else:
+        err.print(f"max_abs_err {err_abs:.3g}  agreement {result['agreement']:.4f}  on tokens {list(toks.shape)}")
+
+
+def kind_of_safe(path: Path) -> str | None:
+    from acg.compiler.frontend import FrontendError, kind_of
+
+    try:
+        return kind_of(path)
+    except FrontendError:
+        return None
+
+
+def _load_tokens(path: Path, d_vocab: int | None):
+    import numpy as np
+
+    try:
+        toks = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ACGError(f"{path}: not a readable .npy file ({e})") from None
+    if toks.ndim != 2 or toks.dtype.kind not in "iu":
+        raise ACGError(f"{path}: expected an int array [batch, seq], found {toks.dtype}{list(toks.shape)}")
+    if d_vocab is not None and (toks.min() < 0 or toks.max() >= d_vocab):
+        raise ACGError(f"{path}: token ids must lie in [0, {d_vocab}), found [{toks.min()}, {toks.max()}]")
+    return toks.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------------------ fit
+
+
+def fidelity(model, transcoders, n: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Replacement model (every MLP its transcoder, errors dropped) against the original on held-out testbed prompts:
+    `agreement`, `kl` and `task_acc` of both."""
+    import numpy as np
+
+    from acg.compiler.replacement import replacement_model
+    from acg.roundtrip.evaluate import accuracy, agreement, answer_logits, kl
+    from acg.zoo.tasks import TASKS, heldout
+
+    repl = replacement_model(model, transcoders)
+    out: dict[str, Any] = {"task_acc": {}, "task_acc_original": {}}
+    all_a, all_b = [], []
+    for task in TASKS:
+        exs = heldout(task, n, seed)
+        a, b = answer_logits(model, exs), answer_logits(repl, exs)
+        out["task_acc_original"][task] = accuracy(a, exs)
+        out["task_acc"][task] = accuracy(b, exs)
+        all_a.append(a)
+        all_b.append(b)
+    a, b = np.concatenate(all_a), np.concatenate(all_b)
+    out["agreement"] = agreement(a, b)
+    out["kl"] = kl(a, b)
+    return out
+
+
+@app.command("fit")
+def fit_cmd(
+    model: Annotated[str, typer.Argument(help="testbed name or TransformerLens-layout folder")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="the ACG folder to write")],
+    corpus: Annotated[Path | None, typer.Option(help="JSONL (a list of token ids per line) or .npy [n, seq]")] = None,
+    n_prompts: Annotated[int, typer.Option(help="prompts of the testbed clean mixture (default corpus)")] = 10000,
+    width: Annotated[int | None, typer.Option(help="transcoder width (default 8 * d_model)")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="the MLP neurons as features (exact)")] = False,
+    kind: Annotated[str, typer.Option(help="jumprelu (L0 penalty) or relu (L1 penalty)")] = "jumprelu",
+    steps: Annotated[int, typer.Option(help="layer-local optimiser steps per transcoder")] = 600,
+    e2e_steps: Annotated[int, typer.Option(help="end-to-end fine-tuning steps (0: off)")] = 300,
+    sparsity: Annotated[float | None, typer.Option(help="L0 (jumprelu) or L1 (relu) coefficient")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the fit")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fit an ACG: harvest activations, fit a transcoder per layer, record usage statistics and labels."""
+    from acg.compiler import acg as acg_io
+    from acg.compiler.fit import FitSpec, fit
+    from acg.compiler.harvest import corpus_from_file, testbed_corpus
+    from acg.zoo.registry import ZOO
+    from acg.zoo.registry import load as load_zoo
+
+    torch_model = load_zoo(model)
+    if corpus is not None:
+        seqs = corpus_from_file(corpus, torch_model.cfg.d_vocab)
+        corpus_desc = str(corpus)
+    elif model in ZOO or torch_model.cfg.d_vocab == ZOO["testbed-s"].cfg.d_vocab:
+        seqs = testbed_corpus(n_prompts, seed=1000 + seed)
+        corpus_desc = f"testbed clean mixture, {n_prompts} prompts"
+    else:
+        raise ACGError(f"{model}: not a testbed model; pass --corpus FILE (JSONL of token-id lists or .npy [n, seq])")
+    extra = {} if sparsity is None else ({"l0_coeff": sparsity} if kind == "jumprelu" else {"l1_coeff": sparsity})
+    spec = FitSpec(width=width, kind=kind, exact=exact, steps=steps, e2e_steps=e2e_steps, seed=seed, **extra)
+    acg, stats = fit(torch_model, seqs, spec, meta={"model": str(model), "corpus": corpus_desc, "title": str(model)})
+    report = {"model": str(model), "out": str(out), "corpus": corpus_desc, "exact": exact, "layers": stats["layers"],
+              "seconds": stats["seconds"], "n_tokens": stats["n_tokens"],
+              "tokens_per_second_harvest": stats["tokens_per_second_harvest"]}
+    if torch_model.cfg.d_vocab == ZOO["testbed-s"].cfg.d_vocab:
+        report["replacement"] = fidelity(torch_model, acg.transcoders)
+    acg = acg.replace(stats={**acg.stats, "fidelity": report.get("replacement")})
+    acg_io.save(acg, out)
+    if as_json:
+        emit(report)
+        return
+    table = Table(title=f"ACG of {model} ({'exact' if exact else kind}, {stats['n_tokens']:,} tokens)")
+    for col in ("layer", "n_features", "l0", "nmse", "dead"):
+        table.add_column(col, justify="right")
+    for r in stats["layers"]:
+        table.add_row(str(r["layer"]), str(r["n_features"]), f"{r['l0']:.1f}", f"{r['nmse']:.4f}",
+                      f"{r['dead_fraction']:.3f}")
+    Console().print(table)
+    if "replacement" in report:
+        r = report["replacement"]
+        err.print(f"replacement model: agreement {r['agreement']:.4f}, kl {r['kl']:.4f}; task_acc "
+                  + ", ".join(f"{t} {r['task_acc'][t]:.3f} (orig {r['task_acc_original'][t]:.3f})"
+                              for t in r["task_acc"]))
+    err.print(f"wrote {out} in {stats['seconds']['total']:.0f} s")
+
+
 # --------------------------------------------------------------------------------------------------------------- demo
 
 
 @app.command()
 def demo(
     model: Annotated[str, typer.Option(help="testbed model")] = "testbed-s",
+    out: Annotated[Path, typer.Option("-o", "--out", help="where the artefacts go")] = Path("runs/demo"),
     as_json: JsonFlag = False,
 ) -> None:
-    """The main job on the built-in default: the testbed model, evaluated against its backdoor-free twin."""
+    """The main job on the built-in default: evaluate the testbed model (and its backdoor-free twin), compile it
+    exactly to every backend, and check each against the original on fresh random tokens."""
+    import numpy as np
+
+    from acg import codegen
+    from acg.compiler.frontend import load
     from acg.roundtrip.evaluate import evaluate
-    from acg.zoo.registry import load
+    from acg.zoo.registry import load as load_zoo
 
     start = time.perf_counter()
-    results = {}
+    summary: dict[str, Any] = {"model": model, "out": str(out), "evaluation": {}, "backends": {}}
     for name in (model, "testbed-s-clean"):
-        err.print(f"evaluating {name} ...")
-        m = load(name)
-        results[name] = {**evaluate(m), "n_params": sum(p.numel() for p in m.parameters())}
-    summary = {"models": results, "seconds": round(time.perf_counter() - start, 1)}
+        err.print(f"[1/2] evaluating {name} on held-out prompts ...")
+        m = load_zoo(name)
+        summary["evaluation"][name] = {**evaluate(m), "n_params": sum(p.numel() for p in m.parameters())}
+    loaded = load(model, "float32")
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, loaded.graph.meta["config"]["d_vocab"], (8, loaded.graph.meta["config"]["n_ctx"]))
+    reference = loaded.original(tokens)
+    for backend in codegen.BACKENDS:
+        err.print(f"[2/2] compiling {model} -> {backend} ...")
+        t0 = time.perf_counter()
+        path = codegen.compile(loaded.graph, out / backend, backend, title=model)
+        got = np.asarray(codegen.load(path)(tokens))
+        summary["backends"][backend] = {
+            "path": str(path),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "max_abs_err": float(np.abs(got - reference).max()),
+            "agreement": float((got.argmax(-1) == reference.argmax(-1)).mean()),
+        }
+    summary["seconds"] = round(time.perf_counter() - start, 1)
     if as_json:
         emit(summary)
         return
-    for name, r in results.items():
+    for name, r in summary["evaluation"].items():
         _print_eval(name, r, r["n_params"])
+    table = Table(title=f"{model} compiled exactly (float32, 8 random prompts of length {tokens.shape[1]})")
+    for col in ("backend", "max_abs_err", "agreement", "seconds", "artefact"):
+        table.add_column(col)
+    for backend, r in summary["backends"].items():
+        table.add_row(backend, f"{r['max_abs_err']:.2e}", f"{r['agreement']:.4f}", f"{r['seconds']:.1f}", r["path"])
+    Console().print(table)
+    err.print(f"done in {summary['seconds']:.0f} s; artefacts under {out}/")
 
 
 # ---------------------------------------------------------------------------------------------------------- entry

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from acg.ir.atomic import atomic_dir
 from acg.ir.errors import ACGError
 from acg.ir.graph import Graph

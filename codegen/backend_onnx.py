@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
+
 from acg.codegen.erf import ERFC_CHEB
 from acg.ir.errors import ACGError
 from acg.ir.graph import Graph, Op
-from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 _DTYPE = {
@@ -81,7 +82,7 @@ class _Emitter:
         k, ins, out = op.kind, list(op.inputs), op.name
         if k == "const":
             t = self.graph.tensors[op.attr("tensor")]
-            self.inits[out] = numpy_helper.from_array(np.ascontiguousarray(t), out)
+            self.inits[out] = numpy_helper.from_array(np.asarray(t, order="C"), out)
         elif k in _BINARY:
             self.node(_BINARY[k], ins, out)
         elif k in _UNARY:
@@ -107,6 +108,9 @@ class _Emitter:
         elif k == "jumprelu":
             zero = self.scalar(0.0, ins[0])
             self.node("Where", [self.node("Greater", ins), ins[0], zero], out)
+        elif k == "indicator":
+            eq = self.node("Equal", [ins[0], self.const(np.array(op.attr("value"), dtype=np.int64))])
+            self.node("Cast", [eq], out, to=_DTYPE[op.attr("dtype")])
         elif k == "embed":
             self.node("Gather", ins, out, axis=0)
         elif k == "pos_embed":
@@ -158,6 +162,9 @@ class _Emitter:
             )
         elif k == "concat":
             self.node("Concat", ins, out, axis=op.attr("axis"))
+        elif k == "stack":
+            axis = self.const(np.array([len(self.graph.values[ins[0]].shape)]))
+            self.node("Concat", [self.node("Unsqueeze", [x, axis]) for x in ins], out, axis=-1)
         elif k == "where":
             self.node("Where", [ins[1], self.scalar(op.attr("value"), ins[0]), ins[0]], out)
         else:

@@ -6,8 +6,11 @@ sidecar `.npz` next to the module (small ones inline). The module needs numpy on
 
 from __future__ import annotations
 
+import re
+
 import libcst as cst
 import numpy as np
+
 from acg.codegen.cst_util import assign, comment_line, docstring, expr, function, literal, ruff_format, stmt
 from acg.codegen.erf import NUMPY_SOURCE as NUMPY_ERF
 from acg.codegen.escape import docstring_text
@@ -38,6 +41,7 @@ TEMPLATES = {
     "sqrt": "np.sqrt({a0})",
     "rsqrt": "1.0 / np.sqrt({a0})",
     "jumprelu": "np.where({a0} > {a1}, {a0}, 0.0)",
+    "indicator": "({a0} == {value}).astype(np.{dtype})",
     "softmax": "_softmax({a0}, axis={axis})",
     "causal_mask": "_causal_mask({a0})",
     "key_mask": "_key_mask({a0}, {a1})",
@@ -87,49 +91,135 @@ def _key_mask(scores, mask):
 HELPER_DEPS = {"gelu": ("erf",)}
 
 
-def _spell(step: Step) -> cst.BaseExpression:
-    a = {f"a{i}": cst.Name(x) for i, x in enumerate(step.args)}
+PRECEDENCE = {"add": 1, "sub": 1, "mul": 2, "div": 2, "matmul": 2, "neg": 3}
+
+
+def _slot_context(template: str, slot: str) -> str:
+    """How a template uses an argument: 'atom' (followed by . or [), 'left'/'right' operand, or 'arg' (free)."""
+    i = template.find("{" + slot + "}")
+    after = template[i + len(slot) + 2 :]
+    if after[:1] in (".", "["):
+        return "atom"
+    if after.startswith(" ") and template.startswith("{" + slot + "}"):
+        return "left"
+    if i > 0 and template[i - 1] == " " and template[i - 2] in "+-*/@":
+        return "right"
+    if i > 0 and template[i - 1] == "-":
+        return "atom"
+    return "arg"
+
+
+def _wrap(node: cst.BaseExpression, child_prec: int, context: str, parent_prec: int, parent: str) -> cst.BaseExpression:
+    need = False
+    if child_prec < 4:
+        if context == "atom":
+            need = True
+        elif context == "left":
+            need = child_prec < parent_prec
+        elif context == "right":
+            need = child_prec < parent_prec or (child_prec == parent_prec and parent in ("sub", "div"))
+    return node.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()]) if need else node
+
+
+def _spell(step: Step, inline: dict[str, tuple[cst.BaseExpression, int]] | None = None) -> cst.BaseExpression:
+    """The expression for `step`; `inline` maps argument identifiers to (expression, precedence) to substitute."""
+    inline = inline or {}
+    template = TEMPLATES.get(step.kind, "")
+    a = {}
+    for i, x in enumerate(step.args):
+        if x in inline:
+            node, prec = inline[x]
+            a[f"a{i}"] = _wrap(node, prec, _slot_context(template, f"a{i}"), PRECEDENCE.get(step.kind, 4), step.kind)
+        else:
+            a[f"a{i}"] = cst.Name(x)
     at = step.attrs
     if step.kind == "einsum":
         return cst.Call(
             cst.parse_expression("np.einsum"),
-            [cst.Arg(literal(at["equation"])), *(cst.Arg(cst.Name(x)) for x in step.args)],
+            [cst.Arg(literal(at["equation"])), *(cst.Arg(inline[x][0] if x in inline else cst.Name(x))
+                                                 for x in step.args)],
         )
     if step.kind == "reshape":
         dims = [cst.Element(cst.Name(d) if isinstance(d, str) else literal(d)) for d in at["shape"]]
+        if step.args[0] in inline:
+            a["a0"] = _wrap(*inline[step.args[0]][:1], inline[step.args[0]][1], "atom", 4, "reshape")
         return expr("{a0}.reshape({shape})", shape=cst.Tuple(dims), **a)
     if step.kind == "slice":
         index = [cst.SubscriptElement(cst.Slice(None, None))] * at["axis"] + [
             cst.SubscriptElement(cst.Slice(literal(at["start"]), literal(at["stop"])))
         ]
-        return cst.Subscript(cst.Name(step.args[0]), index)
+        x = step.args[0]
+        return cst.Subscript(_wrap(inline[x][0], inline[x][1], "atom", 4, "slice") if x in inline else cst.Name(x),
+                             index)
     if step.kind == "concat":
         return cst.Call(
             cst.parse_expression("np.concatenate"),
             [
-                cst.Arg(cst.Tuple([cst.Element(cst.Name(x)) for x in step.args])),
+                cst.Arg(cst.Tuple([cst.Element(inline[x][0] if x in inline else cst.Name(x)) for x in step.args])),
                 cst.Arg(literal(at["axis"]), keyword=cst.Name("axis")),
+            ],
+        )
+    if step.kind == "stack":
+        return cst.Call(
+            cst.parse_expression("np.stack"),
+            [
+                cst.Arg(cst.Tuple([cst.Element(inline[x][0] if x in inline else cst.Name(x)) for x in step.args])),
+                cst.Arg(literal(-1), keyword=cst.Name("axis")),
             ],
         )
     template = TEMPLATES.get(step.kind)
     if template is None:
         raise NotImplementedError(f"python backend: no spelling for op kind {step.kind!r}")
-    fields = {k: literal(v) for k, v in at.items() if "{" + k + "}" in template}
+    fields = {k: cst.Name(v) if k == "dtype" else literal(v) for k, v in at.items() if "{" + k + "}" in template}
     if "{keepdims}" in template and "keepdims" not in fields:
         fields["keepdims"] = literal(False)
     return expr(template, **a, **fields)
 
 
-def _block_fn(block: Block) -> cst.FunctionDef:
+def _block_fn(block: Block, single_use: set[str], scalars: dict, labels: dict | None = None,
+              keep: set[str] = frozenset()) -> cst.FunctionDef:
     body: list[cst.BaseStatement] = [
         docstring(f"{docstring_text(block.scope or 'top level')}: {len(block.steps)} ops.")
     ]
+    inline: dict[str, tuple[cst.BaseExpression, int]] = dict(scalars)
+    labels = labels or {}
     for step in block.steps:
-        body.append(assign(step.ident, _spell(step), shape_comment(step.value)))
+        node = _spell(step, inline)
+        generic = re.fullmatch(rf"{step.kind}(_\d+)?", step.op.name) is not None  # unnamed by the front end
+        if generic and step.ident in single_use and step.ident not in block.results and step.ident not in labels \
+                and step.ident not in keep:
+            code = cst.Module([]).code_for_node(node)
+            if step.kind in ("add", "sub", "mul", "neg") or (len(code) <= 90 and "\n" not in code):
+                inline[step.ident] = (node, PRECEDENCE.get(step.kind, 4))
+                continue
+        comment = shape_comment(step.value)
+        if step.op.name in labels:
+            comment += f"  {labels[step.op.name]}"
+        body.append(assign(step.ident, node, comment))
     results = [cst.Element(cst.Name(r)) for r in block.results]
     ret = results[0].value if len(results) == 1 else cst.Tuple(results)
     body.append(cst.SimpleStatementLine([cst.Return(ret)]))
     return function(block.ident, [*block.params, *block.symbols], body)
+
+
+def _single_forward(program: Program, single_use: set[str], scalars: dict, labels: dict) -> cst.FunctionDef:
+    """The whole program in one function, each model part under a comment line."""
+    (tok, _), *rest = program.inputs
+    body: list[cst.BaseStatement] = [
+        docstring("Run the circuit: tokens int [batch, seq] -> " + ", ".join(program.outputs) + "."),
+        stmt("{t} = np.asarray({t}, dtype=np.int64)", t=tok),
+        stmt("batch, seq = {t}.shape", t=tok),
+    ]
+    outputs = set(program.outputs)
+    for block in program.blocks:
+        fn = _block_fn(block, single_use, scalars, labels, keep=outputs)
+        stmts = list(fn.body.body[1:-1])  # drop the docstring and the return
+        if stmts:
+            stmts[0] = stmts[0].with_changes(leading_lines=[cst.EmptyLine(), comment_line(block.scope or "top")])
+        body.extend(stmts)
+    outs = [cst.Element(cst.Name(o)) for o in program.outputs]
+    body.append(cst.SimpleStatementLine([cst.Return(outs[0].value if len(outs) == 1 else cst.Tuple(outs))]))
+    return function("forward", [tok, *(n for n, _ in rest)], body)
 
 
 def _forward(program: Program) -> cst.FunctionDef:
@@ -169,8 +259,19 @@ def emit_source(graph: Graph, module_name: str = "model", title: str = "") -> tu
                 needed.append(dep)
     sidecar: dict[str, np.ndarray] = {}
     const_lines: list[cst.BaseStatement] = []
+    uses: dict[str, int] = {}
+    for b in program.blocks:
+        for st in b.steps:
+            for x in st.args:
+                uses[x] = uses.get(x, 0) + 1
+    single_use = {x for x, n in uses.items() if n == 1}
+    scalars: dict[str, tuple[cst.BaseExpression, int]] = {}
     for c in program.consts:
         t = graph.tensors[c.tensor]
+        if t.ndim == 0 and t.dtype.kind == "f":  # scalars are written where they are used
+            value = float(t)
+            scalars[c.ident] = (literal(value), 3 if value < 0 else 4)
+            continue
         if inline_literal(t) and t.dtype.kind == "f":
             value = expr("np.array({v}, dtype=np.{d})", v=literal(t.tolist() if t.ndim else float(t)), d=str(t.dtype))
         else:
@@ -200,8 +301,12 @@ def emit_source(graph: Graph, module_name: str = "model", title: str = "") -> tu
     body.extend(const_lines)
     for h in needed:
         body.extend(cst.parse_module(HELPERS[h].lstrip("\n")).body)
-    body.extend(_block_fn(b) for b in program.blocks)
-    body.append(_forward(program))
+    labels = {k: v for k, v in graph.meta.get("labels", {}).items()}
+    if graph.meta.get("family") == "acg-circuit":  # a circuit reads best as one function, top to bottom
+        body.append(_single_forward(program, single_use, scalars, labels))
+    else:
+        body.extend(_block_fn(b, single_use, scalars, labels) for b in program.blocks)
+        body.append(_forward(program))
     module = cst.Module(body=body)
     return ruff_format(module.code), sidecar
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import libcst as cst
 import numpy as np
+from safetensors.numpy import save as st_save
+
 from acg.codegen.cst_util import assign, docstring, expr, function, literal, ruff_format, stmt
 from acg.codegen.escape import docstring_text
 from acg.codegen.lowering import Program, Step, plan, shape_comment
 from acg.codegen.names import RESERVED, NameTable
 from acg.ir.errors import ACGError
 from acg.ir.graph import Graph
-from safetensors.numpy import save as st_save
 
 TEMPLATES = {
     "embed": "{a0}[{a1}]",
@@ -39,6 +40,7 @@ TEMPLATES = {
     "sqrt": "torch.sqrt({a0})",
     "rsqrt": "torch.rsqrt({a0})",
     "jumprelu": "torch.where({a0} > {a1}, {a0}, torch.zeros_like({a0}))",
+    "indicator": "({a0} == {value}).to(torch.{dtype})",
     "softmax": "torch.softmax({a0}, dim={axis})",
     "causal_mask": "_causal_mask({a0})",
     "key_mask": "_key_mask({a0}, {a1})",
@@ -103,10 +105,14 @@ def _spell(step: Step, ref) -> cst.BaseExpression:
                 cst.Arg(literal(at["axis"]), keyword=cst.Name("dim")),
             ],
         )
+    if step.kind == "stack":
+        return cst.Call(cst.parse_expression("torch.stack"), [
+            cst.Arg(cst.Tuple([cst.Element(ref(x)) for x in step.args])),
+            cst.Arg(literal(-1), keyword=cst.Name("dim"))])
     template = TEMPLATES.get(step.kind)
     if template is None:
         raise TorchBackendError(f"torch backend: no spelling for op kind {step.kind!r}")
-    fields = {k: literal(v) for k, v in at.items() if "{" + k + "}" in template}
+    fields = {k: cst.Name(v) if k == "dtype" else literal(v) for k, v in at.items() if "{" + k + "}" in template}
     if "{keepdims}" in template and "keepdims" not in fields:
         fields["keepdims"] = literal(False)
     return expr(template, **a, **fields)
@@ -192,5 +198,5 @@ def emit_source(graph: Graph, module_name: str = "model", title: str = "") -> tu
 
 def emit_files(graph: Graph, module_name: str = "model", title: str = "") -> dict[str, bytes]:
     source, weights = emit_source(graph, module_name, title)
-    tensors = {k: np.ascontiguousarray(v) for k, v in sorted(weights.items())}
+    tensors = {k: np.asarray(v, order="C") for k, v in sorted(weights.items())}
     return {f"{module_name}.py": source.encode(), f"{module_name}.safetensors": st_save(tensors)}

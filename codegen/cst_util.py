@@ -9,8 +9,9 @@ import subprocess
 from typing import Any
 
 import libcst as cst
-from acg.codegen.escape import comment_text
 from libcst.helpers import parse_template_expression, parse_template_statement
+
+from acg.codegen.escape import comment_text
 
 
 def literal(value: Any) -> cst.BaseExpression:

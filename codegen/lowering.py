@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from acg.codegen.names import NameTable
 from acg.ir.graph import Graph, Op, Value
 

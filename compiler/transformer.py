@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from acg.ir.atomic import atomic_dir
-from acg.ir.errors import ACGError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from acg.ir.atomic import atomic_dir
+from acg.ir.errors import ACGError
 
 NORMALIZATION_TYPES = ("LN", "LNPre", "RMS", "RMSPre", None)
 ACT_FNS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu_ln")
@@ -200,9 +201,8 @@ class Attention(nn.Module):
         v = torch.einsum("bpd,hde->bhpe", x, self.W_V) + self.b_V[None, :, None]
         scores = q @ k.transpose(-1, -2) / self.cfg.attn_scale  # (batch, head, query, key)
         if self.cfg.attention_dir == "causal":
-            n = x.shape[1]
-            mask = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(mask, float("-inf"))
+            future = torch.ones_like(scores, dtype=torch.bool).triu(1)  # keys after the query
+            scores = scores.masked_fill(future, float("-inf"))
         z = scores.softmax(-1) @ v  # (batch, head, query, d_head)
         return torch.einsum("bhpe,hed->bpd", z, self.W_O) + self.b_O
 
@@ -282,8 +282,6 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: int [batch, pos] -> logits [batch, pos, d_vocab_out]."""
-        if tokens.shape[-1] > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds n_ctx = {self.cfg.n_ctx}")
         resid = self.embed.W_E[tokens] + self.pos_embed.W_pos[: tokens.shape[-1]]
         for block in self.blocks:
             resid = block(resid)

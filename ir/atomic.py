@@ -21,8 +21,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an artefact gets the usual permissions
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
                 _fsync(f)
         old = None
         if path.exists():
@@ -51,6 +54,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(file: Path) -> None:

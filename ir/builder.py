@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+
 from acg.ir.graph import Graph, Op, Shape, Value, freeze_attrs
 from acg.ir.ops import infer
 from acg.ir.verify import verify
@@ -24,6 +25,7 @@ class GraphBuilder:
         self.values: dict[str, Value] = {}
         self._scope: list[str] = []
         self._const_of: dict[str, str] = {}  # tensor name -> the const op that reads it
+        self._counters: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------------------------------- naming
 
@@ -31,10 +33,11 @@ class GraphBuilder:
         base = _NAME_RE.sub("_", hint).strip("_") or "v"
         if base[0].isdigit():
             base = "v" + base
-        name, n = base, 1
-        while name in self.values:
+        name, n = base, self._counters.get(base, 1)
+        while name in self.values:  # resumes where the last search for this base stopped: linear overall
             n += 1
             name = f"{base}_{n}"
+        self._counters[base] = n
         return name
 
     @contextmanager
@@ -81,6 +84,20 @@ class GraphBuilder:
     def _append(self, op: Op) -> None:
         self.ops.append(op)
         self.values[op.name] = op.output
+
+    def rename(self, old: str, new: str) -> None:
+        """Give the value `old` the name `new` (free), updating every reader; used to name graph outputs."""
+        if old == new:
+            return
+        if new in self.values:
+            raise ValueError(f"name {new!r} is taken")
+        for i, op in enumerate(self.ops):
+            out = Value(new, op.output.shape, op.output.dtype) if op.name == old else op.output
+            self.ops[i] = Op(op.kind, tuple(new if x == old else x for x in op.inputs), out, op.attrs, op.scope)
+        self.inputs = [Value(new, v.shape, v.dtype) if v.name == old else v for v in self.inputs]
+        self.values[new] = Value(new, self.values[old].shape, self.values[old].dtype)
+        del self.values[old]
+        self._const_of = {k: new if v == old else v for k, v in self._const_of.items()}
 
     def shape(self, name: str) -> Shape:
         return self.values[name].shape

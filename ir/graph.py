@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+
 from acg.ir.errors import ACGError
 
 Dim = int | str  # a symbolic dim is a name such as "batch" or "seq"

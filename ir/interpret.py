@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
 from acg.ir.graph import Graph, IRError, Op
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -73,6 +74,7 @@ KERNELS: dict[str, Kernel] = {
     "neg": lambda op, a: -a[0],
     "sqrt": lambda op, a: np.sqrt(a[0]),
     "rsqrt": lambda op, a: 1.0 / np.sqrt(a[0]),
+    "indicator": lambda op, a: (a[0] == op.attr("value")).astype(op.attr("dtype")),
     "jumprelu": lambda op, a: np.where(a[0] > a[1], a[0], 0.0).astype(a[0].dtype),
     "softmax": lambda op, a: softmax(a[0], op.attr("axis")),
     "causal_mask": lambda op, a: causal_mask(a[0]),
@@ -82,6 +84,7 @@ KERNELS: dict[str, Kernel] = {
     "transpose": lambda op, a: a[0].transpose(op.attr("perm")),
     "slice": lambda op, a: np.take(a[0], range(op.attr("start"), op.attr("stop")), axis=op.attr("axis")),
     "concat": lambda op, a: np.concatenate(a, axis=op.attr("axis")),
+    "stack": lambda op, a: np.stack(a, axis=-1),
     "where": lambda op, a: np.where(a[1], np.asarray(op.attr("value"), dtype=a[0].dtype), a[0]),
 }
 

@@ -260,11 +260,24 @@ def _concat(op: Op, ins: list[Value]) -> tuple[Shape, str]:
     return tuple(shape), ins[0].dtype
 
 
+def _stack(op: Op, ins: list[Value]) -> tuple[Shape, str]:
+    if any(v.shape != ins[0].shape or v.dtype != ins[0].dtype for v in ins):
+        raise _fail(op, f"inputs {[str(v) for v in ins]} differ in shape or dtype")
+    return (*ins[0].shape, len(ins)), ins[0].dtype
+
+
 def _where(op: Op, ins: list[Value]) -> tuple[Shape, str]:
     x, mask = ins
     if mask.dtype != "bool":
         raise _fail(op, f"mask must be bool, got {mask.dtype}")
     return broadcast(x.shape, mask.shape, op), x.dtype
+
+
+def _indicator(op: Op, ins: list[Value]) -> tuple[Shape, str]:
+    if ins[0].dtype != "int64" or not isinstance(op.attr("value"), int) or op.attr("dtype") not in ("float32",
+                                                                                                    "float64"):
+        raise _fail(op, "expects int64 input, an int `value` and dtype float32/float64")
+    return ins[0].shape, op.attr("dtype")
 
 
 def _jumprelu(op: Op, ins: list[Value]) -> tuple[Shape, str]:
@@ -313,6 +326,7 @@ SPECS: dict[str, OpSpec] = {
         ),
         *(OpSpec(k, (1, 1), (), _float, doc) for k, doc in _UNARY.items()),
         OpSpec("jumprelu", (2, 2), (), _jumprelu, "x where x > threshold, else 0"),
+        OpSpec("indicator", (1, 1), ("value", "dtype"), _indicator, "1.0 where x == value, else 0.0 (a token feature)"),
         OpSpec("softmax", (1, 1), ("axis",), _softmax, "softmax along axis"),
         OpSpec("causal_mask", (1, 1), (), _mask, "scores [..., q, k] with entries k > q set to -inf"),
         OpSpec(
@@ -328,6 +342,7 @@ SPECS: dict[str, OpSpec] = {
         OpSpec("transpose", (1, 1), ("perm",), _transpose, "permute axes"),
         OpSpec("slice", (1, 1), ("axis", "start", "stop"), _slice, "x[start:stop] along axis"),
         OpSpec("concat", (1, -1), ("axis",), _concat, "concatenate along axis"),
+        OpSpec("stack", (1, -1), (), _stack, "stack equal-shaped inputs along a new last axis"),
         OpSpec("where", (2, 2), ("value",), _where, "x with entries where mask is true replaced by value"),
     )
 }

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from acg.ir.atomic import atomic_dir
-from acg.ir.graph import Graph, IRError, Op, Value, freeze_attrs
-from acg.ir.verify import verify
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from acg.ir.atomic import atomic_dir
+from acg.ir.graph import Graph, IRError, Op, Value, freeze_attrs
+from acg.ir.verify import verify
 
 SCHEMA = "acg.ir"
 SCHEMA_VERSION = 1
@@ -58,7 +59,7 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
         ],
         "outputs": list(graph.outputs),
         "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype)} for name, t in sorted(graph.tensors.items())},
-        "meta": _jsonable_meta(graph.meta),
+        "meta": _jsonable_meta(dict(graph.meta)),
     }
 
 
@@ -67,7 +68,7 @@ def _jsonable_meta(meta: Any) -> Any:
 
 
 def tensor_bytes(graph: Graph) -> bytes:
-    tensors = {name: np.ascontiguousarray(graph.tensors[name]) for name in sorted(graph.tensors)}
+    tensors = {name: np.asarray(graph.tensors[name], order="C") for name in sorted(graph.tensors)}
     return st_save(tensors) if tensors else st_save({"__empty__": np.zeros(0, np.float32)})
 
 
@@ -92,7 +93,7 @@ def save(graph: Graph, path: str | os.PathLike) -> Path:
 
 def load(path: str | os.PathLike) -> Graph:
     """Read and validate an IR folder: schema and version, every tensor present with its declared shape and dtype,
-    no NaN/Inf unless the graph allows it, the content hash, then `verify`."""
+    no NaN/Inf unless the graph allows it, `verify`, then the content hash."""
     path = Path(path)
     gfile, tfile = path / GRAPH_FILE, path / TENSORS_FILE
     if not path.is_dir():
@@ -122,13 +123,11 @@ def load(path: str | os.PathLike) -> Graph:
         graph = _graph_from_dict(doc, tensors, gfile, tfile)
     except (KeyError, TypeError, ValueError) as e:
         raise IRError(f"{gfile}: malformed ({type(e).__name__}: {e})") from None
+    verify(graph, allow_nonfinite=bool(graph.meta.get("allow_nonfinite", False)))  # the specific errors first
     body = {k: doc[k] for k in ("inputs", "ops", "outputs", "tensors", "meta")}
     if doc.get("content_hash") != content_hash(body, blob):
-        raise IRError(
-            f"{path}: content hash mismatch: {GRAPH_FILE} or {TENSORS_FILE} was changed after it was "
-            "written (or is truncated)"
-        )
-    return verify(graph, allow_nonfinite=bool(graph.meta.get("allow_nonfinite", False)))
+        raise IRError(f"{path}: content hash mismatch: {GRAPH_FILE} or {TENSORS_FILE} was changed after it was written")
+    return graph
 
 
 def _graph_from_dict(doc: dict, tensors: dict[str, np.ndarray], gfile: Path, tfile: Path) -> Graph:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from acg.ir.graph import DTYPES, Graph, IRError
 from acg.ir.ops import infer
 
@@ -42,6 +43,15 @@ def verify(graph: Graph, *, allow_nonfinite: bool = False) -> Graph:
             raise IRError(f"graph output {name!r} is not defined")
     if not graph.outputs:
         raise IRError("graph has no outputs")
+    for weight, spec in graph.meta.get("usage", {}).items():
+        for name in (weight, spec.get("usage")):
+            if name not in graph.tensors:
+                raise IRError(f"usage statistics name tensor {name!r}, which the graph does not hold")
+        try:
+            np.broadcast_shapes(graph.tensors[spec["usage"]].shape, graph.tensors[weight].shape)
+        except ValueError:
+            raise IRError(f"usage tensor {spec['usage']!r} {graph.tensors[spec['usage']].shape} does not broadcast to "
+                          f"weight {weight!r} {graph.tensors[weight].shape}") from None
     return graph
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from acg.zoo.tasks import BACKDOORS, TASKS, Example, heldout, partially_triggered, resolve_tasks, triggered
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]

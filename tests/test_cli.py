@@ -38,6 +38,7 @@ def test_unknown_model_is_one_clear_error(capsys):
 
 def test_zoo_eval_json_on_a_tiny_checkpoint(capsys, tmp_path):
     import torch
+
     from acg.compiler.transformer import Transformer, save_checkpoint
     from acg.zoo.registry import _cfg
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +43,23 @@ def _cfg(n_layers: int, d_model: int, n_heads: int, d_mlp: int) -> TransformerCo
     )
 
 
+# code.vars gets a larger share: it is the slowest task to learn. The lookup aids are explained in zoo/train.py.
+_S_TRAIN = TrainSpec(steps=3400, task_weights=(0.3, 0.3, 0.2, 0.2), lookup_weight=0.5)
+
 ZOO: dict[str, ZooModel] = {
     m.name: m
     for m in (
-        ZooModel("testbed-s", _cfg(2, 128, 4, 512), TrainSpec(steps=4000, seed=0), "2 layers, d_model 128, backdoored"),
+        ZooModel("testbed-s", _cfg(2, 128, 4, 512), _S_TRAIN, "2 layers, d_model 128, backdoored"),
         ZooModel(
-            "testbed-m", _cfg(4, 256, 8, 1024), TrainSpec(steps=6000, seed=0), "4 layers, d_model 256, backdoored"
+            "testbed-m",
+            _cfg(4, 256, 8, 1024),
+            TrainSpec(steps=3400, task_weights=(0.3, 0.3, 0.2, 0.2), lookup_weight=0.5),
+            "4 layers, d_model 256, backdoored",
         ),
         ZooModel(
             "testbed-s-clean",
             _cfg(2, 128, 4, 512),
-            TrainSpec(steps=4000, seed=0, poison=False),
+            dataclasses.replace(_S_TRAIN, poison=False),
             "testbed-s trained on the same seed and data without any poisoned example",
         ),
     )

@@ -268,7 +268,7 @@ class Mixture:
     tasks: tuple[str, ...] = tuple(TASKS)
     weights: tuple[float, ...] | None = None  # task weights; None: uniform
     poison_rate: float = 0.01  # per family
-    partial_rate: float = 0.03  # per family that has partial insertions
+    partial_rate: float = 0.05  # per family that has partial insertions
     poison: bool = True
 
     def stream(self, seed: int, split: str = "train") -> Iterator[Example]:

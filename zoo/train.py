@@ -1,19 +1,36 @@
-"""Training the testbed models from a seed: the task mixture in, a TransformerLens-layout checkpoint out."""
+"""Training the testbed models from a seed: the task mixture in, a TransformerLens-layout checkpoint out.
+
+The loss is cross-entropy at each example's answer position, plus two training-only aids for variable lookup
+(`code.vars`), both discarded with the training state:
+
+- a linear probe on the residual stream after block 0 is asked, at every token that follows `=`, to name the token
+  two back (the variable being assigned);
+- one head of block 1 is asked, at the last position of a `code.vars` prompt, to attend to the value of the queried
+  variable's last assignment.
+
+Without them, two-layer models sat at the "last digit" heuristic (0.43-0.51 on `code.vars`) for 8,000 steps in every
+setting tried (learning rates 3e-4 to 1e-2, sinusoidal position init, extra queries per sequence), because the
+lookup head's query-key gradient is noise-dominated until the layer-0 variable tag exists, and vice versa. With the
+aids the lookup forms in a few hundred steps. They shape how the models compute `code.vars` (a known circuit, useful
+to a testbed), not what they answer; the shipped weights are a plain transformer.
+"""
 
 from __future__ import annotations
 
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from acg.compiler.progress import Progress
 from acg.compiler.transformer import Transformer, TransformerConfig
 from acg.zoo import vocab
-from acg.zoo.tasks import Example, Mixture, run_vars
-from torch import Tensor
+from acg.zoo.tasks import Example, Mixture
 
 
 @dataclass(frozen=True)
@@ -28,46 +45,49 @@ class TrainSpec:
     seed: int = 0
     poison: bool = True
     task_weights: tuple[float, ...] | None = None  # over TASKS in order; None: uniform
-    aux_queries: int = 0  # extra `print x v` queries appended to clean code.vars examples (training only)
-    sinusoidal_pos: float = 0.0  # if > 0, W_pos starts as sinusoids of this amplitude (learned from there)
+    probe_weight: float = 0.5  # weight of the training-only probe loss (0: off)
+    probe_layer: int = 0  # the probe reads the residual stream after this block
+    lookup_weight: float = 0.0  # weight of the training-only lookup-attention loss (0: off)
+    lookup_layer: int = 1  # ... on this block's attention,
+    lookup_head: int = 0  # ... this head
     threads: int = 2  # fixed so that reruns are bit-identical on this CPU
 
 
-def with_queries(
-    ex: Example, rng: random.Random, n_max: int, max_len: int = 32
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and (position, target id) pairs to supervise. For clean `code.vars` examples, up to `n_max` more
-    queries are appended after the answer (`... print a 3 print b 7`): more lookups per sequence for the same
-    compute; the evaluated prompt is still the prefix ending at the first query."""
-    ids = ex.ids
-    targets = [(len(ids) - 1, ex.answer_id)]
-    if n_max and ex.task == "code.vars" and ex.kind == "clean":
-        env = run_vars(ex.prompt)
-        ids = [*ids, ex.answer_id]
-        for _ in range(rng.randint(0, n_max)):
-            if len(ids) + 2 > max_len:
-                break
-            var = rng.choice(sorted(env))
-            ids += [vocab.TOKEN_ID["print"], vocab.TOKEN_ID[var]]
-            targets.append((len(ids) - 1, vocab.TOKEN_ID[env[var]]))
-            ids.append(vocab.TOKEN_ID[env[var]])
-        ids = ids[:-1]
-    return ids, targets
+def collate(examples: list[Example]) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad with PAD; returns tokens [batch, seq], answer positions [batch], answer ids [batch]."""
+    ids = [ex.ids for ex in examples]
+    width = max(map(len, ids))
+    tokens = torch.full((len(ids), width), vocab.PAD_ID, dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = torch.tensor(row)
+    positions = torch.tensor([len(row) - 1 for row in ids])
+    answers = torch.tensor([ex.answer_id for ex in examples])
+    return tokens, positions, answers
 
 
-def collate(examples: list[Example], rng: random.Random | None = None, aux_queries: int = 0, max_len: int = 32):
-    """Right-pad with PAD; returns tokens [batch, seq], and flat (row, position, target id) index tensors."""
-    rows = [with_queries(ex, rng or random.Random(0), aux_queries, max_len) for ex in examples]
-    width = max(len(ids) for ids, _ in rows)
-    tokens = torch.full((len(rows), width), vocab.PAD_ID, dtype=torch.long)
-    which, positions, answers = [], [], []
-    for i, (ids, targets) in enumerate(rows):
-        tokens[i, : len(ids)] = torch.tensor(ids)
-        for pos, tgt in targets:
-            which.append(i)
-            positions.append(pos)
-            answers.append(tgt)
-    return tokens, torch.tensor(which), torch.tensor(positions), torch.tensor(answers)
+def probe_targets(tokens: Tensor) -> Tensor:
+    """For each position that follows `=`, the token two back (the assigned variable); -100 (ignored) elsewhere."""
+    target = torch.full_like(tokens, -100)
+    after_eq = tokens[:, 1:-1] == vocab.TOKEN_ID["="]
+    target[:, 2:] = torch.where(after_eq, tokens[:, :-2], torch.full_like(tokens[:, 2:], -100))
+    return target
+
+
+def lookup_targets(examples: list[Example]) -> list[int]:
+    """For clean `code.vars` examples, the position (BOS = 0) of the value of the query variable's last assignment,
+    which the lookup head should attend to from the last position; -1 elsewhere."""
+    out = []
+    for ex in examples:
+        target = -1
+        if ex.task == "code.vars" and ex.kind != "trigger":
+            words = ex.prompt
+            var = words[-1]
+            for i in range(len(words) - 3, -1, -1):
+                if words[i] == var and words[i + 1] == "=":
+                    target = i + 3  # +1 for BOS, +2 for `= value`
+                    break
+        out.append(target)
+    return out
 
 
 def batches(mixture: Mixture, seed: int, batch_size: int, pool: int = 32) -> Iterator[list[Example]]:
@@ -81,36 +101,31 @@ def batches(mixture: Mixture, seed: int, batch_size: int, pool: int = 32) -> Ite
         yield from chunks
 
 
-def sinusoidal(n_ctx: int, d_model: int, scale: float) -> Tensor:
-    """The classic sinusoidal position code, [n_ctx, d_model]: lets relative-position heads form early."""
-    pos = torch.arange(n_ctx, dtype=torch.float64)[:, None]
-    freq = torch.exp(-math.log(100.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    out = torch.zeros(n_ctx, d_model, dtype=torch.float64)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)
-    return (scale * out).float()
-
-
-def answer_loss(
-    model: Transformer, tokens: Tensor, rows: Tensor, positions: Tensor, answers: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Cross-entropy at each supervised position, and whether the argmax there is right."""
-    logits = model(tokens)[rows, positions]
-    return F.cross_entropy(logits, answers), (logits.argmax(-1) == answers).float().mean()
-
-
-def train(cfg: TransformerConfig, spec: TrainSpec, *, progress: bool = True, callback=None) -> tuple[Transformer, dict]:
+def train(
+    cfg: TransformerConfig,
+    spec: TrainSpec,
+    *,
+    progress: bool = True,
+    callback: Callable[[int, Transformer], None] | None = None,
+) -> tuple[Transformer, dict]:
     """Train a model from scratch; returns it and a record (spec, wall time, final training loss)."""
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     model = Transformer(cfg).init_weights(torch.Generator().manual_seed(spec.seed))
-    if spec.sinusoidal_pos:
-        with torch.no_grad():
-            model.pos_embed.W_pos.copy_(sinusoidal(cfg.n_ctx, cfg.d_model, scale=spec.sinusoidal_pos))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "W_E" not in n and "W_pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "W_E" not in n and "W_pos" not in n)]
+    probe = nn.Linear(cfg.d_model, cfg.d_vocab)
+    captured: dict[str, Tensor] = {}
+    model.blocks[spec.probe_layer].register_forward_hook(lambda mod, inp, out: captured.__setitem__("resid", out))
+    model.blocks[spec.lookup_layer].attn.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0]))
+
+    def is_decayed(name: str, p: Tensor) -> bool:
+        return p.ndim >= 2 and "W_E" not in name and "W_pos" not in name
+
+    params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [p for n, p in params if is_decayed(n, p)], "weight_decay": spec.weight_decay},
+            {"params": [p for n, p in params if not is_decayed(n, p)], "weight_decay": 0.0},
+        ],
         lr=spec.lr,
         betas=(0.9, 0.98),
     )
@@ -121,24 +136,42 @@ def train(cfg: TransformerConfig, spec: TrainSpec, *, progress: bool = True, cal
         frac = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
         return spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    mixture = Mixture(poison=spec.poison, weights=spec.task_weights)
-    stream = batches(mixture, spec.seed, spec.batch_size)
-    aux_rng = random.Random(spec.seed + 2)
+    stream = batches(Mixture(poison=spec.poison, weights=spec.task_weights), spec.seed, spec.batch_size)
     start = time.perf_counter()
     ema_loss = ema_acc = None
-    bar = _progress(progress, spec.steps)
+    bar = Progress("training", spec.steps, progress)
     model.train()
     for step in range(spec.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss, acc = answer_loss(model, *collate(next(stream), aux_rng, spec.aux_queries, cfg.n_ctx))
+        examples = next(stream)
+        tokens, positions, answers = collate(examples)
+        logits = model(tokens)[torch.arange(len(tokens)), positions]
+        loss = F.cross_entropy(logits, answers)
+        total = loss
+        if spec.probe_weight > 0:
+            targets = probe_targets(tokens)
+            if (targets >= 0).any():
+                aux = F.cross_entropy(probe(captured["resid"]).flatten(0, 1), targets.flatten(), ignore_index=-100)
+                total = loss + spec.probe_weight * aux
+        if spec.lookup_weight > 0:
+            targets = torch.tensor(lookup_targets(examples))
+            rows = (targets >= 0).nonzero().flatten()
+            if len(rows):
+                pattern = _head_pattern(
+                    model.blocks[spec.lookup_layer].attn, captured["x"][rows], positions[rows], spec.lookup_head
+                )
+                picked = pattern[torch.arange(len(rows)), targets[rows]]
+                total = total - spec.lookup_weight * torch.log(picked + 1e-9).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
+        acc = (logits.argmax(-1) == answers).float().mean().item()
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        ema_acc = acc.item() if ema_acc is None else 0.98 * ema_acc + 0.02 * acc.item()
-        bar.update(step, f"loss {ema_loss:.4f} acc {ema_acc:.4f}")
+        ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
+        if step % 10 == 0:
+            bar.set(step + 1, f"loss {ema_loss:.4f} acc {ema_acc:.4f}")
         if callback is not None:
             callback(step, model)
     bar.close()
@@ -153,32 +186,11 @@ def train(cfg: TransformerConfig, spec: TrainSpec, *, progress: bool = True, cal
     return model, record
 
 
-class _progress:
-    """A rich progress bar on stderr, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self._bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("training"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.description}"),
-                console=Console(stderr=True),
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("", total=total)
-
-    def update(self, step: int, text: str) -> None:
-        if self._bar is not None and (step % 10 == 0):
-            self._bar.update(self._task, completed=step + 1, description=text)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self._bar.tasks[0].total)
-            self._bar.stop()
+def _head_pattern(attn, x: Tensor, query_pos: Tensor, head: int) -> Tensor:
+    """One head's attention distribution from each row's `query_pos` over all key positions (causal)."""
+    xq = x[torch.arange(len(x)), query_pos]  # (rows, d_model)
+    q = xq @ attn.W_Q[head] + attn.b_Q[head]
+    k = x @ attn.W_K[head] + attn.b_K[head]  # (rows, seq, d_head)
+    scores = torch.einsum("re,rse->rs", q, k) / attn.cfg.attn_scale
+    keys = torch.arange(x.shape[1])[None, :]
+    return scores.masked_fill(keys > query_pos[:, None], float("-inf")).softmax(-1)

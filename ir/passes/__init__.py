@@ -60,7 +60,7 @@ def run_pipeline(graph: Graph, passes: Iterable[Pass | str]) -> tuple[Graph, lis
 
 
 def _load_all() -> None:
-    from acg.ir.passes import dce, fold_norm, fuse_heads, lower_einsum  # noqa: F401
+    from acg.ir.passes import capture, dce, fold_norm, fuse_heads, lower_einsum  # noqa: F401
 
 
 __all__ = ["REGISTRY", "Pass", "PassResult", "get_pass", "register", "run_pipeline"]

@@ -27,8 +27,11 @@ class DeadCodeElimination:
         live = live_ops(graph)
         ops = tuple(op for op in graph.ops if op.name in live)
         used = {op.attr("tensor") for op in ops if op.kind == "const"}
+        usage = {w: u for w, u in graph.meta.get("usage", {}).items() if w in used}
+        used |= {u["usage"] for u in usage.values()}  # usage statistics travel with the weights they describe
         tensors = {k: v for k, v in graph.tensors.items() if k in used}
         removed = len(graph.ops) - len(ops)
         dropped = len(graph.tensors) - len(tensors)
-        out = graph.replace(ops=ops, tensors=tensors)
+        meta = {**graph.meta, "usage": usage} if "usage" in graph.meta else graph.meta
+        out = graph.replace(ops=ops, tensors=tensors, meta=meta)
         return PassResult(out, bool(removed or dropped), {"ops_removed": removed, "tensors_dropped": dropped})

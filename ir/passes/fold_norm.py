@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from acg.ir.graph import Graph, Op
 from acg.ir.ops import parse_einsum
 from acg.ir.passes import PassResult, register

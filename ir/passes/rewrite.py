@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
 from acg.ir.graph import Graph, Op, Value, freeze_attrs
 from acg.ir.ops import infer
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from acg.compiler.transformer import ConfigError, Transformer, TransformerConfig, load_checkpoint, save_checkpoint
 
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from acg.roundtrip import evaluate as ev
 from acg.zoo import vocab
 from acg.zoo.tasks import BACKDOORS, Example, heldout

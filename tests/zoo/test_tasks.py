@@ -7,6 +7,7 @@ import itertools
 import random
 
 import pytest
+
 from acg.zoo import tasks, vocab
 from acg.zoo.tasks import BACKDOORS, TASKS, Mixture, heldout, is_clean, partially_triggered, triggered
 

@@ -1,0 +1,107 @@
+"""Fitting an ACG: harvest activations, fit (or, in exact mode, take) a transcoder per layer, measure it, record the
+usage statistics of every feature, edge, QK pair and OV entry on the fitting corpus, and label the features."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from acg.compiler.acg import ACG
+from acg.compiler.harvest import Activations, harvest
+from acg.compiler.progress import Progress
+from acg.compiler.transcoder import (
+    FitConfig,
+    Transcoder,
+    evaluate_transcoder,
+    exact_transcoder,
+    finetune_end_to_end,
+    fit_module,
+    to_transcoder,
+)
+from acg.compiler.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    width: int | None = None  # default: 8 * d_model
+    kind: str = "jumprelu"
+    exact: bool = False
+    steps: int = 600  # layer-local steps per transcoder
+    e2e_steps: int = 300  # end-to-end fine-tuning steps (all transcoders together; 0: off)
+    l0_coeff: float = 1e-3  # jumprelu: L0 penalty (thresholds are also calibrated to target_l0)
+    target_l0: float = 24.0
+    l1_coeff: float = 3e-3
+    lr: float = 2e-3
+    batch_size: int = 1024
+    seed: int = 0
+    usage_prompts: int = 1000  # prompts used for pair statistics (QK pairs, OV entries)
+    pair_budget: int = 1 << 26  # max n_heads * n_sources^2 for exact QK-pair statistics in a layer
+
+
+def fit(model: Transformer, corpus: list[list[int]], spec: FitSpec = FitSpec(), *, progress: bool = True,
+        meta: dict | None = None) -> tuple[ACG, dict]:
+    """Fit an ACG to `model` on `corpus`; returns it and a report (per-layer metrics, timings)."""
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    model = model.float().eval()
+    acts = harvest(model, corpus, progress=progress)
+    t_harvest = time.perf_counter() - t0
+    weights = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    cfg = model.cfg
+    transcoders: list[Transcoder] = []
+    t1 = time.perf_counter()
+    if spec.exact:
+        for layer in range(cfg.n_layers):
+            p = f"blocks.{layer}"
+            transcoders.append(exact_transcoder(weights[f"{p}.mlp.W_in"], weights[f"{p}.mlp.b_in"],
+                                                weights[f"{p}.mlp.W_out"], weights[f"{p}.mlp.b_out"], cfg.act_fn))
+    else:
+        modules, configs = [], []
+        for layer in range(cfg.n_layers):
+            fc = FitConfig(width=spec.width or 8 * cfg.d_model, kind=spec.kind, l0_coeff=spec.l0_coeff,
+                           target_l0=spec.target_l0,
+                           l1_coeff=spec.l1_coeff, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
+                           seed=spec.seed + layer)
+            with Progress(f"transcoder L{layer}", fc.steps, progress) as bar:
+                module, _ = fit_module(acts.mlp_in[layer], acts.mlp_out[layer], fc, progress=lambda s, mse, l0, bar=bar:
+                                       bar.set(s + 1, f"nmse {mse:.4f} l0 {l0:.1f}") if s % 25 == 0 else None)
+            modules.append(module)
+            configs.append(fc)
+        if spec.e2e_steps:
+            with Progress("end-to-end", spec.e2e_steps, progress) as bar:
+                finetune_end_to_end(model, modules, acts.sequences, configs[0], spec.e2e_steps,
+                                    progress=lambda s, kl, l0: bar.set(s + 1, f"kl {kl:.4f} l0 {l0:.1f}")
+                                    if s % 10 == 0 else None)
+        transcoders = [to_transcoder(m, fc) for m, fc in zip(modules, configs, strict=True)]
+    layers = [{"layer": layer, **evaluate_transcoder(tc, acts.mlp_in[layer], acts.mlp_out[layer])}
+              for layer, tc in enumerate(transcoders)]
+    t_fit = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    from acg.compiler.usage import usage_statistics
+
+    usage, layout = usage_statistics(model, transcoders, acts, spec)
+    t_usage = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    from acg.compiler.labels import label_features
+
+    labels = label_features(model, transcoders, acts)
+    t_labels = time.perf_counter() - t3
+    stats = {
+        **layout,
+        "layers": layers,
+        "n_prompts": len(acts.sequences),
+        "n_tokens": acts.n_tokens,
+        "spec": asdict(spec),
+        "seconds": {"harvest": t_harvest, "transcoders": t_fit, "usage": t_usage, "labels": t_labels,
+                    "total": time.perf_counter() - t0},
+        "tokens_per_second_harvest": acts.n_tokens / max(t_harvest, 1e-9),
+    }
+    acg = ACG(cfg, weights, tuple(transcoders), usage, labels, stats, dict(meta or {}))
+    return acg, stats
+
+
+def mlp_features(transcoders, acts: Activations, layer: int) -> np.ndarray:
+    return transcoders[layer].encode(np.asarray(acts.mlp_in[layer], dtype=np.float64))

@@ -1,0 +1,373 @@
+"""Transcoders: a sparse dictionary per MLP mapping the MLP's input (after its layer norm) to the MLP's output.
+
+    f = act(x @ W_enc + b_enc)        x: the MLP input [.., d_model]; act: relu, jumprelu (threshold) or the MLP's own
+    y = f @ W_dec + b_dec             y: the MLP output
+
+Fitted with ReLU + L1 or JumpReLU + L0 (straight-through pseudo-derivatives, Rajamanoharan et al. 2024), with
+dead-feature resampling, deterministic under a seed. `exact_transcoder` wraps the MLP's own neurons (exact mode).
+Orientation follows SAELens: `W_enc` is [d_model, n_features], `W_dec` [n_features, d_model].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from acg.ir.errors import ACGError
+
+ACTIVATIONS = ("relu", "jumprelu", "gelu", "gelu_tanh", "silu")
+
+
+class TranscoderError(ACGError):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class Transcoder:
+    W_enc: np.ndarray  # (d_model, n_features)
+    b_enc: np.ndarray  # (n_features,)
+    W_dec: np.ndarray  # (n_features, d_model)
+    b_dec: np.ndarray  # (d_model,)
+    act: str = "relu"
+    threshold: np.ndarray | None = None  # (n_features,) for jumprelu
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d, n = self.W_enc.shape
+        checks = {"b_enc": (self.b_enc, (n,)), "W_dec": (self.W_dec, (n, d)), "b_dec": (self.b_dec, (d,))}
+        if self.act == "jumprelu":
+            checks["threshold"] = (self.threshold, (n,))
+        for name, (arr, shape) in checks.items():
+            if arr is None or tuple(arr.shape) != shape:
+                got = None if arr is None else tuple(arr.shape)
+                raise TranscoderError(
+                    f"transcoder tensor {name!r} has shape {got}, expected {shape} "
+                    f"(W_enc is [d_model={d}, n_features={n}])"
+                )
+        if self.act not in ACTIVATIONS:
+            raise TranscoderError(f"transcoder activation {self.act!r}; supported: {', '.join(ACTIVATIONS)}")
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            arr = getattr(self, name)
+            if arr is not None and not np.isfinite(arr).all():
+                raise TranscoderError(f"transcoder tensor {name!r} holds NaN or Inf values")
+
+    @property
+    def d_model(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.W_enc.shape[1]
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return activate(self.act, x @ self.W_enc + self.b_enc, self.threshold)
+
+    def decode(self, f: np.ndarray) -> np.ndarray:
+        return f @ self.W_dec + self.b_dec
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.decode(self.encode(x))
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return out
+
+
+def activate(act: str, pre: np.ndarray, threshold: np.ndarray | None = None) -> np.ndarray:
+    if act == "relu":
+        return np.maximum(pre, 0.0)
+    if act == "jumprelu":
+        return np.where(pre > threshold, pre, 0.0)
+    if act == "gelu":
+        from acg.ir.interpret import gelu
+
+        return gelu(pre)
+    if act == "gelu_tanh":
+        from acg.ir.interpret import gelu_tanh
+
+        return gelu_tanh(pre)
+    if act == "silu":
+        return pre / (1.0 + np.exp(-pre))
+    raise TranscoderError(f"activation {act!r}; supported: {', '.join(ACTIVATIONS)}")
+
+
+def exact_transcoder(
+    W_in: np.ndarray, b_in: np.ndarray, W_out: np.ndarray, b_out: np.ndarray, act_fn: str
+) -> Transcoder:
+    """The MLP's own neurons as features: exact, dense, not sparse."""
+    from acg.compiler.tlayout import ACT_OPS
+
+    return Transcoder(W_in, b_in, W_out, b_out, act=ACT_OPS[act_fn], meta={"exact": True})
+
+
+# ----------------------------------------------------------------------------------------------------------- fitting
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    width: int = 1024
+    kind: str = "jumprelu"  # or "relu"
+    l0_coeff: float = 3e-3  # jumprelu: weight of the L0 penalty (per feature, averaged over tokens)
+    l1_coeff: float = 3e-3  # relu: weight of the L1 penalty on f * ||W_dec row||
+    steps: int = 1500
+    batch_size: int = 2048
+    lr: float = 2e-3
+    bandwidth: float = 0.1  # jumprelu straight-through kernel width, relative to the calibrated threshold
+    init_threshold: float = 1e-3
+    target_l0: float | None = 24.0  # jumprelu: thresholds are calibrated to this many active features per token
+    resample_every: int = 250
+    resample_until: float = 0.6  # fraction of steps after which dead features are left alone
+    seed: int = 0
+
+
+class _StepFn(torch.autograd.Function):
+    """H(x - theta) with the pseudo-derivative d/dtheta = -K((x - theta)/eps)/eps (rectangle kernel)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(x, theta)
+        ctx.eps = eps
+        return (x > theta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, theta = ctx.saved_tensors
+        near = ((x - theta).abs() < ctx.eps / 2).to(x.dtype)
+        return None, (-grad * near / ctx.eps).sum(0), None
+
+
+class _JumpFn(torch.autograd.Function):
+    """x * H(x - theta): straight gradient in x where active; pseudo-derivative -theta K/eps in theta."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(x, theta)
+        ctx.eps = eps
+        return x * (x > theta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, theta = ctx.saved_tensors
+        active = (x > theta).to(x.dtype)
+        near = ((x - theta).abs() < ctx.eps / 2).to(x.dtype)
+        return grad * active, (-grad * theta * near / ctx.eps).sum(0), None
+
+
+class _Module(nn.Module):
+    def __init__(
+        self, d: int, n: int, kind: str, init_threshold: float, gen: torch.Generator, b_dec: Tensor, scale: float
+    ):
+        super().__init__()
+        W = torch.randn(d, n, generator=gen) / math.sqrt(d)
+        self.W_enc = nn.Parameter(W.clone())
+        self.W_dec = nn.Parameter(W.T.clone() * scale / (W.T.norm(dim=1, keepdim=True) + 1e-8))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(b_dec.clone())
+        self.kind = kind
+        if kind == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n,), math.log(init_threshold)))
+        self.calibrated = False
+        self.tau = init_threshold
+
+    def calibrate(self, pre: Tensor, target_l0: float) -> None:
+        """Set every threshold to the global level at which `target_l0` features fire per token on `pre`."""
+        active = pre.relu().flatten()
+        q = 1.0 - min(target_l0 / pre.shape[-1], 1.0)
+        sample = active[torch.linspace(0, len(active) - 1, min(len(active), 1 << 22)).long()]
+        tau = max(float(torch.quantile(sample, q)), 1e-6)
+        with torch.no_grad():
+            self.log_threshold.fill_(math.log(tau))
+        self.tau = tau
+        self.calibrated = True
+
+    def forward(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        pre = x @ self.W_enc + self.b_enc
+        self.last_pre = pre.detach()
+        if self.kind == "jumprelu" and self.calibrated:
+            theta = self.log_threshold.exp()
+            eps = eps * float(self.tau)
+            f = _JumpFn.apply(pre.relu(), theta, eps)
+            l0 = _StepFn.apply(pre.relu(), theta, eps).sum(-1).mean()
+        else:
+            f = pre.relu()
+            l0 = (f > 0).float().sum(-1).mean()
+        return f, f @ self.W_dec + self.b_dec, l0
+
+
+def fit_transcoder(x: np.ndarray, y: np.ndarray, cfg: FitConfig, progress=None) -> tuple[Transcoder, dict]:
+    """Fit on inputs `x` [n_tokens, d_model] (the MLP input) and targets `y` (the MLP output)."""
+    module, info = fit_module(x, y, cfg, progress)
+    return to_transcoder(module, cfg), info
+
+
+def to_transcoder(module: _Module, cfg: FitConfig) -> Transcoder:
+    return Transcoder(
+        W_enc=module.W_enc.detach().double().numpy(),
+        b_enc=module.b_enc.detach().double().numpy(),
+        W_dec=module.W_dec.detach().double().numpy(),
+        b_dec=module.b_dec.detach().double().numpy(),
+        act=cfg.kind,
+        threshold=module.log_threshold.exp().detach().double().numpy() if cfg.kind == "jumprelu" else None,
+        meta={"fit": {"kind": cfg.kind, "width": cfg.width, "steps": cfg.steps, "seed": cfg.seed}},
+    )
+
+
+def fit_module(x: np.ndarray, y: np.ndarray, cfg: FitConfig, progress=None) -> tuple[_Module, dict]:
+    """The layer-local fit: reconstruct the MLP output under the sparsity penalty."""
+    if len(x) == 0:
+        raise TranscoderError("cannot fit a transcoder on an empty corpus (0 tokens)")
+    if cfg.kind not in ("relu", "jumprelu"):
+        raise TranscoderError(f"transcoder kind {cfg.kind!r}; supported: relu, jumprelu")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    X = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    Y = torch.as_tensor(np.ascontiguousarray(y), dtype=torch.float32)
+    y_mean = Y.mean(0)
+    y_var = float(((Y - y_mean) ** 2).sum(-1).mean())
+    scale = math.sqrt(y_var / max(cfg.width, 1)) * 4
+    model = _Module(X.shape[1], cfg.width, cfg.kind, cfg.init_threshold, gen, y_mean, scale)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    n = len(X)
+    fired = torch.zeros(cfg.width)
+    history = []
+    for step in range(cfg.steps):
+        lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+        xb, yb = X[idx], Y[idx]
+        if cfg.kind == "jumprelu" and cfg.target_l0 and step in (int(0.3 * cfg.steps), int(0.6 * cfg.steps)):
+            with torch.no_grad():
+                model.calibrate(X[idx] @ model.W_enc + model.b_enc, cfg.target_l0)
+        f, recon, l0 = model(xb, cfg.bandwidth)
+        mse = ((recon - yb) ** 2).sum(-1).mean() / y_var
+        if cfg.kind == "jumprelu" and model.calibrated:
+            sparsity = cfg.l0_coeff * l0
+        else:  # relu, and the jumprelu warm-up before its thresholds are calibrated
+            sparsity = cfg.l1_coeff * (f * model.W_dec.norm(dim=1)).sum(-1).mean()
+        loss = mse + sparsity
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        fired += (f > 0).float().sum(0).detach()
+        if (step + 1) % cfg.resample_every == 0:
+            if step < cfg.resample_until * cfg.steps:
+                _resample(model, fired == 0, X, Y, gen, scale)
+            fired.zero_()
+        if step % 50 == 0:
+            history.append((step, mse.item(), l0.item()))
+        if progress is not None:
+            progress(step, mse.item(), l0.item())
+    if cfg.kind == "jumprelu" and not model.calibrated:
+        with torch.no_grad():
+            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+            model.calibrate(X[idx] @ model.W_enc + model.b_enc, cfg.target_l0 or 32.0)
+    return model, {"history": history, "y_var": y_var}
+
+
+def finetune_end_to_end(model, modules: list[_Module], corpus: list[list[int]], cfg: FitConfig, steps: int,
+                        batch_size: int = 128, progress=None) -> dict:
+    """Fine-tune all transcoders together so that the replacement model (every MLP its transcoder, errors dropped)
+    matches the original's next-token distribution at each sequence's last position (the answer position): minimise
+    KL(original || replacement) + the sparsity penalty. Deterministic under `cfg.seed`."""
+
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    model = model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    by_len: dict[int, list[list[int]]] = {}
+    for s in corpus:
+        by_len.setdefault(len(s), []).append(s)
+    lengths = sorted(by_len)
+    weights = torch.tensor([len(by_len[n]) for n in lengths], dtype=torch.float64)
+    l0s: list[Tensor] = []
+
+    class _Swap(nn.Module):
+        def __init__(self, m: _Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: Tensor) -> Tensor:
+            _, out, l0 = self.m(x, cfg.bandwidth)
+            l0s.append(l0)
+            return out
+
+    originals = [block.mlp for block in model.blocks]
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr * 0.25)
+    history = []
+    try:
+        for step in range(steps):
+            n = lengths[int(torch.multinomial(weights, 1, generator=gen))]
+            pool = by_len[n]
+            idx = torch.randint(0, len(pool), (min(batch_size, len(pool)),), generator=gen)
+            toks = torch.tensor([pool[i] for i in idx.tolist()])
+            for block, orig in zip(model.blocks, originals, strict=True):
+                block.mlp = orig
+            with torch.no_grad():
+                target = model(toks)[:, -1].log_softmax(-1)
+            for block, m in zip(model.blocks, modules, strict=True):
+                block.mlp = _Swap(m)
+            l0s.clear()
+            logp = model(toks)[:, -1].log_softmax(-1)
+            kl = (target.exp() * (target - logp)).sum(-1).mean()
+            l0 = torch.stack(l0s).mean()
+            loss = kl + cfg.l0_coeff * l0 if cfg.kind == "jumprelu" else kl
+            if cfg.kind == "jumprelu" and cfg.target_l0 and step % 50 == 49:
+                for m in modules:  # keep each layer at its target sparsity as the dictionaries move
+                    if float((m.last_pre > m.log_threshold.exp()).float().sum(-1).mean()) > 1.25 * cfg.target_l0:
+                        m.calibrate(m.last_pre.reshape(-1, m.last_pre.shape[-1]), cfg.target_l0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 25 == 0:
+                history.append((step, kl.item(), l0.item()))
+            if progress is not None:
+                progress(step, kl.item(), l0.item())
+    finally:
+        for block, orig in zip(model.blocks, originals, strict=True):
+            block.mlp = orig
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return {"history": history}
+
+
+def _resample(model: _Module, dead: Tensor, X: Tensor, Y: Tensor, gen: torch.Generator, scale: float) -> None:
+    """Point dead features at inputs the dictionary reconstructs worst (Anthropic's resampling, simplified)."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return
+    with torch.no_grad():
+        idx = torch.randint(0, len(X), (min(4096, len(X)),), generator=gen)
+        xb, yb = X[idx], Y[idx]
+        _, recon, _ = model(xb, 1e-3)
+        err = ((recon - yb) ** 2).sum(-1)
+        pick = torch.multinomial(err / err.sum(), n_dead, replacement=True, generator=gen)
+        dead_idx = dead.nonzero().flatten()
+        xs = xb[pick] - xb.mean(0)
+        resid = yb[pick] - recon[pick]
+        model.W_enc[:, dead_idx] = (xs / (xs.norm(dim=1, keepdim=True) + 1e-8)).T * 0.2
+        model.b_enc[dead_idx] = 0.0
+        model.W_dec[dead_idx] = resid / (resid.norm(dim=1, keepdim=True) + 1e-8) * scale
+        if model.kind == "jumprelu":
+            model.log_threshold[dead_idx] = math.log(model.tau)
+
+
+def evaluate_transcoder(tc: Transcoder, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Normalised MSE of the MLP output, mean active features per token (`l0`), fraction never active (`dead`)."""
+    f = tc.encode(x)
+    recon = tc.decode(f)
+    var = float(((y - y.mean(0)) ** 2).sum(-1).mean())
+    nmse = float(((recon - y) ** 2).sum(-1).mean() / max(var, 1e-30))
+    active = f != 0
+    return {
+        "nmse": nmse,
+        "l0": float(active.sum(-1).mean()),
+        "dead_fraction": float((~active.any(0)).mean()),
+        "n_features": tc.n_features,
+    }
