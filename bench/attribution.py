@@ -61,8 +61,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ours = attribute(acg, tokens)
         ours_s = time.perf_counter() - t0
-        proc = subprocess.run([py, REPO / "bench" / "peers" / "ct_attribute.py", work], capture_output=True,
-                              text=True)
+        proc = subprocess.run([py, REPO / "bench" / "peers" / "ct_attribute.py", work], capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"circuit-tracer failed:\n{proc.stderr[-3000:]}")
         ct = json.loads((work / "ct_result.json").read_text())
@@ -91,9 +90,13 @@ def main() -> None:
         "same_logit_targets": same_logits,
         "logit_edge_max_abs_diff": float(np.abs(lf_ct - lf_ours).max()) if same_logits and common else None,
         "ours": {**graph_scores(ours), "attribute_s": ours_s},
-        "circuit_tracer": {"replacement_score": ct["replacement_score"],
-                           "completeness_score": ct["completeness_score"], "attribute_s": ct["attribute_s"],
-                           "load_s": ct["load_s"], "version": ct["circuit_tracer"]},
+        "circuit_tracer": {
+            "replacement_score": ct["replacement_score"],
+            "completeness_score": ct["completeness_score"],
+            "attribute_s": ct["attribute_s"],
+            "load_s": ct["load_s"],
+            "version": ct["circuit_tracer"],
+        },
     }
     if args.json:
         print(json.dumps({"benchmark": "attribution", **result}, indent=2))

@@ -287,9 +287,13 @@ def _spell(step: Step, ranks: dict[str, int]) -> cst.BaseExpression:
             ],
         )
     if k == "stack":
-        return cst.Call(cst.parse_expression("np.stack"),
-                        [cst.Arg(cst.Tuple([cst.Element(cst.Name(x)) for x in step.args])),
-                         cst.Arg(literal(len(step.value.shape) - 1), keyword=cst.Name("axis"))])
+        return cst.Call(
+            cst.parse_expression("np.stack"),
+            [
+                cst.Arg(cst.Tuple([cst.Element(cst.Name(x)) for x in step.args])),
+                cst.Arg(literal(len(step.value.shape) - 1), keyword=cst.Name("axis")),
+            ],
+        )
     if k == "where":
         return expr("np.where({a1}, {v}, {a0})", v=literal(float(at["value"])), **a)
     if k == "einsum":

@@ -136,8 +136,10 @@ def _spell(step: Step, inline: dict[str, tuple[cst.BaseExpression, int]] | None 
     if step.kind == "einsum":
         return cst.Call(
             cst.parse_expression("np.einsum"),
-            [cst.Arg(literal(at["equation"])), *(cst.Arg(inline[x][0] if x in inline else cst.Name(x))
-                                                 for x in step.args)],
+            [
+                cst.Arg(literal(at["equation"])),
+                *(cst.Arg(inline[x][0] if x in inline else cst.Name(x)) for x in step.args),
+            ],
         )
     if step.kind == "reshape":
         dims = [cst.Element(cst.Name(d) if isinstance(d, str) else literal(d)) for d in at["shape"]]
@@ -149,8 +151,9 @@ def _spell(step: Step, inline: dict[str, tuple[cst.BaseExpression, int]] | None 
             cst.SubscriptElement(cst.Slice(literal(at["start"]), literal(at["stop"])))
         ]
         x = step.args[0]
-        return cst.Subscript(_wrap(inline[x][0], inline[x][1], "atom", 4, "slice") if x in inline else cst.Name(x),
-                             index)
+        return cst.Subscript(
+            _wrap(inline[x][0], inline[x][1], "atom", 4, "slice") if x in inline else cst.Name(x), index
+        )
     if step.kind == "concat":
         return cst.Call(
             cst.parse_expression("np.concatenate"),
@@ -176,8 +179,9 @@ def _spell(step: Step, inline: dict[str, tuple[cst.BaseExpression, int]] | None 
     return expr(template, **a, **fields)
 
 
-def _block_fn(block: Block, single_use: set[str], scalars: dict, labels: dict | None = None,
-              keep: set[str] = frozenset()) -> cst.FunctionDef:
+def _block_fn(
+    block: Block, single_use: set[str], scalars: dict, labels: dict | None = None, keep: set[str] = frozenset()
+) -> cst.FunctionDef:
     body: list[cst.BaseStatement] = [
         docstring(f"{docstring_text(block.scope or 'top level')}: {len(block.steps)} ops.")
     ]
@@ -186,8 +190,13 @@ def _block_fn(block: Block, single_use: set[str], scalars: dict, labels: dict | 
     for step in block.steps:
         node = _spell(step, inline)
         generic = re.fullmatch(rf"{step.kind}(_\d+)?", step.op.name) is not None  # unnamed by the front end
-        if generic and step.ident in single_use and step.ident not in block.results and step.ident not in labels \
-                and step.ident not in keep:
+        if (
+            generic
+            and step.ident in single_use
+            and step.ident not in block.results
+            and step.ident not in labels
+            and step.ident not in keep
+        ):
             code = cst.Module([]).code_for_node(node)
             if step.kind in ("add", "sub", "mul", "neg") or (len(code) <= 90 and "\n" not in code):
                 inline[step.ident] = (node, PRECEDENCE.get(step.kind, 4))

@@ -106,9 +106,13 @@ def _spell(step: Step, ref) -> cst.BaseExpression:
             ],
         )
     if step.kind == "stack":
-        return cst.Call(cst.parse_expression("torch.stack"), [
-            cst.Arg(cst.Tuple([cst.Element(ref(x)) for x in step.args])),
-            cst.Arg(literal(-1), keyword=cst.Name("dim"))])
+        return cst.Call(
+            cst.parse_expression("torch.stack"),
+            [
+                cst.Arg(cst.Tuple([cst.Element(ref(x)) for x in step.args])),
+                cst.Arg(literal(-1), keyword=cst.Name("dim")),
+            ],
+        )
     template = TEMPLATES.get(step.kind)
     if template is None:
         raise TorchBackendError(f"torch backend: no spelling for op kind {step.kind!r}")

@@ -43,12 +43,16 @@ class ACG:
 
     def __post_init__(self) -> None:
         if len(self.transcoders) != self.cfg.n_layers:
-            raise ACGFormatError(f"an ACG needs one transcoder per layer: {self.cfg.n_layers} layers, "
-                                 f"{len(self.transcoders)} transcoders")
+            raise ACGFormatError(
+                f"an ACG needs one transcoder per layer: {self.cfg.n_layers} layers, "
+                f"{len(self.transcoders)} transcoders"
+            )
         for layer, tc in enumerate(self.transcoders):
             if tc.d_model != self.cfg.d_model:
-                raise ACGFormatError(f"transcoder {layer} has d_model {tc.d_model}, the model has {self.cfg.d_model} "
-                                     "(a dictionary fitted for another model?)")
+                raise ACGFormatError(
+                    f"transcoder {layer} has d_model {tc.d_model}, the model has {self.cfg.d_model} "
+                    "(a dictionary fitted for another model?)"
+                )
 
     @property
     def exact(self) -> bool:
@@ -108,8 +112,9 @@ def load(path: str | os.PathLike) -> ACG:
     path = Path(path)
     jfile, tfile = path / "acg.json", path / "tensors.safetensors"
     if not path.is_dir():
-        raise ACGFormatError(f"{path}: not an ACG folder (expected acg.json and tensors.safetensors); make one with "
-                             "`acg fit`")
+        raise ACGFormatError(
+            f"{path}: not an ACG folder (expected acg.json and tensors.safetensors); make one with `acg fit`"
+        )
     try:
         doc = json.loads(jfile.read_text())
     except FileNotFoundError:
@@ -129,7 +134,7 @@ def load(path: str | os.PathLike) -> ACG:
         raise ACGFormatError(f"{tfile}: not a readable safetensors file ({e})") from None
     try:
         cfg = TransformerConfig.from_dict(doc["config"], source=str(jfile))
-        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         for name, shape in expected_shapes(cfg).items():
             if name not in weights or weights[name].shape != shape:
                 got = weights[name].shape if name in weights else "missing"
@@ -140,17 +145,28 @@ def load(path: str | os.PathLike) -> ACG:
             missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(t)
             if missing:
                 raise ACGFormatError(f"{tfile}: transcoder {layer} lacks {', '.join(sorted(missing))}")
-            transcoders.append(Transcoder(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], spec["act"],
-                                          t.get("threshold"), spec.get("meta", {})))
-        usage = {k[len("usage."):]: v for k, v in tensors.items() if k.startswith("usage.")}
-        acg = ACG(cfg, weights, tuple(transcoders), usage, doc.get("labels", {}), doc.get("stats", {}),
-                  doc.get("meta", {}))
+            transcoders.append(
+                Transcoder(
+                    t["W_enc"],
+                    t["b_enc"],
+                    t["W_dec"],
+                    t["b_dec"],
+                    spec["act"],
+                    t.get("threshold"),
+                    spec.get("meta", {}),
+                )
+            )
+        usage = {k[len("usage.") :]: v for k, v in tensors.items() if k.startswith("usage.")}
+        acg = ACG(
+            cfg, weights, tuple(transcoders), usage, doc.get("labels", {}), doc.get("stats", {}), doc.get("meta", {})
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise ACGFormatError(f"{jfile}: malformed ({type(e).__name__}: {e})") from None
     body = {k: doc[k] for k in ("config", "transcoders", "labels", "stats", "meta")}
     if doc.get("content_hash") != _hash(body, blob):
-        raise ACGFormatError(f"{path}: content hash mismatch: acg.json or tensors.safetensors was changed after it "
-                             "was written")
+        raise ACGFormatError(
+            f"{path}: content hash mismatch: acg.json or tensors.safetensors was changed after it was written"
+        )
     for name, t in weights.items():
         if not np.isfinite(t).all():
             raise ACGFormatError(f"{tfile}: model tensor {name!r} holds NaN or Inf values")

@@ -40,8 +40,12 @@ class AttributionGraph:
     @property
     def slices(self) -> dict[str, slice]:
         nf, L, p = len(self.active_features), self.n_layers, self.n_pos
-        return {"features": slice(0, nf), "errors": slice(nf, nf + L * p), "tokens": slice(nf + L * p, nf + L * p + p),
-                "logits": slice(nf + L * p + p, nf + L * p + p + len(self.logit_tokens))}
+        return {
+            "features": slice(0, nf),
+            "errors": slice(nf, nf + L * p),
+            "tokens": slice(nf + L * p, nf + L * p + p),
+            "logits": slice(nf + L * p + p, nf + L * p + p + len(self.logit_tokens)),
+        }
 
 
 def _prepare(acg: ACG, tokens: list[int]):
@@ -81,8 +85,10 @@ def _prepare(acg: ACG, tokens: list[int]):
         recon = f @ torch.as_tensor(tc.W_dec) + torch.as_tensor(tc.b_dec)
         from acg.compiler.transformer import activation
 
-        mlp = activation(cfg.act_fn, h2 @ w[f"{p}.mlp.W_in"] + w[f"{p}.mlp.b_in"]) @ w[f"{p}.mlp.W_out"] + w[
-            f"{p}.mlp.b_out"]
+        mlp = (
+            activation(cfg.act_fn, h2 @ w[f"{p}.mlp.W_in"] + w[f"{p}.mlp.b_in"]) @ w[f"{p}.mlp.W_out"]
+            + w[f"{p}.mlp.b_out"]
+        )
         rec["s2"].append(s2)
         rec["feats"].append(f)
         rec["errs"].append(mlp - recon)
@@ -94,8 +100,9 @@ def _prepare(acg: ACG, tokens: list[int]):
     return rec
 
 
-def attribute(acg: ACG, tokens: list[int], max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-              batch_size: int = 256) -> AttributionGraph:
+def attribute(
+    acg: ACG, tokens: list[int], max_n_logits: int = 10, desired_logit_prob: float = 0.95, batch_size: int = 256
+) -> AttributionGraph:
     """The attribution graph of the last position's top logits (cumulative probability >= `desired_logit_prob`)."""
     cfg = acg.cfg
     w = {k: torch.as_tensor(v) for k, v in acg.weights.items()}
@@ -127,8 +134,12 @@ def attribute(acg: ACG, tokens: list[int], max_n_logits: int = 10, desired_logit
         return pres, lin_norm(x, rec["sf"], "ln_final")
 
     feats = rec["feats"]
-    active = [(layer, pos, int(i)) for layer in range(L) for pos in range(n)
-              for i in torch.nonzero(feats[layer][pos]).flatten().tolist()]
+    active = [
+        (layer, pos, int(i))
+        for layer in range(L)
+        for pos in range(n)
+        for i in torch.nonzero(feats[layer][pos]).flatten().tolist()
+    ]
     act_vals = np.array([float(feats[lay][pos, i]) for lay, pos, i in active])
     probs = rec["logits"][-1].softmax(-1)
     order = torch.argsort(probs, descending=True)
@@ -159,16 +170,24 @@ def attribute(acg: ACG, tokens: list[int], max_n_logits: int = 10, desired_logit
     for start in range(0, len(targets), batch_size):
         rows = np.arange(start, min(start + batch_size, len(targets)))
         grads = torch.eye(len(targets), dtype=torch.float64)[torch.as_tensor(rows)]
-        gE, gM, gErr = torch.autograd.grad(targets, (E, M, Err), grad_outputs=grads, is_grads_batched=True,
-                                           retain_graph=True, allow_unused=True)
+        gE, gM, gErr = torch.autograd.grad(
+            targets, (E, M, Err), grad_outputs=grads, is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
         out = node_row[rows]
         if nf:  # feature sources: activation * (decoder row . gradient at the feature's layer and position)
             g_at = gM[:, lay_idx, pos_idx]  # (rows, nf, d)
-            full[out[:, None], np.arange(nf)[None, :]] = (act_vals[None] * (g_at * dec_rows[None]).sum(-1).numpy())
+            full[out[:, None], np.arange(nf)[None, :]] = act_vals[None] * (g_at * dec_rows[None]).sum(-1).numpy()
         full[out[:, None], nf + np.arange(L * n)[None, :]] = (gErr * Err0[None]).sum(-1).reshape(len(rows), -1).numpy()
         full[out[:, None], nf + L * n + np.arange(n)[None, :]] = (gE * E0[None]).sum(-1).numpy()
-    return AttributionGraph(np.asarray(tokens), np.array(active, dtype=np.int64).reshape(-1, 3), act_vals,
-                            logit_tokens.numpy(), probs[logit_tokens].numpy(), full, L)
+    return AttributionGraph(
+        np.asarray(tokens),
+        np.array(active, dtype=np.int64).reshape(-1, 3),
+        act_vals,
+        logit_tokens.numpy(),
+        probs[logit_tokens].numpy(),
+        full,
+        L,
+    )
 
 
 def normalize(matrix: np.ndarray) -> np.ndarray:
@@ -202,8 +221,14 @@ def graph_scores(g: AttributionGraph) -> dict[str, float]:
     return {"replacement_score": replacement, "completeness_score": completeness}
 
 
-def to_graph_json(g: AttributionGraph, acg: ACG, path: str | os.PathLike, slug: str = "acg-graph",
-                  token_names: list[str] | None = None, edge_threshold: float = 0.0) -> Path:
+def to_graph_json(
+    g: AttributionGraph,
+    acg: ACG,
+    path: str | os.PathLike,
+    slug: str = "acg-graph",
+    token_names: list[str] | None = None,
+    edge_threshold: float = 0.0,
+) -> Path:
     """The graph JSON circuit-tracer's and Neuronpedia's viewers read (a view, not acg's storage format)."""
     names = token_names or [f"#{i}" for i in range(acg.cfg.d_vocab)]
     sl = g.slices
@@ -218,45 +243,102 @@ def to_graph_json(g: AttributionGraph, acg: ACG, path: str | os.PathLike, slug: 
 
     for c, (layer, pos, feat) in enumerate(g.active_features.tolist()):
         nid = f"{layer}_{feat}_{pos}"
-        nodes.append({"node_id": nid, "feature": cantor(layer, feat), "layer": str(layer), "ctx_idx": pos,
-                      "feature_type": "cross layer transcoder", "token_prob": 0.0, "is_target_logit": False,
-                      "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"{layer}_{feat}-{pos}",
-                      "clerp": acg.label(f"L{layer}.f{feat}"), "influence": float(inf[c]),
-                      "activation": float(g.activation_values[c])})
+        nodes.append(
+            {
+                "node_id": nid,
+                "feature": cantor(layer, feat),
+                "layer": str(layer),
+                "ctx_idx": pos,
+                "feature_type": "cross layer transcoder",
+                "token_prob": 0.0,
+                "is_target_logit": False,
+                "run_idx": 0,
+                "reverse_ctx_idx": 0,
+                "jsNodeId": f"{layer}_{feat}-{pos}",
+                "clerp": acg.label(f"L{layer}.f{feat}"),
+                "influence": float(inf[c]),
+                "activation": float(g.activation_values[c]),
+            }
+        )
         ids.append(nid)
     for layer in range(L):
         for pos in range(g.n_pos):
             nid = f"0_{layer}_{pos}"
             c = sl["errors"].start + layer * g.n_pos + pos
-            nodes.append({"node_id": nid, "feature": -1, "layer": str(layer), "ctx_idx": pos,
-                          "feature_type": "mlp reconstruction error", "token_prob": 0.0, "is_target_logit": False,
-                          "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"0_{layer}-{pos}", "clerp": "",
-                          "influence": float(inf[c]), "activation": 0.0})
+            nodes.append(
+                {
+                    "node_id": nid,
+                    "feature": -1,
+                    "layer": str(layer),
+                    "ctx_idx": pos,
+                    "feature_type": "mlp reconstruction error",
+                    "token_prob": 0.0,
+                    "is_target_logit": False,
+                    "run_idx": 0,
+                    "reverse_ctx_idx": 0,
+                    "jsNodeId": f"0_{layer}-{pos}",
+                    "clerp": "",
+                    "influence": float(inf[c]),
+                    "activation": 0.0,
+                }
+            )
             ids.append(nid)
     for pos, tok in enumerate(g.tokens.tolist()):
         nid = f"E_{tok}_{pos}"
-        nodes.append({"node_id": nid, "feature": pos, "layer": "E", "ctx_idx": pos, "feature_type": "embedding",
-                      "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
-                      "jsNodeId": f"E_{tok}-{pos}", "clerp": "", "influence": float(inf[sl["tokens"].start + pos]),
-                      "activation": 0.0})
+        nodes.append(
+            {
+                "node_id": nid,
+                "feature": pos,
+                "layer": "E",
+                "ctx_idx": pos,
+                "feature_type": "embedding",
+                "token_prob": 0.0,
+                "is_target_logit": False,
+                "run_idx": 0,
+                "reverse_ctx_idx": 0,
+                "jsNodeId": f"E_{tok}-{pos}",
+                "clerp": "",
+                "influence": float(inf[sl["tokens"].start + pos]),
+                "activation": 0.0,
+            }
+        )
         ids.append(nid)
     last = g.n_pos - 1
     for j, (tok, prob) in enumerate(zip(g.logit_tokens.tolist(), g.logit_probabilities.tolist(), strict=True)):
         nid = f"{L + 1}_{tok}_{last}"
-        nodes.append({"node_id": nid, "feature": j, "layer": str(L + 1), "ctx_idx": last, "feature_type": "logit",
-                      "token_prob": float(prob), "is_target_logit": j == 0, "run_idx": 0, "reverse_ctx_idx": 0,
-                      "jsNodeId": f"L_{tok}-{last}", "clerp": f'Output "{names[tok]}" (p={prob:.3f})',
-                      "influence": float(inf[sl["logits"].start + j]), "activation": 0.0})
+        nodes.append(
+            {
+                "node_id": nid,
+                "feature": j,
+                "layer": str(L + 1),
+                "ctx_idx": last,
+                "feature_type": "logit",
+                "token_prob": float(prob),
+                "is_target_logit": j == 0,
+                "run_idx": 0,
+                "reverse_ctx_idx": 0,
+                "jsNodeId": f"L_{tok}-{last}",
+                "clerp": f'Output "{names[tok]}" (p={prob:.3f})',
+                "influence": float(inf[sl["logits"].start + j]),
+                "activation": 0.0,
+            }
+        )
         ids.append(nid)
     links = []
     rows, cols = np.nonzero(np.abs(g.adjacency) > edge_threshold)
     for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
         links.append({"source": ids[c], "target": ids[r], "weight": float(g.adjacency[r, c])})
     doc = {
-        "metadata": {"slug": slug, "scan": acg.meta.get("scan", "acg"), "transcoder_list": [],
-                     "prompt_tokens": [names[t] for t in g.tokens.tolist()],
-                     "prompt": " ".join(names[t] for t in g.tokens.tolist()), "node_threshold": 1.0,
-                     "schema_version": 1, **graph_scores(g)},
+        "metadata": {
+            "slug": slug,
+            "scan": acg.meta.get("scan", "acg"),
+            "transcoder_list": [],
+            "prompt_tokens": [names[t] for t in g.tokens.tolist()],
+            "prompt": " ".join(names[t] for t in g.tokens.tolist()),
+            "node_threshold": 1.0,
+            "schema_version": 1,
+            **graph_scores(g),
+        },
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes,
         "links": links,

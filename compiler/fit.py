@@ -41,8 +41,14 @@ class FitSpec:
     pair_budget: int = 1 << 26  # max n_heads * n_sources^2 for exact QK-pair statistics in a layer
 
 
-def fit(model: Transformer, corpus: list[list[int]], spec: FitSpec = FitSpec(), *, progress: bool = True,
-        meta: dict | None = None) -> tuple[ACG, dict]:
+def fit(
+    model: Transformer,
+    corpus: list[list[int]],
+    spec: FitSpec = FitSpec(),
+    *,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> tuple[ACG, dict]:
     """Fit an ACG to `model` on `corpus`; returns it and a report (per-layer metrics, timings)."""
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -56,28 +62,55 @@ def fit(model: Transformer, corpus: list[list[int]], spec: FitSpec = FitSpec(), 
     if spec.exact:
         for layer in range(cfg.n_layers):
             p = f"blocks.{layer}"
-            transcoders.append(exact_transcoder(weights[f"{p}.mlp.W_in"], weights[f"{p}.mlp.b_in"],
-                                                weights[f"{p}.mlp.W_out"], weights[f"{p}.mlp.b_out"], cfg.act_fn))
+            transcoders.append(
+                exact_transcoder(
+                    weights[f"{p}.mlp.W_in"],
+                    weights[f"{p}.mlp.b_in"],
+                    weights[f"{p}.mlp.W_out"],
+                    weights[f"{p}.mlp.b_out"],
+                    cfg.act_fn,
+                )
+            )
     else:
         modules, configs = [], []
         for layer in range(cfg.n_layers):
-            fc = FitConfig(width=spec.width or 8 * cfg.d_model, kind=spec.kind, l0_coeff=spec.l0_coeff,
-                           target_l0=spec.target_l0,
-                           l1_coeff=spec.l1_coeff, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
-                           seed=spec.seed + layer)
+            fc = FitConfig(
+                width=spec.width or 8 * cfg.d_model,
+                kind=spec.kind,
+                l0_coeff=spec.l0_coeff,
+                target_l0=spec.target_l0,
+                l1_coeff=spec.l1_coeff,
+                steps=spec.steps,
+                batch_size=spec.batch_size,
+                lr=spec.lr,
+                seed=spec.seed + layer,
+            )
             with Progress(f"transcoder L{layer}", fc.steps, progress) as bar:
-                module, _ = fit_module(acts.mlp_in[layer], acts.mlp_out[layer], fc, progress=lambda s, mse, l0, bar=bar:
-                                       bar.set(s + 1, f"nmse {mse:.4f} l0 {l0:.1f}") if s % 25 == 0 else None)
+                module, _ = fit_module(
+                    acts.mlp_in[layer],
+                    acts.mlp_out[layer],
+                    fc,
+                    progress=lambda s, mse, l0, bar=bar: (
+                        bar.set(s + 1, f"nmse {mse:.4f} l0 {l0:.1f}") if s % 25 == 0 else None
+                    ),
+                )
             modules.append(module)
             configs.append(fc)
         if spec.e2e_steps:
             with Progress("end-to-end", spec.e2e_steps, progress) as bar:
-                finetune_end_to_end(model, modules, acts.sequences, configs[0], spec.e2e_steps,
-                                    progress=lambda s, kl, l0: bar.set(s + 1, f"kl {kl:.4f} l0 {l0:.1f}")
-                                    if s % 10 == 0 else None)
+                finetune_end_to_end(
+                    model,
+                    modules,
+                    acts.sequences,
+                    configs[0],
+                    spec.e2e_steps,
+                    progress=lambda s, kl, l0: bar.set(s + 1, f"kl {kl:.4f} l0 {l0:.1f}") if s % 10 == 0 else None,
+                )
         transcoders = [to_transcoder(m, fc) for m, fc in zip(modules, configs, strict=True)]
-    layers = [{"layer": layer, **evaluate_transcoder(tc, acts.mlp_in[layer], acts.mlp_out[layer])}
-              for layer, tc in enumerate(transcoders)]
+    layers = [
+        {"layer": layer, **evaluate_transcoder(tc, acts.mlp_in[layer], acts.mlp_out[layer])}
+        for layer, tc in enumerate(transcoders)
+    ]
     t_fit = time.perf_counter() - t1
     t2 = time.perf_counter()
     from acg.compiler.usage import usage_statistics
@@ -95,8 +128,13 @@ def fit(model: Transformer, corpus: list[list[int]], spec: FitSpec = FitSpec(), 
         "n_prompts": len(acts.sequences),
         "n_tokens": acts.n_tokens,
         "spec": asdict(spec),
-        "seconds": {"harvest": t_harvest, "transcoders": t_fit, "usage": t_usage, "labels": t_labels,
-                    "total": time.perf_counter() - t0},
+        "seconds": {
+            "harvest": t_harvest,
+            "transcoders": t_fit,
+            "usage": t_usage,
+            "labels": t_labels,
+            "total": time.perf_counter() - t0,
+        },
         "tokens_per_second_harvest": acts.n_tokens / max(t_harvest, 1e-9),
     }
     acg = ACG(cfg, weights, tuple(transcoders), usage, labels, stats, dict(meta or {}))

@@ -52,8 +52,9 @@ def _f32(a: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------- SAELens
 
 
-def save_saelens(transcoders: list[Transcoder] | tuple[Transcoder, ...], path: str | os.PathLike,
-                 model_name: str = "acg-model") -> Path:
+def save_saelens(
+    transcoders: list[Transcoder] | tuple[Transcoder, ...], path: str | os.PathLike, model_name: str = "acg-model"
+) -> Path:
     """One SAELens folder per layer: `path/layer_{l}/{cfg.json, sae_weights.safetensors}`."""
     with atomic_dir(path) as tmp:
         for layer, tc in enumerate(transcoders):
@@ -63,12 +64,25 @@ def save_saelens(transcoders: list[Transcoder] | tuple[Transcoder, ...], path: s
             if tc.act not in ("relu", "jumprelu"):
                 raise InteropError(f"transcoder {layer}: SAELens transcoders are ReLU or JumpReLU, not {tc.act!r}")
             cfg = {
-                "architecture": arch, "d_in": tc.d_model, "d_sae": tc.n_features, "d_out": tc.d_model,
-                "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
-                "reshape_activations": "none", "hook_name_out": f"blocks.{layer}.hook_mlp_out",
-                "hook_layer_out": layer, "hook_head_index_out": None,
-                "metadata": {"model_name": model_name, "hook_name": f"blocks.{layer}.mlp.hook_in",
-                             "hook_head_index": None, "prepend_bos": True, "exported_by": "acg"},
+                "architecture": arch,
+                "d_in": tc.d_model,
+                "d_sae": tc.n_features,
+                "d_out": tc.d_model,
+                "dtype": "float32",
+                "device": "cpu",
+                "apply_b_dec_to_input": False,
+                "normalize_activations": "none",
+                "reshape_activations": "none",
+                "hook_name_out": f"blocks.{layer}.hook_mlp_out",
+                "hook_layer_out": layer,
+                "hook_head_index_out": None,
+                "metadata": {
+                    "model_name": model_name,
+                    "hook_name": f"blocks.{layer}.mlp.hook_in",
+                    "hook_head_index": None,
+                    "prepend_bos": True,
+                    "exported_by": "acg",
+                },
             }
             (sub / "cfg.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             tensors = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "W_dec": tc.W_dec, "b_dec": tc.b_dec}
@@ -95,22 +109,41 @@ def load_saelens(path: str | os.PathLike) -> list[Transcoder]:
             raise InteropError(f"{cfg_file}: unreadable ({e})") from None
         arch = cfg.get("architecture")
         if arch not in ("transcoder", "jumprelu_transcoder"):
-            raise InteropError(f"{cfg_file}: architecture {arch!r} is not a transcoder; supported: transcoder, "
-                               "jumprelu_transcoder")
+            raise InteropError(
+                f"{cfg_file}: architecture {arch!r} is not a transcoder; supported: transcoder, jumprelu_transcoder"
+            )
         hook = (cfg.get("metadata") or {}).get("hook_name", cfg.get("hook_name", ""))
         if hook and not hook.endswith("mlp.hook_in"):
-            raise InteropError(f"{cfg_file}: input hook {hook!r}; acg reads transcoders on the MLP input after its "
-                               "layer norm (blocks.{l}.mlp.hook_in)")
+            raise InteropError(
+                f"{cfg_file}: input hook {hook!r}; acg reads transcoders on the MLP input after its "
+                "layer norm (blocks.{l}.mlp.hook_in)"
+            )
         t = _read(d / "sae_weights.safetensors")
         d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-        _expect(d / "sae_weights.safetensors", t, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, cfg.get("d_out", d_in)),
-                                                   "b_enc": (d_sae,), "b_dec": (cfg.get("d_out", d_in),)})
+        _expect(
+            d / "sae_weights.safetensors",
+            t,
+            {
+                "W_enc": (d_in, d_sae),
+                "W_dec": (d_sae, cfg.get("d_out", d_in)),
+                "b_enc": (d_sae,),
+                "b_dec": (cfg.get("d_out", d_in),),
+            },
+        )
         threshold = t.get("threshold") if arch == "jumprelu_transcoder" else None
         if arch == "jumprelu_transcoder" and threshold is None:
             raise InteropError(f"{d / 'sae_weights.safetensors'}: jumprelu_transcoder without a 'threshold' tensor")
-        out.append(Transcoder(_f64(t["W_enc"]), _f64(t["b_enc"]), _f64(t["W_dec"]), _f64(t["b_dec"]),
-                              "jumprelu" if threshold is not None else "relu",
-                              None if threshold is None else _f64(threshold), {"imported": "saelens", "layer": layer}))
+        out.append(
+            Transcoder(
+                _f64(t["W_enc"]),
+                _f64(t["b_enc"]),
+                _f64(t["W_dec"]),
+                _f64(t["b_dec"]),
+                "jumprelu" if threshold is not None else "relu",
+                None if threshold is None else _f64(threshold),
+                {"imported": "saelens", "layer": layer},
+            )
+        )
     return out
 
 
@@ -130,8 +163,7 @@ def _expect(file: Path, tensors: dict, shapes: dict) -> None:
 
 
 def _ct_config(kind: str, n_layers: int, scan: str) -> str:
-    cfg = {"model_kind": kind, "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
-           "scan": scan}
+    cfg = {"model_kind": kind, "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out", "scan": scan}
     return yaml.safe_dump(cfg, sort_keys=True)
 
 
@@ -139,8 +171,9 @@ def save_circuit_tracer(transcoders, path: str | os.PathLike, cross_layer: bool 
     """circuit-tracer's transcoder-set (PLT) layout, or with `cross_layer` its CLT layout (later decoders zero)."""
     n = len(transcoders)
     with atomic_dir(path) as tmp:
-        (tmp / "config.yaml").write_text(_ct_config("cross_layer_transcoder" if cross_layer else "transcoder_set", n,
-                                                    scan))
+        (tmp / "config.yaml").write_text(
+            _ct_config("cross_layer_transcoder" if cross_layer else "transcoder_set", n, scan)
+        )
         for i, tc in enumerate(transcoders):
             if tc.act not in ("relu", "jumprelu"):
                 raise InteropError(f"transcoder {i}: circuit-tracer transcoders are ReLU or JumpReLU, not {tc.act!r}")
@@ -187,9 +220,17 @@ def load_circuit_tracer(path: str | os.PathLike) -> list[Transcoder]:
             n, d = t["b_enc"].shape[0], t["b_dec"].shape[0]
             _expect(f, t, {"W_enc": (n, d), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,)})
             th = t.get("activation_function.threshold")
-            out.append(Transcoder(_f64(t["W_enc"]).T, _f64(t["b_enc"]), _f64(t["W_dec"]), _f64(t["b_dec"]),
-                                  "jumprelu" if th is not None else "relu", None if th is None else _f64(th),
-                                  {"imported": "circuit-tracer", "layer": i}))
+            out.append(
+                Transcoder(
+                    _f64(t["W_enc"]).T,
+                    _f64(t["b_enc"]),
+                    _f64(t["W_dec"]),
+                    _f64(t["b_dec"]),
+                    "jumprelu" if th is not None else "relu",
+                    None if th is None else _f64(th),
+                    {"imported": "circuit-tracer", "layer": i},
+                )
+            )
     elif kind == "cross_layer_transcoder":
         encs = sorted(path.glob("W_enc_*.safetensors"), key=lambda f: int(f.stem.split("_")[2]))
         n_layers = len(encs)
@@ -202,13 +243,23 @@ def load_circuit_tracer(path: str | os.PathLike) -> list[Transcoder]:
             if dec.shape != (n, n_layers - i, d):
                 raise InteropError(f"{dfile}: W_dec_{i} has shape {dec.shape}, expected {(n, n_layers - i, d)}")
             if np.any(dec[:, 1:]):
-                raise InteropError(f"{dfile}: features of layer {i} write into later layers; acg's ACG holds one "
-                                   "decoder per feature (per-layer transcoders), so genuine cross-layer transcoders "
-                                   "are not supported yet")
+                raise InteropError(
+                    f"{dfile}: features of layer {i} write into later layers; acg's ACG holds one "
+                    "decoder per feature (per-layer transcoders), so genuine cross-layer transcoders "
+                    "are not supported yet"
+                )
             th = e.get(f"threshold_{i}")
-            out.append(Transcoder(_f64(e[f"W_enc_{i}"]).T, _f64(e[f"b_enc_{i}"]), _f64(dec[:, 0]),
-                                  _f64(e[f"b_dec_{i}"]), "jumprelu" if th is not None else "relu",
-                                  None if th is None else _f64(th), {"imported": "circuit-tracer-clt", "layer": i}))
+            out.append(
+                Transcoder(
+                    _f64(e[f"W_enc_{i}"]).T,
+                    _f64(e[f"b_enc_{i}"]),
+                    _f64(dec[:, 0]),
+                    _f64(e[f"b_dec_{i}"]),
+                    "jumprelu" if th is not None else "relu",
+                    None if th is None else _f64(th),
+                    {"imported": "circuit-tracer-clt", "layer": i},
+                )
+            )
     else:
         raise InteropError(f"{cfg_file}: model_kind {kind!r}; supported: transcoder_set, cross_layer_transcoder")
     return out

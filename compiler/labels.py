@@ -25,8 +25,9 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
     return idx[np.lexsort((idx, -values[idx]))]  # by value, ties by index: deterministic
 
 
-def label_features(model, transcoders, acts: Activations, k_contexts: int = 8, window: int = 6,
-                   max_tokens: int = 60_000) -> dict[str, dict]:
+def label_features(
+    model, transcoders, acts: Activations, k_contexts: int = 8, window: int = 6, max_tokens: int = 60_000
+) -> dict[str, dict]:
     """Labels from the first `max_tokens` harvested tokens (enough for top contexts, bounded memory)."""
     cfg = model.cfg
     n_tokens = min(acts.n_tokens, max_tokens)
@@ -62,8 +63,9 @@ def label_features(model, transcoders, acts: Activations, k_contexts: int = 8, w
                 for r in rows:
                     start = starts.get(int(acts.prompt[r]), r - int(acts.positions[r]))
                     lo = max(start, r - window + 1)
-                    contexts.append({"tokens": [names[t] for t in acts.tokens[lo : r + 1]],
-                                     "activation": round(float(col[r]), 4)})
+                    contexts.append(
+                        {"tokens": [names[t] for t in acts.tokens[lo : r + 1]], "activation": round(float(col[r]), 4)}
+                    )
                 entry["contexts"] = contexts
                 entry["label"] = _label(contexts, top_out[0])
             labels[f"L{layer}.f{i}"] = entry

@@ -48,8 +48,9 @@ def centre(D: np.ndarray, center: bool) -> np.ndarray:
 
 
 class _Lowering:
-    def __init__(self, acg: ACG, keep_errors: bool, dtype: str, masks: dict[str, np.ndarray] | None, usage: bool,
-                 qk_tables: bool):
+    def __init__(
+        self, acg: ACG, keep_errors: bool, dtype: str, masks: dict[str, np.ndarray] | None, usage: bool, qk_tables: bool
+    ):
         self.acg, self.keep_errors, self.dtype = acg, keep_errors, dtype
         self.cfg = acg.cfg
         self.w = acg.weights
@@ -167,24 +168,38 @@ class _Lowering:
 
         s = self.scale(x, f"L{layer}.Q")
         _, b_ln = self.ln_params(f"{p}.ln1")
-        v = heads(self.combine(self.terms(groups, f"{p}.ln1", R["V"], f"L{layer}.V"), s, b_ln @ R["V"] + bR["V"],
-                               f"L{layer}.V"), "V")
+        v = heads(
+            self.combine(
+                self.terms(groups, f"{p}.ln1", R["V"], f"L{layer}.V"), s, b_ln @ R["V"] + bR["V"], f"L{layer}.V"
+            ),
+            "V",
+        )
         if not sparse:
-            q = heads(self.combine(self.terms(groups, f"{p}.ln1", R["Q"], f"L{layer}.Q"), s,
-                                   b_ln @ R["Q"] + bR["Q"], f"L{layer}.Q"), "Q")
-            k = heads(self.combine(self.terms(groups, f"{p}.ln1", R["K"], f"L{layer}.K"), s,
-                                   b_ln @ R["K"] + bR["K"], f"L{layer}.K"), "K")
+            q = heads(
+                self.combine(
+                    self.terms(groups, f"{p}.ln1", R["Q"], f"L{layer}.Q"), s, b_ln @ R["Q"] + bR["Q"], f"L{layer}.Q"
+                ),
+                "Q",
+            )
+            k = heads(
+                self.combine(
+                    self.terms(groups, f"{p}.ln1", R["K"], f"L{layer}.K"), s, b_ln @ R["K"] + bR["K"], f"L{layer}.K"
+                ),
+                "K",
+            )
             scores = b.op("einsum", q, k, equation="bhqe,bhke->bhqk", name=f"L{layer}_qk")
         else:
             scores = self.table_scores(x, s, sparse, dense, layer, R, bR, b_ln, heads)
-        scores = b.op("mul", scores, self.const(f"L{layer}.inv_scale", np.array(1.0 / cfg.attn_scale)),
-                      name=f"L{layer}_scores")
+        scores = b.op(
+            "mul", scores, self.const(f"L{layer}.inv_scale", np.array(1.0 / cfg.attn_scale)), name=f"L{layer}_scores"
+        )
         if cfg.attention_dir == "causal":
             scores = b.op("causal_mask", scores, name=f"L{layer}_masked")
         pattern = b.op("softmax", scores, axis=3, name=f"L{layer}_pattern")
         z = b.op("einsum", pattern, v, equation="bhqk,bhke->bhqe", name=f"L{layer}_z")
-        return b.op("reshape", b.op("transpose", z, perm=(0, 2, 1, 3)), shape=("batch", "seq", H * E),
-                    name=f"attn{layer}")
+        return b.op(
+            "reshape", b.op("transpose", z, perm=(0, 2, 1, 3)), shape=("batch", "seq", H * E), name=f"attn{layer}"
+        )
 
     def table_scores(self, x, s, sparse, dense, layer, R, bR, b_ln, heads) -> str:
         """q.k = s_i s_j sum_{a,b} F_a(i) T[a,b] F_b(j)  (sparse pairs, explicit)  +  the factored rest."""
@@ -221,8 +236,9 @@ class _Lowering:
         G = G_terms[0]
         for t in G_terms[1:]:
             G = b.op("add", G, t)
-        G = b.op("transpose", b.op("reshape", G, shape=("batch", "seq", H, n)), perm=(0, 2, 1, 3),
-                 name=f"L{layer}_qk_rows")  # (b, H, q, n)
+        G = b.op(
+            "transpose", b.op("reshape", G, shape=("batch", "seq", H, n)), perm=(0, 2, 1, 3), name=f"L{layer}_qk_rows"
+        )  # (b, H, q, n)
         table = None
         for start, size, F, spec in key_parts:
             part = b.op("slice", G, axis=3, start=start, stop=start + size)
@@ -265,9 +281,12 @@ class _Lowering:
         u = self.acg.usage
         self.tokens = b.input("tokens", ("batch", "seq"), "int64")
         with b.scope("embed"):
-            x = b.op("add", b.op("embed", self.const("D.tok", w["embed.W_E"]), self.tokens, name="resid_tok"),
-                     b.op("pos_embed", self.const("D.pos", w["pos_embed.W_pos"]), self.tokens, name="resid_pos"),
-                     name="resid_0")
+            x = b.op(
+                "add",
+                b.op("embed", self.const("D.tok", w["embed.W_E"]), self.tokens, name="resid_tok"),
+                b.op("pos_embed", self.const("D.pos", w["pos_embed.W_pos"]), self.tokens, name="resid_pos"),
+                name="resid_0",
+            )
             self.attach("D.tok", u.get("tok_count", None)[:, None] if "tok_count" in u else None, "token")
             self.attach("D.pos", u.get("pos_count", None)[:, None] if "pos_count" in u else None, "token")
         groups = [Group("tok", "tok", None, w["embed.W_E"]), Group("pos", "pos", None, w["pos_embed.W_pos"])]
@@ -280,8 +299,12 @@ class _Lowering:
                 W_O = w[f"{p}.attn.W_O"].reshape(-1, d)
                 out = b.op("matmul", z, self.const(f"D.attn{layer}", W_O), name=f"L{layer}_attn_write")
                 bias = bias + w[f"{p}.attn.b_O"]
-                x = b.op("add", b.op("add", x, out), self.const(f"b.attn{layer}", w[f"{p}.attn.b_O"]),
-                         name=f"resid_mid_{layer}")
+                x = b.op(
+                    "add",
+                    b.op("add", x, out),
+                    self.const(f"b.attn{layer}", w[f"{p}.attn.b_O"]),
+                    name=f"resid_mid_{layer}",
+                )
                 groups = groups + [Group(f"attn{layer}", "attn", z, W_O)]
             if cfg.attn_only:
                 continue
@@ -295,8 +318,12 @@ class _Lowering:
                     f = b.op("jumprelu", pre, self.const(f"L{layer}.threshold", tc.threshold), name=f"mlp{layer}")
                 else:
                     f = b.op(tc.act, pre, name=f"mlp{layer}")
-                recon = b.op("add", b.op("matmul", f, self.const(f"D.mlp{layer}", tc.W_dec)),
-                             self.const(f"b.mlp{layer}", tc.b_dec), name=f"L{layer}_recon")
+                recon = b.op(
+                    "add",
+                    b.op("matmul", f, self.const(f"D.mlp{layer}", tc.W_dec)),
+                    self.const(f"b.mlp{layer}", tc.b_dec),
+                    name=f"L{layer}_recon",
+                )
                 self.attach(f"D.mlp{layer}", None if count is None else count[:, None], "feature")
                 groups = groups + [Group(f"mlp{layer}", "mlp", f, tc.W_dec)]
                 bias = bias + tc.b_dec
@@ -332,15 +359,29 @@ class _Lowering:
             y = b.op("norm", x, eps=float(self.cfg.eps), center=self.center)
             wl, bl = self.ln_params(f"{p}.ln2")
             y = b.op("add", b.op("mul", y, self.const(f"{p}.ln2.w", wl)), self.const(f"{p}.ln2.b", bl))
-        pre = b.op("add", b.op("matmul", y, self.const(f"{p}.mlp.W_in", w[f"{p}.mlp.W_in"])),
-                   self.const(f"{p}.mlp.b_in", w[f"{p}.mlp.b_in"]))
+        pre = b.op(
+            "add",
+            b.op("matmul", y, self.const(f"{p}.mlp.W_in", w[f"{p}.mlp.W_in"])),
+            self.const(f"{p}.mlp.b_in", w[f"{p}.mlp.b_in"]),
+        )
         post = b.op(ACT_OPS[self.cfg.act_fn], pre)
-        return b.op("add", b.op("matmul", post, self.const(f"{p}.mlp.W_out", w[f"{p}.mlp.W_out"])),
-                    self.const(f"{p}.mlp.b_out", w[f"{p}.mlp.b_out"]), name=f"L{layer}_mlp_out")
+        return b.op(
+            "add",
+            b.op("matmul", post, self.const(f"{p}.mlp.W_out", w[f"{p}.mlp.W_out"])),
+            self.const(f"{p}.mlp.b_out", w[f"{p}.mlp.b_out"]),
+            name=f"L{layer}_mlp_out",
+        )
 
 
-def lower(acg: ACG, *, keep_errors: bool = False, dtype: str = "float32", masks: dict[str, np.ndarray] | None = None,
-          usage: bool = False, qk_tables: bool = False) -> Graph:
+def lower(
+    acg: ACG,
+    *,
+    keep_errors: bool = False,
+    dtype: str = "float32",
+    masks: dict[str, np.ndarray] | None = None,
+    usage: bool = False,
+    qk_tables: bool = False,
+) -> Graph:
     """The feature-level IR of `acg`: exact with `keep_errors`, the pure replacement model without. `masks` multiply
     named weight tensors (0 drops an entry); `usage` attaches usage statistics for the `capture` pass; `qk_tables`
     makes the sparse-feature part of each attention score an explicit, prunable pair table."""

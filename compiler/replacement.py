@@ -35,8 +35,9 @@ class TranscoderMLP(nn.Module):
         return self.features(x) @ self.W_dec + self.b_dec
 
 
-def replacement_model(model: Transformer, transcoders: tuple[Transcoder, ...] | list[Transcoder],
-                      layers: list[int] | None = None) -> Transformer:
+def replacement_model(
+    model: Transformer, transcoders: tuple[Transcoder, ...] | list[Transcoder], layers: list[int] | None = None
+) -> Transformer:
     """A copy of `model` whose MLPs (all, or those in `layers`) are transcoders."""
     out = copy.deepcopy(model)
     dtype = next(out.parameters()).dtype

@@ -270,8 +270,15 @@ def fit_module(x: np.ndarray, y: np.ndarray, cfg: FitConfig, progress=None) -> t
     return model, {"history": history, "y_var": y_var}
 
 
-def finetune_end_to_end(model, modules: list[_Module], corpus: list[list[int]], cfg: FitConfig, steps: int,
-                        batch_size: int = 128, progress=None) -> dict:
+def finetune_end_to_end(
+    model,
+    modules: list[_Module],
+    corpus: list[list[int]],
+    cfg: FitConfig,
+    steps: int,
+    batch_size: int = 128,
+    progress=None,
+) -> dict:
     """Fine-tune all transcoders together so that the replacement model (every MLP its transcoder, errors dropped)
     matches the original's next-token distribution at each sequence's last position (the answer position): minimise
     KL(original || replacement) + the sparsity penalty. Deterministic under `cfg.seed`."""

@@ -58,10 +58,20 @@ class _Unroll:
         self.center = self.cfg.normalization_type in ("LN", "LNPre")
         self.names = token_names(self.cfg.d_vocab)
         u = acg.usage
-        self.token_ids = sorted(set(tokens if tokens is not None else
-                                    [t for t in range(self.cfg.d_vocab) if "tok_count" not in u or u["tok_count"][t]]))
-        self.positions = sorted(set(positions if positions is not None else
-                                    [p for p in range(self.cfg.n_ctx) if "pos_count" not in u or u["pos_count"][p]]))
+        self.token_ids = sorted(
+            set(
+                tokens
+                if tokens is not None
+                else [t for t in range(self.cfg.d_vocab) if "tok_count" not in u or u["tok_count"][t]]
+            )
+        )
+        self.positions = sorted(
+            set(
+                positions
+                if positions is not None
+                else [p for p in range(self.cfg.n_ctx) if "pos_count" not in u or u["pos_count"][p]]
+            )
+        )
         self.head_set = heads
 
     def ln(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +86,9 @@ class _Unroll:
         """Every candidate node in creation order, every head's score weights, and each stage's node list (for the
         layer-norm scale) as (stage, node names, -)."""
         cfg, w = self.cfg, self.w
-        nodes: list[Node] = [Node(f"tok_{t}", "tok", w["embed.W_E"][t], f"token {self.names[t]!r}")
-                             for t in self.token_ids]
+        nodes: list[Node] = [
+            Node(f"tok_{t}", "tok", w["embed.W_E"][t], f"token {self.names[t]!r}") for t in self.token_ids
+        ]
         nodes += [Node(f"pos_{p}", "pos", w["pos_embed.W_pos"][p], f"position {p}") for p in self.positions]
         heads: list[Head] = []
         for layer in range(cfg.n_layers):
@@ -97,8 +108,16 @@ class _Unroll:
                 writes = (Cw @ R["V"]) @ w[f"{p}.attn.W_O"][h]
                 for n, write in zip(nodes, writes, strict=True):
                     if np.any(write):
-                        new.append(Node(f"L{layer}H{h}_{n.name}", "head", write, f"head {layer}.{h} brings {n.label}",
-                                        source=n.name, head=(layer, h)))
+                        new.append(
+                            Node(
+                                f"L{layer}H{h}_{n.name}",
+                                "head",
+                                write,
+                                f"head {layer}.{h} brings {n.label}",
+                                source=n.name,
+                                head=(layer, h),
+                            )
+                        )
             nodes = nodes + new + [Node(f"bias_L{layer}_attn", "bias", bias, f"biases of attention {layer}")]
             if cfg.attn_only:
                 continue
@@ -162,8 +181,9 @@ class _Unroll:
                 elif n.kind == "pos" and n.name in need:
                     if pos_ids is None:
                         table = b.const("positions", np.arange(cfg.n_ctx)[:, None])
-                        pos_ids = b.op("reshape", b.op("pos_embed", table, self.tokens), shape=(1, "seq"),
-                                       name="position")
+                        pos_ids = b.op(
+                            "reshape", b.op("pos_embed", table, self.tokens), shape=(1, "seq"), name="position"
+                        )
                     ind = b.op("indicator", pos_ids, value=int(n.name[4:]), dtype=self.dtype)
                     b.op("add", zeros, ind, name=n.name)
                 else:
@@ -177,9 +197,15 @@ class _Unroll:
             with b.scope(f"{p}.attn"):
                 s = self.scale(live, f"L{layer}_attn")
                 patterns: dict[int, str] = {}
-                while cursor < len(stage_nodes) and stage_nodes[cursor].kind in ("head", "bias") and (
-                        stage_nodes[cursor].head is not None and stage_nodes[cursor].head[0] == layer
-                        or stage_nodes[cursor].name == f"bias_L{layer}_attn"):
+                while (
+                    cursor < len(stage_nodes)
+                    and stage_nodes[cursor].kind in ("head", "bias")
+                    and (
+                        stage_nodes[cursor].head is not None
+                        and stage_nodes[cursor].head[0] == layer
+                        or stage_nodes[cursor].name == f"bias_L{layer}_attn"
+                    )
+                ):
                     n = stage_nodes[cursor]
                     cursor += 1
                     if n.kind == "bias":
@@ -199,9 +225,14 @@ class _Unroll:
             with b.scope(f"{p}.mlp"):
                 s = self.scale(live, f"L{layer}_mlp")
                 w2, b2 = self.ln(f"{p}.ln2")
-                while cursor < len(stage_nodes) and stage_nodes[cursor].kind in ("feat", "bias") and (
+                while (
+                    cursor < len(stage_nodes)
+                    and stage_nodes[cursor].kind in ("feat", "bias")
+                    and (
                         stage_nodes[cursor].name.startswith(f"f{layer}_")
-                        or stage_nodes[cursor].name == f"bias_L{layer}_mlp"):
+                        or stage_nodes[cursor].name == f"bias_L{layer}_mlp"
+                    )
+                ):
                     n = stage_nodes[cursor]
                     cursor += 1
                     if n.kind == "bias":
@@ -228,9 +259,15 @@ class _Unroll:
             if s is not None:
                 x = b.op("mul", x, b.op("reshape", s, shape=("batch", "seq", 1)))
             logits = b.op("add", x, self.const("unembed.c", bf @ w["unembed.W_U"] + w["unembed.b_U"]), name="logits")
-        meta = {"family": "acg-circuit", "config": cfg.to_dict(), "title": self.acg.meta.get("title", "ACG circuit"),
-                "labels": labels, "kept": {str(k): v for k, v in self.keep.items()}, "min_weight": self.min_weight,
-                "n_nodes": len(live)}
+        meta = {
+            "family": "acg-circuit",
+            "config": cfg.to_dict(),
+            "title": self.acg.meta.get("title", "ACG circuit"),
+            "labels": labels,
+            "kept": {str(k): v for k, v in self.keep.items()},
+            "min_weight": self.min_weight,
+            "n_nodes": len(live),
+        }
         return b.build([logits], meta=meta)
 
     # ----------------------------------------------------------------------------------------------- IR helpers
@@ -249,8 +286,12 @@ class _Unroll:
         if self.cfg.normalization_type is None:
             return None
         b = self.b
-        x = b.op("matmul", self.stack(live), self.const(f"writes.{tag}", np.stack([n.write for n in live])),
-                 name=f"resid_{tag}")
+        x = b.op(
+            "matmul",
+            self.stack(live),
+            self.const(f"writes.{tag}", np.stack([n.write for n in live])),
+            name=f"resid_{tag}",
+        )
         s = b.op("norm_scale", x, eps=float(self.cfg.eps), center=self.center)
         return b.op("reshape", s, shape=("batch", "seq"), name=f"s_{tag}")
 
@@ -269,8 +310,9 @@ class _Unroll:
         T = hd.T[np.ix_(idx, idx)]
         top = np.abs(T).max() if T.size else 0.0
         score = None
-        order = sorted(((abs(T[r, c]), r, c) for r, c in zip(*np.nonzero(T), strict=True)), key=lambda t: (-t[0],
-                                                                                                          t[1], t[2]))
+        order = sorted(
+            ((abs(T[r, c]), r, c) for r, c in zip(*np.nonzero(T), strict=True)), key=lambda t: (-t[0], t[1], t[2])
+        )
         for mag, r, c in order:
             if mag < self.min_weight * top:
                 continue
@@ -279,8 +321,11 @@ class _Unroll:
             term = b.op("mul", self.scalar(float(T[r, c])), b.op("mul", qi, kj))
             score = term if score is None else b.op("add", score, term)
         if score is not None and s is not None:
-            score = b.op("mul", b.op("mul", score, b.op("reshape", s, shape=("batch", "seq", 1))),
-                         b.op("reshape", s, shape=("batch", 1, "seq")))
+            score = b.op(
+                "mul",
+                b.op("mul", score, b.op("reshape", s, shape=("batch", "seq", 1))),
+                b.op("reshape", s, shape=("batch", 1, "seq")),
+            )
         key = self.wsum([(hd.nodes[k], float(hd.g[k])) for k in idx if hd.g[k] != 0])
         if key is not None:
             if s is not None:
@@ -295,9 +340,16 @@ class _Unroll:
         return b.op("softmax", score, axis=2, name=f"L{hd.layer}H{hd.h}_pattern")
 
 
-def unroll(acg: ACG, keep: dict[int, list[int]] | None = None, *, tokens: list[int] | None = None,
-           positions: list[int] | None = None, heads: set[tuple[int, int]] | None = None, min_weight: float = 0.0,
-           dtype: str = "float32") -> Graph:
+def unroll(
+    acg: ACG,
+    keep: dict[int, list[int]] | None = None,
+    *,
+    tokens: list[int] | None = None,
+    positions: list[int] | None = None,
+    heads: set[tuple[int, int]] | None = None,
+    min_weight: float = 0.0,
+    dtype: str = "float32",
+) -> Graph:
     """The unrolled IR of `acg` restricted to `keep` (layer -> feature indices; default every feature), the token
     features `tokens` and position features `positions` (default: those seen in the fitting corpus), and `heads`
     (default all), with weights below `min_weight` x the largest in their sum left out."""

@@ -54,8 +54,9 @@ def usage_statistics(model, transcoders, acts: Activations, spec) -> tuple[dict[
     out.update(_pair_statistics(exact, cfg, transcoders, acts.sequences[: spec.usage_prompts], spec.pair_budget))
     sizes = _sizes(cfg, transcoders)
     layout = {
-        "qk_sources": {str(layer): qk_sources(cfg, transcoders, layer, spec.pair_budget)
-                       for layer in range(cfg.n_layers)},
+        "qk_sources": {
+            str(layer): qk_sources(cfg, transcoders, layer, spec.pair_budget) for layer in range(cfg.n_layers)
+        },
         "read_sources": {tag: [[g, sizes[g]] for g in groups] for tag, groups in _reads(exact).items()},
     }
     return out, layout
@@ -108,8 +109,7 @@ def _pair_statistics(graph, cfg, transcoders, seqs: list[list[int]], budget: int
             for layer in range(cfg.n_layers):
                 A = torch.as_tensor(env[f"L{layer}_pattern"])  # (b, h, q, k)
                 P = torch.as_tensor(np.concatenate([(act[g] != 0).astype(np.float32) for g in qk_groups[layer]], -1))
-                acc[f"qk.L{layer}"] = acc.get(f"qk.L{layer}", 0) + torch.einsum(
-                    "bia,bhij,bjc->hac", P, A, P).numpy()
+                acc[f"qk.L{layer}"] = acc.get(f"qk.L{layer}", 0) + torch.einsum("bia,bhij,bjc->hac", P, A, P).numpy()
                 s1 = env[f"s_L{layer}_Q"] if cfg.normalization_type is not None else np.ones((*toks.shape, 1))
                 srcs = reads[f"L{layer}.V"]
                 F = torch.as_tensor(np.concatenate([np.abs(act[g]) * s1 for g in srcs], -1).astype(np.float32))

@@ -274,8 +274,11 @@ def _where(op: Op, ins: list[Value]) -> tuple[Shape, str]:
 
 
 def _indicator(op: Op, ins: list[Value]) -> tuple[Shape, str]:
-    if ins[0].dtype != "int64" or not isinstance(op.attr("value"), int) or op.attr("dtype") not in ("float32",
-                                                                                                    "float64"):
+    if (
+        ins[0].dtype != "int64"
+        or not isinstance(op.attr("value"), int)
+        or op.attr("dtype") not in ("float32", "float64")
+    ):
         raise _fail(op, "expects int64 input, an int `value` and dtype float32/float64")
     return ins[0].shape, op.attr("dtype")
 

@@ -50,8 +50,10 @@ def verify(graph: Graph, *, allow_nonfinite: bool = False) -> Graph:
         try:
             np.broadcast_shapes(graph.tensors[spec["usage"]].shape, graph.tensors[weight].shape)
         except ValueError:
-            raise IRError(f"usage tensor {spec['usage']!r} {graph.tensors[spec['usage']].shape} does not broadcast to "
-                          f"weight {weight!r} {graph.tensors[weight].shape}") from None
+            raise IRError(
+                f"usage tensor {spec['usage']!r} {graph.tensors[spec['usage']].shape} does not broadcast to "
+                f"weight {weight!r} {graph.tensors[weight].shape}"
+            ) from None
     return graph
 
 

@@ -36,21 +36,41 @@ prompt = json.load(open(os.path.join(work, "prompt.json")))["tokens"]
 
 tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=vocab[0]))
 tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=vocab[1], pad_token=vocab[0], eos_token=vocab[1],
-                                 unk_token=vocab[0])
+hf_tok = PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token=vocab[1], pad_token=vocab[0], eos_token=vocab[1], unk_token=vocab[0]
+)
 tok_dir = os.path.join(work, "tok")
 hf_tok.save_pretrained(tok_dir)
 from transformers import AutoTokenizer  # noqa: E402
 
 hf_tok = AutoTokenizer.from_pretrained(tok_dir)
 
-keys = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn", "normalization_type",
-        "attention_dir", "d_vocab_out", "eps")
-cfg = HookedTransformerConfig(**{k: cfg_raw[k] for k in keys if k in cfg_raw}, positional_embedding_type="standard",
-                              model_name="acg-testbed", original_architecture="GPT2LMHeadModel", tokenizer_name=tok_dir,
-                              device="cpu", dtype=torch.float32)
-transcoders, _ = load_transcoder_from_hub("local/acg", device=torch.device("cpu"), dtype=torch.float32,
-                                          lazy_encoder=False, lazy_decoder=False)
+keys = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "d_mlp",
+    "d_vocab",
+    "n_ctx",
+    "act_fn",
+    "normalization_type",
+    "attention_dir",
+    "d_vocab_out",
+    "eps",
+)
+cfg = HookedTransformerConfig(
+    **{k: cfg_raw[k] for k in keys if k in cfg_raw},
+    positional_embedding_type="standard",
+    model_name="acg-testbed",
+    original_architecture="GPT2LMHeadModel",
+    tokenizer_name=tok_dir,
+    device="cpu",
+    dtype=torch.float32,
+)
+transcoders, _ = load_transcoder_from_hub(
+    "local/acg", device=torch.device("cpu"), dtype=torch.float32, lazy_encoder=False, lazy_decoder=False
+)
 model = ReplacementModel.from_config(cfg, transcoders, backend="transformerlens", tokenizer=hf_tok)
 sd = load_file(os.path.join(work, "model.safetensors"))
 sd = {k.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed."): v.float() for k, v in sd.items()}
@@ -67,8 +87,16 @@ np.save(os.path.join(work, "ct_active_features.npy"), graph.active_features.nump
 np.save(os.path.join(work, "ct_selected_features.npy"), graph.selected_features.numpy())
 np.save(os.path.join(work, "ct_activation_values.npy"), graph.activation_values.float().numpy())
 logit_ids = [t.vocab_idx for t in graph.logit_targets] if hasattr(graph, "logit_targets") else []
-json.dump({"load_s": load_s, "attribute_s": attr_s, "replacement_score": replacement,
-           "completeness_score": completeness, "logit_tokens": logit_ids, "n_pos": len(prompt),
-           "circuit_tracer": __import__("importlib.metadata").metadata.version("circuit-tracer")},
-          open(os.path.join(work, "ct_result.json"), "w"))
+json.dump(
+    {
+        "load_s": load_s,
+        "attribute_s": attr_s,
+        "replacement_score": replacement,
+        "completeness_score": completeness,
+        "logit_tokens": logit_ids,
+        "n_pos": len(prompt),
+        "circuit_tracer": __import__("importlib.metadata").metadata.version("circuit-tracer"),
+    },
+    open(os.path.join(work, "ct_result.json"), "w"),
+)
 print("ok")

@@ -28,8 +28,9 @@ class Capture:
     def __call__(self, graph: Graph) -> PassResult:
         usage = graph.meta.get("usage", {})
         tensors = dict(graph.tensors)
-        report: dict[str, dict[str, float]] = defaultdict(lambda: {"dropped": 0, "total": 0, "mass_dropped": 0.0,
-                                                                   "mass_total": 0.0})
+        report: dict[str, dict[str, float]] = defaultdict(
+            lambda: {"dropped": 0, "total": 0, "mass_dropped": 0.0, "mass_total": 0.0}
+        )
         changed = False
         for weight, spec in sorted(usage.items()):
             kind = spec["kind"]
@@ -48,7 +49,8 @@ class Capture:
             if drop.any():
                 tensors[weight] = np.where(drop, 0, W).astype(W.dtype)
                 changed = True
-        out = graph.replace(tensors=tensors, meta={**graph.meta, "captured": {"threshold": self.threshold,
-                                                                             "kinds": list(self.kinds)}})
+        out = graph.replace(
+            tensors=tensors, meta={**graph.meta, "captured": {"threshold": self.threshold, "kinds": list(self.kinds)}}
+        )
         summary = {k: {**v, "fraction_dropped": v["dropped"] / max(v["total"], 1)} for k, v in report.items()}
         return PassResult(out, changed, {"threshold": self.threshold, "by_kind": summary})

@@ -32,8 +32,16 @@ def fitted():
 
 def _exact_acg(model):
     w = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
-    tcs = tuple(exact_transcoder(w[f"blocks.{i}.mlp.W_in"], w[f"blocks.{i}.mlp.b_in"], w[f"blocks.{i}.mlp.W_out"],
-                                 w[f"blocks.{i}.mlp.b_out"], model.cfg.act_fn) for i in range(model.cfg.n_layers))
+    tcs = tuple(
+        exact_transcoder(
+            w[f"blocks.{i}.mlp.W_in"],
+            w[f"blocks.{i}.mlp.b_in"],
+            w[f"blocks.{i}.mlp.W_out"],
+            w[f"blocks.{i}.mlp.b_out"],
+            model.cfg.act_fn,
+        )
+        for i in range(model.cfg.n_layers)
+    )
     return ACG(model.cfg, w, tcs)
 
 
@@ -131,8 +139,9 @@ def test_interop_round_trips_bit_for_bit(tmp_path, fitted, fmt):
     if fmt == "saelens":
         back = interop.load_saelens(interop.save_saelens(tcs, tmp_path / "x"))
     else:
-        back = interop.load_circuit_tracer(interop.save_circuit_tracer(tcs, tmp_path / "x",
-                                                                       cross_layer=fmt.endswith("clt")))
+        back = interop.load_circuit_tracer(
+            interop.save_circuit_tracer(tcs, tmp_path / "x", cross_layer=fmt.endswith("clt"))
+        )
     for a, b in zip(tcs, back, strict=True):
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             x, y = getattr(a, name), getattr(b, name)

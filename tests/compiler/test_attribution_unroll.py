@@ -22,8 +22,7 @@ def small():
     model = random_model(seed=61, d_vocab=9, n_ctx=8, act_fn="relu", d_model=8, n_heads=2, d_head=4, d_mlp=16)
     rng = np.random.default_rng(0)
     corpus = [list(map(int, rng.integers(0, 9, rng.integers(3, 8)))) for _ in range(120)]
-    acg, _ = fit(model, corpus, FitSpec(width=6, steps=60, e2e_steps=20, usage_prompts=40, target_l0=3),
-                 progress=False)
+    acg, _ = fit(model, corpus, FitSpec(width=6, steps=60, e2e_steps=20, usage_prompts=40, target_l0=3), progress=False)
     return model, acg
 
 
@@ -66,10 +65,19 @@ def _frozen_pre(acg, tokens, drop=None, edit_err=None):
                 x = x + f @ tc.W_dec + tc.b_dec + rec[("err", layer)]
             else:
                 f = tc.encode(h2)
-                mlp = np.maximum(h2 @ w[f"{p}.mlp.W_in"] + w[f"{p}.mlp.b_in"], 0) @ w[f"{p}.mlp.W_out"] + w[
-                    f"{p}.mlp.b_out"]
-                rec.update({("s1", layer): s1, ("s2", layer): s2, ("A", layer): A, ("f", layer): f,
-                            ("err", layer): mlp - (f @ tc.W_dec + tc.b_dec)})
+                mlp = (
+                    np.maximum(h2 @ w[f"{p}.mlp.W_in"] + w[f"{p}.mlp.b_in"], 0) @ w[f"{p}.mlp.W_out"]
+                    + w[f"{p}.mlp.b_out"]
+                )
+                rec.update(
+                    {
+                        ("s1", layer): s1,
+                        ("s2", layer): s2,
+                        ("A", layer): A,
+                        ("f", layer): f,
+                        ("err", layer): mlp - (f @ tc.W_dec + tc.b_dec),
+                    }
+                )
                 x = x + mlp
     return pres
 
@@ -108,11 +116,11 @@ def test_scores_and_graph_json(small, tmp_path):
 
 @pytest.mark.parametrize("norm", ["LN", "RMS"])
 def test_unrolled_program_is_the_replacement_model(norm):
-    model = random_model(seed=62, d_vocab=7, n_ctx=6, act_fn="relu", normalization_type=norm, d_model=8, n_heads=2,
-                         d_head=4, d_mlp=12)
+    model = random_model(
+        seed=62, d_vocab=7, n_ctx=6, act_fn="relu", normalization_type=norm, d_model=8, n_heads=2, d_head=4, d_mlp=12
+    )
     corpus = [[1, 2, 3, 4], [2, 3, 5, 6, 1]] * 20
-    acg, _ = fit(model, corpus, FitSpec(width=4, steps=30, e2e_steps=0, usage_prompts=10, target_l0=2),
-                 progress=False)
+    acg, _ = fit(model, corpus, FitSpec(width=4, steps=30, e2e_steps=0, usage_prompts=10, target_l0=2), progress=False)
     graph = unroll(acg, tokens=list(range(7)), positions=list(range(6)), dtype="float64")
     repl = lower(acg, keep_errors=False, dtype="float64")
     tokens = random_tokens(model.cfg, seed=3)
@@ -127,11 +135,13 @@ def test_readable_circuit_code(small, tmp_path):
     assert "f1_2 = " in source and "tok_" in source and "L0H0_pattern" in source
     import ast
 
-    assign = next(node for node in ast.walk(ast.parse(source))
-                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "f1_2_pre")
+    assign = next(
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "f1_2_pre"
+    )
     text = ast.get_source_segment(source, assign)
     assert " * " in text and "s_L1_mlp" in text  # a weighted sum of named features, scaled by the LN factor
     forward = codegen.load(path)
     tokens = np.array([[1, 2, 3]])
-    assert np.allclose(forward(tokens), interpret.run(graph, tokens, dtype="float32")["logits"], rtol=1e-5,
-                       atol=1e-5)
+    assert np.allclose(forward(tokens), interpret.run(graph, tokens, dtype="float32")["logits"], rtol=1e-5, atol=1e-5)
