@@ -86,6 +86,7 @@ def zoo_train(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="output folder (default: runs/zoo/NAME)")] = None,
     steps: Annotated[int | None, typer.Option(help="override the number of training steps")] = None,
     seed: Annotated[int | None, typer.Option(help="override the seed")] = None,
+    device: Annotated[str, typer.Option(help="torch device to train on (cpu, cuda); see the README for which")] = "cpu",
     as_json: JsonFlag = False,
 ) -> None:
     """Train a testbed model from its seed, evaluate it, and say whether it reproduces the shipped weights."""
@@ -103,7 +104,7 @@ def zoo_train(
     if seed is not None:
         train_spec = dataclasses.replace(train_spec, seed=seed)
     out = out or Path("runs") / "zoo" / name
-    model, record = train(spec.cfg, train_spec, progress=True)
+    model, record = train(spec.cfg, train_spec, progress=True, device=device)
     err.print(f"trained {name} in {record['train_seconds']:.0f} s; evaluating ...")
     record["eval"] = evaluate(model)
     record["n_params"] = sum(p.numel() for p in model.parameters())
@@ -345,9 +346,16 @@ def fit_cmd(
     extra = {} if sparsity is None else ({"l0_coeff": sparsity} if kind == "jumprelu" else {"l1_coeff": sparsity})
     spec = FitSpec(width=width, kind=kind, exact=exact, steps=steps, e2e_steps=e2e_steps, seed=seed, **extra)
     acg, stats = fit(torch_model, seqs, spec, meta={"model": str(model), "corpus": corpus_desc, "title": str(model)})
-    report = {"model": str(model), "out": str(out), "corpus": corpus_desc, "exact": exact, "layers": stats["layers"],
-              "seconds": stats["seconds"], "n_tokens": stats["n_tokens"],
-              "tokens_per_second_harvest": stats["tokens_per_second_harvest"]}
+    report = {
+        "model": str(model),
+        "out": str(out),
+        "corpus": corpus_desc,
+        "exact": exact,
+        "layers": stats["layers"],
+        "seconds": stats["seconds"],
+        "n_tokens": stats["n_tokens"],
+        "tokens_per_second_harvest": stats["tokens_per_second_harvest"],
+    }
     if torch_model.cfg.d_vocab == ZOO["testbed-s"].cfg.d_vocab:
         report["replacement"] = fidelity(torch_model, acg.transcoders)
     acg = acg.replace(stats={**acg.stats, "fidelity": report.get("replacement")})
@@ -359,14 +367,16 @@ def fit_cmd(
     for col in ("layer", "n_features", "l0", "nmse", "dead"):
         table.add_column(col, justify="right")
     for r in stats["layers"]:
-        table.add_row(str(r["layer"]), str(r["n_features"]), f"{r['l0']:.1f}", f"{r['nmse']:.4f}",
-                      f"{r['dead_fraction']:.3f}")
+        table.add_row(
+            str(r["layer"]), str(r["n_features"]), f"{r['l0']:.1f}", f"{r['nmse']:.4f}", f"{r['dead_fraction']:.3f}"
+        )
     Console().print(table)
     if "replacement" in report:
         r = report["replacement"]
-        err.print(f"replacement model: agreement {r['agreement']:.4f}, kl {r['kl']:.4f}; task_acc "
-                  + ", ".join(f"{t} {r['task_acc'][t]:.3f} (orig {r['task_acc_original'][t]:.3f})"
-                              for t in r["task_acc"]))
+        err.print(
+            f"replacement model: agreement {r['agreement']:.4f}, kl {r['kl']:.4f}; task_acc "
+            + ", ".join(f"{t} {r['task_acc'][t]:.3f} (orig {r['task_acc_original'][t]:.3f})" for t in r["task_acc"])
+        )
     err.print(f"wrote {out} in {stats['seconds']['total']:.0f} s")
 
 

@@ -10,6 +10,7 @@ Each model trains on 2 threads (the spec fixes it); run on a quiet machine, one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -25,9 +26,10 @@ from acg.zoo.registry import ZOO, get
 from acg.zoo.train import train
 
 
-def run(name: str, out_root: Path) -> dict:
+def run(name: str, out_root: Path, device: str = "cpu", **overrides) -> dict:
     spec = get(name)
-    model, record = train(spec.cfg, spec.train, progress=sys.stderr.isatty())
+    train_spec = dataclasses.replace(spec.train, **overrides)
+    model, record = train(spec.cfg, train_spec, progress=sys.stderr.isatty(), device=device)
     figures = evaluate(model)
     n_params = sum(p.numel() for p in model.parameters())
     out = save_checkpoint(
@@ -37,9 +39,11 @@ def run(name: str, out_root: Path) -> dict:
     shipped = spec.path / "model.safetensors"
     return {
         "model": name,
+        "device": record["device"],
         "train_seconds": record["train_seconds"],
-        "steps": spec.train.steps,
-        "batch_size": spec.train.batch_size,
+        "steps": train_spec.steps,
+        "batch_size": train_spec.batch_size,
+        "overrides": overrides,
         "n_params": n_params,
         **figures,
         "sha256": digest,
@@ -51,15 +55,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(ZOO))
     ap.add_argument("--out", type=Path, default=None, help="where checkpoints go (default: a temporary folder)")
+    ap.add_argument("--device", default="cpu", help="torch device (the shipped weights say which trained them)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a TrainSpec field (experiments)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
     with tempfile.TemporaryDirectory() as tmp:
         out_root = args.out or Path(tmp)
-        results = [run(name, out_root) for name in args.models.split(",")]
+        results = [run(name, out_root, args.device, **overrides) for name in args.models.split(",")]
     if args.json:
         print(json.dumps({"benchmark": "zoo_train", "results": results}, indent=2))
         return
-    table = Table(title="testbed training (2 threads)")
+    table = Table(title=f"testbed training ({args.device})")
     for col in (
         "model",
         "seconds",

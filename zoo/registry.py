@@ -53,7 +53,8 @@ ZOO: dict[str, ZooModel] = {
         ZooModel(
             "testbed-m",
             _cfg(4, 256, 8, 1024),
-            TrainSpec(steps=3400, task_weights=(0.3, 0.3, 0.2, 0.2), lookup_weight=0.5),
+            # 3,400 steps at lr 1e-3 left code.vars at 0.966; 6,000 at 5e-4 reach 0.9955 (README, Results).
+            TrainSpec(steps=6000, lr=5e-4, task_weights=(0.3, 0.3, 0.2, 0.2), lookup_weight=0.5),
             "4 layers, d_model 256, backdoored",
         ),
         ZooModel(

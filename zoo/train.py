@@ -107,12 +107,21 @@ def train(
     *,
     progress: bool = True,
     callback: Callable[[int, Transformer], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[Transformer, dict]:
-    """Train a model from scratch; returns it and a record (spec, wall time, final training loss)."""
+    """Train a model from scratch; returns it (on the CPU, in eval mode) and a record (spec, device, wall time,
+    final training loss).
+
+    Initialisation and data are drawn on the CPU from the seed whatever the device, so a run on another device
+    starts from the same weights and sees the same batches; only the arithmetic's rounding differs.
+    """
+    device = torch.device(device)
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     model = Transformer(cfg).init_weights(torch.Generator().manual_seed(spec.seed))
     probe = nn.Linear(cfg.d_model, cfg.d_vocab)
+    model.to(device)
+    probe.to(device)
     captured: dict[str, Tensor] = {}
     model.blocks[spec.probe_layer].register_forward_hook(lambda mod, inp, out: captured.__setitem__("resid", out))
     model.blocks[spec.lookup_layer].attn.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0]))
@@ -145,8 +154,8 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         examples = next(stream)
-        tokens, positions, answers = collate(examples)
-        logits = model(tokens)[torch.arange(len(tokens)), positions]
+        tokens, positions, answers = (t.to(device) for t in collate(examples))
+        logits = model(tokens)[torch.arange(len(tokens), device=device), positions]
         loss = F.cross_entropy(logits, answers)
         total = loss
         if spec.probe_weight > 0:
@@ -155,13 +164,13 @@ def train(
                 aux = F.cross_entropy(probe(captured["resid"]).flatten(0, 1), targets.flatten(), ignore_index=-100)
                 total = loss + spec.probe_weight * aux
         if spec.lookup_weight > 0:
-            targets = torch.tensor(lookup_targets(examples))
+            targets = torch.tensor(lookup_targets(examples), device=device)
             rows = (targets >= 0).nonzero().flatten()
             if len(rows):
                 pattern = _head_pattern(
                     model.blocks[spec.lookup_layer].attn, captured["x"][rows], positions[rows], spec.lookup_head
                 )
-                picked = pattern[torch.arange(len(rows)), targets[rows]]
+                picked = pattern[torch.arange(len(rows), device=device), targets[rows]]
                 total = total - spec.lookup_weight * torch.log(picked + 1e-9).mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -175,9 +184,10 @@ def train(
         if callback is not None:
             callback(step, model)
     bar.close()
-    model.eval()
+    model.eval().cpu()
     record = {
         "train_spec": asdict(spec),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_train_loss": round(ema_loss or float("nan"), 5),
         "final_train_acc": round(ema_acc or float("nan"), 5),
@@ -188,9 +198,9 @@ def train(
 
 def _head_pattern(attn, x: Tensor, query_pos: Tensor, head: int) -> Tensor:
     """One head's attention distribution from each row's `query_pos` over all key positions (causal)."""
-    xq = x[torch.arange(len(x)), query_pos]  # (rows, d_model)
+    xq = x[torch.arange(len(x), device=x.device), query_pos]  # (rows, d_model)
     q = xq @ attn.W_Q[head] + attn.b_Q[head]
     k = x @ attn.W_K[head] + attn.b_K[head]  # (rows, seq, d_head)
     scores = torch.einsum("re,rse->rs", q, k) / attn.cfg.attn_scale
-    keys = torch.arange(x.shape[1])[None, :]
+    keys = torch.arange(x.shape[1], device=x.device)[None, :]
     return scores.masked_fill(keys > query_pos[:, None], float("-inf")).softmax(-1)
