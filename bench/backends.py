@@ -1,13 +1,17 @@
 """Compile time per backend and forward throughput at batch 1 and batch 64, against the original torch model, for the
 testbed models; exactness (max_abs_err vs the original) alongside. Ratios come from one run (the machine is noisy).
 
-    python bench/backends.py [--models testbed-s,testbed-m] [--dtype float32] [--json]
+    python bench/backends.py [--models testbed-s,testbed-m] [--dtype float32] [--warm-cache] [--json]
+
+Numba's kernels are compiled into a fresh cache folder unless `--warm-cache` is given, so the first model's
+`load_and_first_call_s` includes the JIT (later models reuse the kernels compiled for the same dtypes in-process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -74,9 +78,12 @@ def main() -> None:
     ap.add_argument("--models", default="testbed-s,testbed-m")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seq", type=int, default=24)
+    ap.add_argument("--warm-cache", action="store_true", help="use the usual Numba cache (default: a cold one)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="acg-bench-"))
+    if not args.warm_cache:
+        os.environ["ACG_NUMBA_DIR"] = str(root / "numba-cache")
     try:
         results = [bench_model(m, args.dtype, args.seq, root) for m in args.models.split(",")]
     finally:

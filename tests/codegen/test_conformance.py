@@ -8,7 +8,9 @@ import pytest
 from helpers import dense_ir, random_model, random_tokens, rel_err, torch_logits
 
 from acg import codegen
+from acg.compiler.frontend import load
 from acg.ir import interpret
+from acg.zoo.registry import ZOO
 
 CASES = {
     "ln-gelu-causal": dict(seed=21),
@@ -89,3 +91,15 @@ def test_unknown_backend_and_missing_manifest(tmp_path):
         codegen.compile(graph, tmp_path / "x", "cuda")
     with pytest.raises(codegen.ArtefactError, match="not an acg artefact"):
         codegen.load(tmp_path)
+
+
+
+@pytest.mark.parametrize("name", ["testbed-s", pytest.param("testbed-m", marks=pytest.mark.slow)])
+def test_shipped_testbed_models_compile_exactly(tmp_path, name):
+    """The shipped models through every backend, float64, against the original torch model (the issue's bar)."""
+    loaded = load(name, "float64")
+    tokens = random_tokens(ZOO[name].cfg, batch=2)
+    ref = loaded.original(tokens)
+    for backend in codegen.BACKENDS:
+        forward = codegen.load(codegen.compile(loaded.graph, tmp_path / backend, backend))
+        assert np.abs(np.asarray(forward(tokens)) - ref).max() <= 1e-9, backend
