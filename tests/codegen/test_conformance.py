@@ -93,7 +93,6 @@ def test_unknown_backend_and_missing_manifest(tmp_path):
         codegen.load(tmp_path)
 
 
-
 @pytest.mark.parametrize("name", ["testbed-s", pytest.param("testbed-m", marks=pytest.mark.slow)])
 def test_shipped_testbed_models_compile_exactly(tmp_path, name):
     """The shipped models through every backend, float64, against the original torch model (the issue's bar)."""
