@@ -16,7 +16,7 @@ from rich.table import Table
 
 from acg.ir.errors import ACGError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 zoo_app = typer.Typer(no_args_is_help=True, help="The testbed: tasks, backdoors and shipped models.")
 app.add_typer(zoo_app, name="zoo")
 
@@ -170,33 +170,110 @@ def compile_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder (replaced atomically)")],
     backend: Annotated[str, typer.Option(help="python, numba, torch or onnx")] = "python",
     dtype: Dtype = "float32",
-    save_ir: Annotated[Path | None, typer.Option(help="also write the dense IR folder here")] = None,
+    acg_dir: Annotated[
+        Path | None, typer.Option("--acg", help="compile this ACG (fitted for MODEL) instead of the dense model")
+    ] = None,
+    keep_errors: Annotated[bool, typer.Option(help="with --acg: keep the error terms (the exact model)")] = False,
+    features: Annotated[
+        str | None,
+        typer.Option(help="with --acg: an unrolled circuit of these features, e.g. '0:3,17 1:5' (layer:indices)"),
+    ] = None,
+    top: Annotated[
+        int | None, typer.Option(help="with --acg: an unrolled circuit of the N most used features per layer")
+    ] = None,
+    min_weight: Annotated[
+        float, typer.Option(help="circuits: drop weights below this fraction of the largest in their sum")
+    ] = 0.0,
+    max_terms: Annotated[
+        int | None, typer.Option(help="circuits: keep at most N terms (the largest) in any sum")
+    ] = None,
+    save_ir: Annotated[Path | None, typer.Option(help="also write the IR folder here")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Compile a model exactly (the dense IR) into a backend's artefact."""
+    """Compile a model exactly (the dense IR), or its ACG (the replacement model; exact with --keep-errors), or a
+    circuit of chosen features unrolled into one named value per feature, into a backend's artefact."""
     from acg import codegen
     from acg.compiler.frontend import load
     from acg.ir import serialize
 
     start = time.perf_counter()
-    loaded = load(model, dtype)
+    if acg_dir is None:
+        if keep_errors or features is not None or top is not None or max_terms is not None or min_weight:
+            raise ACGError(
+                "--keep-errors, --features, --top, --min-weight and --max-terms apply to an ACG: pass --acg ACG_DIR"
+            )
+        graph = load(model, dtype).graph
+        what = "dense"
+    else:
+        graph, what = _acg_graph(model, acg_dir, dtype, keep_errors, features, top, min_weight, max_terms)
     if save_ir is not None:
-        serialize.save(loaded.graph, save_ir)
-    path = codegen.compile(loaded.graph, out, backend, title=str(model))
+        serialize.save(graph, save_ir)
+    path = codegen.compile(graph, out, backend, title=str(model))
     result = {
         "model": str(model),
+        "graph": what,
         "backend": backend,
         "dtype": dtype,
         "out": str(path),
         "files": codegen.read_manifest(path)["files"],
-        "n_ops": len(loaded.graph.ops),
-        "n_params": loaded.graph.n_params,
+        "n_ops": len(graph.ops),
+        "n_params": graph.n_params,
         "seconds": round(time.perf_counter() - start, 3),
     }
     if as_json:
         emit(result)
     else:
-        err.print(f"wrote {path} ({backend}, {dtype}, {result['n_ops']} ops, {result['n_params']:,} parameters)")
+        err.print(
+            f"wrote {path} ({what}, {backend}, {dtype}, {result['n_ops']} ops, {result['n_params']:,} parameters)"
+        )
+
+
+def _acg_graph(model: str, acg_dir: Path, dtype: str, keep_errors: bool, features, top, min_weight, max_terms):
+    """The IR of an ACG: the replacement model (or the exact model with errors kept), or an unrolled circuit."""
+    import numpy as np
+
+    from acg.compiler import acg as acg_io
+    from acg.compiler.lower import lower
+    from acg.compiler.unroll import unroll
+    from acg.zoo.registry import load as load_zoo
+
+    acg = acg_io.load(acg_dir)
+    cfg = load_zoo(model).cfg
+    if cfg != acg.cfg:
+        raise ACGError(f"{acg_dir} was fitted for another model than {model} (their configs differ)")
+    if features is None and top is None:
+        if min_weight or max_terms is not None:
+            raise ACGError("--min-weight and --max-terms prune a circuit: give --features or --top too")
+        return lower(acg, keep_errors=keep_errors, dtype=dtype), "acg-exact" if keep_errors else "acg-replacement"
+    if keep_errors:
+        raise ACGError("a circuit leaves error terms out by construction; drop --keep-errors")
+    if features is not None and top is not None:
+        raise ACGError("give either --features or --top, not both")
+    if top is not None:
+        keep = {
+            layer: sorted(np.argsort(-acg.usage[f"feat_mass.L{layer}"], kind="stable")[:top].tolist())
+            for layer in range(cfg.n_layers)
+        }
+    else:
+        keep = _parse_features(features, [tc.n_features for tc in acg.transcoders])
+    return unroll(acg, keep, min_weight=min_weight, max_terms=max_terms, dtype=dtype), "acg-circuit"
+
+
+def _parse_features(text: str, widths: list[int]) -> dict[int, list[int]]:
+    keep: dict[int, list[int]] = {layer: [] for layer in range(len(widths))}
+    for part in text.split():
+        layer_s, _, idx_s = part.partition(":")
+        try:
+            layer, idx = int(layer_s), [int(i) for i in idx_s.split(",") if i]
+        except ValueError:
+            raise ACGError(f"--features {text!r}: expected 'layer:i,j,... layer:...', e.g. '0:3,17 1:5'") from None
+        if not 0 <= layer < len(widths):
+            raise ACGError(f"--features: layer {layer} does not exist (the ACG has {len(widths)})")
+        bad = [i for i in idx if not 0 <= i < widths[layer]]
+        if bad:
+            raise ACGError(f"--features: layer {layer} has features 0..{widths[layer] - 1}; got {bad}")
+        keep[layer] = sorted(set(keep[layer]) | set(idx))
+    return keep
 
 
 @ir_app.command("show")
@@ -287,31 +364,6 @@ def _load_tokens(path: Path, d_vocab: int | None):
 # ------------------------------------------------------------------------------------------------------------ fit
 
 
-def fidelity(model, transcoders, n: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Replacement model (every MLP its transcoder, errors dropped) against the original on held-out testbed prompts:
-    `agreement`, `kl` and `task_acc` of both."""
-    import numpy as np
-
-    from acg.compiler.replacement import replacement_model
-    from acg.roundtrip.evaluate import accuracy, agreement, answer_logits, kl
-    from acg.zoo.tasks import TASKS, heldout
-
-    repl = replacement_model(model, transcoders)
-    out: dict[str, Any] = {"task_acc": {}, "task_acc_original": {}}
-    all_a, all_b = [], []
-    for task in TASKS:
-        exs = heldout(task, n, seed)
-        a, b = answer_logits(model, exs), answer_logits(repl, exs)
-        out["task_acc_original"][task] = accuracy(a, exs)
-        out["task_acc"][task] = accuracy(b, exs)
-        all_a.append(a)
-        all_b.append(b)
-    a, b = np.concatenate(all_a), np.concatenate(all_b)
-    out["agreement"] = agreement(a, b)
-    out["kl"] = kl(a, b)
-    return out
-
-
 @app.command("fit")
 def fit_cmd(
     model: Annotated[str, typer.Argument(help="testbed name or TransformerLens-layout folder")],
@@ -320,9 +372,14 @@ def fit_cmd(
     n_prompts: Annotated[int, typer.Option(help="prompts of the testbed clean mixture (default corpus)")] = 10000,
     width: Annotated[int | None, typer.Option(help="transcoder width (default 8 * d_model)")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="the MLP neurons as features (exact)")] = False,
+    dictionary: Annotated[
+        Path | None,
+        typer.Option(help="use these transcoders (a SAELens or circuit-tracer folder) instead of fitting"),
+    ] = None,
     kind: Annotated[str, typer.Option(help="jumprelu (L0 penalty) or relu (L1 penalty)")] = "jumprelu",
     steps: Annotated[int, typer.Option(help="layer-local optimiser steps per transcoder")] = 600,
-    e2e_steps: Annotated[int, typer.Option(help="end-to-end fine-tuning steps (0: off)")] = 300,
+    e2e_steps: Annotated[int, typer.Option(help="end-to-end fine-tuning steps (0: off)")] = 500,
+    target_l0: Annotated[float, typer.Option(help="jumprelu: active features per token per layer")] = 30.0,
     sparsity: Annotated[float | None, typer.Option(help="L0 (jumprelu) or L1 (relu) coefficient")] = None,
     seed: Annotated[int, typer.Option(help="seed of the fit")] = 0,
     as_json: JsonFlag = False,
@@ -331,6 +388,7 @@ def fit_cmd(
     from acg.compiler import acg as acg_io
     from acg.compiler.fit import FitSpec, fit
     from acg.compiler.harvest import corpus_from_file, testbed_corpus
+    from acg.compiler.replacement import replacement_fidelity
     from acg.zoo.registry import ZOO
     from acg.zoo.registry import load as load_zoo
 
@@ -344,20 +402,33 @@ def fit_cmd(
     else:
         raise ACGError(f"{model}: not a testbed model; pass --corpus FILE (JSONL of token-id lists or .npy [n, seq])")
     extra = {} if sparsity is None else ({"l0_coeff": sparsity} if kind == "jumprelu" else {"l1_coeff": sparsity})
-    spec = FitSpec(width=width, kind=kind, exact=exact, steps=steps, e2e_steps=e2e_steps, seed=seed, **extra)
-    acg, stats = fit(torch_model, seqs, spec, meta={"model": str(model), "corpus": corpus_desc, "title": str(model)})
+    spec = FitSpec(
+        width=width, kind=kind, exact=exact, steps=steps, e2e_steps=e2e_steps, target_l0=target_l0, seed=seed, **extra
+    )
+    imported, dict_format = None, None
+    if dictionary is not None:
+        from acg.compiler.interop import load_dictionary
+
+        if exact:
+            raise ACGError("--exact and --dictionary exclude each other: exact mode uses the MLP's own neurons")
+        imported, dict_format = load_dictionary(dictionary)
+    meta = {"model": str(model), "corpus": corpus_desc, "title": str(model)}
+    if dictionary is not None:
+        meta["dictionary"] = {"path": str(dictionary), "format": dict_format}
+    acg, stats = fit(torch_model, seqs, spec, meta=meta, transcoders=imported)
     report = {
         "model": str(model),
         "out": str(out),
         "corpus": corpus_desc,
         "exact": exact,
+        "dictionary": meta.get("dictionary"),
         "layers": stats["layers"],
         "seconds": stats["seconds"],
         "n_tokens": stats["n_tokens"],
         "tokens_per_second_harvest": stats["tokens_per_second_harvest"],
     }
     if torch_model.cfg.d_vocab == ZOO["testbed-s"].cfg.d_vocab:
-        report["replacement"] = fidelity(torch_model, acg.transcoders)
+        report["replacement"] = replacement_fidelity(torch_model, acg.transcoders)
     acg = acg.replace(stats={**acg.stats, "fidelity": report.get("replacement")})
     acg_io.save(acg, out)
     if as_json:
@@ -387,10 +458,12 @@ def fit_cmd(
 def demo(
     model: Annotated[str, typer.Option(help="testbed model")] = "testbed-s",
     out: Annotated[Path, typer.Option("-o", "--out", help="where the artefacts go")] = Path("runs/demo"),
+    fit_acg: Annotated[bool, typer.Option("--fit/--no-fit", help="fit and compile the ACG (about 3 minutes)")] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """The main job on the built-in default: evaluate the testbed model (and its backdoor-free twin), compile it
-    exactly to every backend, and check each against the original on fresh random tokens."""
+    exactly to every backend, fit its ACG, compile the ACG (exact with error terms, checked against the original on
+    every backend) and a readable circuit of its most used features."""
     import numpy as np
 
     from acg import codegen
@@ -401,7 +474,7 @@ def demo(
     start = time.perf_counter()
     summary: dict[str, Any] = {"model": model, "out": str(out), "evaluation": {}, "backends": {}}
     for name in (model, "testbed-s-clean"):
-        err.print(f"[1/2] evaluating {name} on held-out prompts ...")
+        err.print(f"[1/4] evaluating {name} on held-out prompts ...")
         m = load_zoo(name)
         summary["evaluation"][name] = {**evaluate(m), "n_params": sum(p.numel() for p in m.parameters())}
     loaded = load(model, "float32")
@@ -409,7 +482,7 @@ def demo(
     tokens = rng.integers(0, loaded.graph.meta["config"]["d_vocab"], (8, loaded.graph.meta["config"]["n_ctx"]))
     reference = loaded.original(tokens)
     for backend in codegen.BACKENDS:
-        err.print(f"[2/2] compiling {model} -> {backend} ...")
+        err.print(f"[2/4] compiling {model} -> {backend} ...")
         t0 = time.perf_counter()
         path = codegen.compile(loaded.graph, out / backend, backend, title=model)
         got = np.asarray(codegen.load(path)(tokens))
@@ -419,6 +492,8 @@ def demo(
             "max_abs_err": float(np.abs(got - reference).max()),
             "agreement": float((got.argmax(-1) == reference.argmax(-1)).mean()),
         }
+    if fit_acg:
+        summary["acg"] = _demo_acg(model, out, tokens)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     if as_json:
         emit(summary)
@@ -431,7 +506,79 @@ def demo(
     for backend, r in summary["backends"].items():
         table.add_row(backend, f"{r['max_abs_err']:.2e}", f"{r['agreement']:.4f}", f"{r['seconds']:.1f}", r["path"])
     Console().print(table)
+    if "acg" in summary:
+        _print_demo_acg(model, summary["acg"])
     err.print(f"done in {summary['seconds']:.0f} s; artefacts under {out}/")
+
+
+def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
+    """Fit the ACG, measure the replacement model, compile the exact ACG to every backend and a readable circuit."""
+    import numpy as np
+
+    from acg import codegen
+    from acg.compiler import acg as acg_io
+    from acg.compiler.fit import FitSpec, fit
+    from acg.compiler.frontend import load
+    from acg.compiler.harvest import testbed_corpus
+    from acg.compiler.lower import lower
+    from acg.compiler.replacement import replacement_fidelity
+    from acg.compiler.unroll import unroll
+    from acg.zoo.registry import load as load_zoo
+
+    torch_model = load_zoo(model)
+    err.print(f"[3/4] fitting the ACG of {model} on 10,000 clean prompts ...")
+    acg, stats = fit(torch_model, testbed_corpus(10_000, seed=1000), FitSpec(), meta={"model": model, "title": model})
+    fidelity = replacement_fidelity(torch_model, acg.transcoders)
+    acg = acg.replace(stats={**acg.stats, "fidelity": fidelity})
+    acg_io.save(acg, out / "acg")
+    result: dict[str, Any] = {
+        "path": str(out / "acg"),
+        "seconds": round(stats["seconds"]["total"], 1),
+        "layers": stats["layers"],
+        "replacement": fidelity,
+        "exact": {},
+    }
+    reference = load(model, "float64").original(tokens)
+    exact = lower(acg, keep_errors=True, dtype="float64")
+    for backend in codegen.BACKENDS:
+        err.print(f"[4/4] compiling the exact ACG -> {backend} ...")
+        path = codegen.compile(exact, out / "acg-exact" / backend, backend, title=f"{model} ACG (exact)")
+        got = np.asarray(codegen.load(path)(tokens))
+        result["exact"][backend] = {"path": str(path), "max_abs_err": float(np.abs(got - reference).max())}
+    keep = {
+        layer: sorted(np.argsort(-acg.usage[f"feat_mass.L{layer}"], kind="stable")[:12].tolist())
+        for layer in range(torch_model.cfg.n_layers)
+    }
+    circuit = unroll(acg, keep, min_weight=0.1, max_terms=6)
+    path = codegen.compile(circuit, out / "circuit", "python", title=f"{model}: its 12 most used features per layer")
+    result["circuit"] = {"path": str(path / "model.py"), "n_features": sum(map(len, keep.values()))}
+    return result
+
+
+def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
+    table = Table(title=f"ACG of {model}: fitted in {r['seconds']:.0f} s")
+    for col in ("layer", "n_features", "l0", "nmse", "dead"):
+        table.add_column(col, justify="right")
+    for layer in r["layers"]:
+        table.add_row(
+            str(layer["layer"]),
+            str(layer["n_features"]),
+            f"{layer['l0']:.1f}",
+            f"{layer['nmse']:.3f}",
+            f"{layer['dead_fraction']:.3f}",
+        )
+    Console().print(table)
+    f = r["replacement"]
+    err.print(
+        f"replacement model (every MLP its transcoder, errors dropped): agreement "
+        f"{f['agreement']:.4f}, kl {f['kl']:.4f}; task_acc "
+        + ", ".join(f"{t} {f['task_acc'][t]:.3f} (orig {f['task_acc_original'][t]:.3f})" for t in f["task_acc"])
+    )
+    err.print(
+        "exact ACG (error terms kept), float64, max_abs_err vs the original: "
+        + ", ".join(f"{b} {x['max_abs_err']:.1e}" for b, x in r["exact"].items())
+    )
+    err.print(f"a readable circuit of {r['circuit']['n_features']} features: {r['circuit']['path']}")
 
 
 # ---------------------------------------------------------------------------------------------------------- entry

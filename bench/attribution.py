@@ -3,9 +3,10 @@
     python bench/attribution.py --acg ACG_DIR [--prompt "a = 3 ; b = a ; print b"] [--json]
 
 circuit-tracer runs in its own venv (`.venv-peers`, made on first use: torch 2.13.0 + circuit-tracer 0.5.0, which pins
-transformers < 4.58 and transformer-lens 3.x; nothing is downloaded but packages), fully offline on our exported model
-and transcoders. Reported: the feature-to-feature (and feature-to-logit) edge weights on the nodes both graphs hold,
-their largest absolute and relative difference, both tools' scores and run times.
+transformers < 4.58 and transformer-lens 3.x, and sae-lens for bench/fit.py; nothing is downloaded but packages),
+fully offline on our exported model and transcoders. Reported: the feature-to-feature (and feature-to-logit) edge
+weights on the nodes both graphs hold, their largest absolute and relative difference, both tools' scores and run
+times.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ PEERS = REPO / ".venv-peers"
 
 def ensure_peers() -> Path:
     py = PEERS / "bin" / "python"
-    if not py.exists() or subprocess.run([py, "-c", "import circuit_tracer"], capture_output=True).returncode:
-        print("making .venv-peers (circuit-tracer 0.5.0 beside torch 2.13.0) ...", file=sys.stderr)
+    probe = [py, "-c", "import circuit_tracer, sae_lens"]
+    if not py.exists() or subprocess.run(probe, capture_output=True).returncode:
+        print("making .venv-peers (circuit-tracer 0.5.0 and sae-lens beside torch 2.13.0) ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", PEERS], check=True)
         pip = [PEERS / "bin" / "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, "circuit-tracer==0.5.0", "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "circuit-tracer==0.5.0", "sae-lens", "torch==2.13.0"], check=True)
     return py
 
 

@@ -179,6 +179,11 @@ def _spell(step: Step, inline: dict[str, tuple[cst.BaseExpression, int]] | None 
     return expr(template, **a, **fields)
 
 
+# An inlined arithmetic expression holds at most this many ops; a longer sum continues in the next statement (it
+# stays readable, and deep expressions would exhaust the recursion of libcst and of Python's own parser).
+MAX_INLINE_OPS = 48
+
+
 def _block_fn(
     block: Block, single_use: set[str], scalars: dict, labels: dict | None = None, keep: set[str] = frozenset()
 ) -> cst.FunctionDef:
@@ -186,6 +191,7 @@ def _block_fn(
         docstring(f"{docstring_text(block.scope or 'top level')}: {len(block.steps)} ops.")
     ]
     inline: dict[str, tuple[cst.BaseExpression, int]] = dict(scalars)
+    size: dict[str, int] = {}  # ops folded into each inlined expression: long sums are cut into statements
     labels = labels or {}
     for step in block.steps:
         node = _spell(step, inline)
@@ -197,9 +203,12 @@ def _block_fn(
             and step.ident not in labels
             and step.ident not in keep
         ):
+            n_ops = 1 + sum(size.get(x, 0) for x in step.args)
             code = cst.Module([]).code_for_node(node)
-            if step.kind in ("add", "sub", "mul", "neg") or (len(code) <= 90 and "\n" not in code):
+            arithmetic = step.kind in ("add", "sub", "mul", "neg") and n_ops <= MAX_INLINE_OPS
+            if arithmetic or (len(code) <= 90 and "\n" not in code):
                 inline[step.ident] = (node, PRECEDENCE.get(step.kind, 4))
+                size[step.ident] = n_ops
                 continue
         comment = shape_comment(step.value)
         if step.op.name in labels:

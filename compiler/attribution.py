@@ -156,9 +156,14 @@ def attribute(
     Err = torch.zeros(L, n, d, dtype=torch.float64, requires_grad=True)
     pres, final = forward(E, M, Err)
     # targets: feature pre-activations, then logits (mean-centred unembedding at the last position)
-    target_values = [pres[lay][pos, i] for lay, pos, i in active]
-    target_values += [final[-1] @ U_centred[:, t] for t in logit_tokens.tolist()]
-    targets = torch.stack(target_values) if target_values else torch.zeros(0, dtype=torch.float64)
+    # (one gather per layer: a select per feature would make every batched backward pass scatter into a full
+    # [positions, width] tensor per feature)
+    lays = torch.as_tensor([a[0] for a in active], dtype=torch.int64)
+    poss = torch.as_tensor([a[1] for a in active], dtype=torch.int64)
+    idxs = torch.as_tensor([a[2] for a in active], dtype=torch.int64)
+    parts = [pres[lay][poss[lays == lay], idxs[lays == lay]] for lay in range(L)]  # `active` is layer-major
+    parts.append(final[-1] @ U_centred[:, logit_tokens])
+    targets = torch.cat(parts)
     nf = len(active)
     N = nf + L * n + n + k
     full = np.zeros((N, N))

@@ -4,6 +4,7 @@ usage statistics of every feature, edge, QK pair and OV entry on the fitting cor
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ from acg.compiler.progress import Progress
 from acg.compiler.transcoder import (
     FitConfig,
     Transcoder,
+    calibrate_on,
     evaluate_transcoder,
     exact_transcoder,
     finetune_end_to_end,
@@ -22,6 +24,11 @@ from acg.compiler.transcoder import (
     to_transcoder,
 )
 from acg.compiler.transformer import Transformer
+from acg.ir.errors import ACGError
+
+
+class FitError(ACGError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -29,10 +36,12 @@ class FitSpec:
     width: int | None = None  # default: 8 * d_model
     kind: str = "jumprelu"
     exact: bool = False
-    steps: int = 600  # layer-local steps per transcoder
-    e2e_steps: int = 300  # end-to-end fine-tuning steps (all transcoders together; 0: off)
-    l0_coeff: float = 1e-3  # jumprelu: L0 penalty (thresholds are also calibrated to target_l0)
-    target_l0: float = 24.0
+    steps: int = 600  # layer-local steps per transcoder (BatchTopK at target_l0 for jumprelu)
+    e2e_steps: int = 500  # end-to-end fine-tuning steps (all transcoders together; 0: off)
+    e2e_thresholds: bool = False  # train the JumpReLU thresholds end to end (else: recalibrated to target_l0)
+    e2e_mse_weight: float = 0.1  # end to end, also keep each transcoder close to its MLP (faithful features)
+    l0_coeff: float = 1e-3  # jumprelu: L0 penalty, where thresholds are trained (target_l0 None, or e2e_thresholds)
+    target_l0: float | None = 30.0  # jumprelu: active features per token the thresholds are set for
     l1_coeff: float = 3e-3
     lr: float = 2e-3
     batch_size: int = 1024
@@ -48,8 +57,12 @@ def fit(
     *,
     progress: bool = True,
     meta: dict | None = None,
+    transcoders: Sequence[Transcoder] | None = None,
 ) -> tuple[ACG, dict]:
-    """Fit an ACG to `model` on `corpus`; returns it and a report (per-layer metrics, timings)."""
+    """Fit an ACG to `model` on `corpus`; returns it and a report (per-layer metrics, timings).
+
+    `transcoders`: dictionaries trained elsewhere (`interop.load_dictionary`), used as they are instead of fitting;
+    the usage statistics, labels and metrics are still computed on `corpus`."""
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     model = model.float().eval()
@@ -57,9 +70,12 @@ def fit(
     t_harvest = time.perf_counter() - t0
     weights = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
     cfg = model.cfg
-    transcoders: list[Transcoder] = []
     t1 = time.perf_counter()
-    if spec.exact:
+    t_local = None
+    if transcoders is not None:
+        transcoders = _check_dictionary(list(transcoders), cfg)
+    elif spec.exact:
+        transcoders = []
         for layer in range(cfg.n_layers):
             p = f"blocks.{layer}"
             transcoders.append(
@@ -96,6 +112,7 @@ def fit(
                 )
             modules.append(module)
             configs.append(fc)
+        t_local = time.perf_counter() - t1
         if spec.e2e_steps:
             with Progress("end-to-end", spec.e2e_steps, progress) as bar:
                 finetune_end_to_end(
@@ -104,8 +121,13 @@ def fit(
                     acts.sequences,
                     configs[0],
                     spec.e2e_steps,
+                    train_thresholds=spec.e2e_thresholds,
+                    mse_weight=spec.e2e_mse_weight,
                     progress=lambda s, kl, l0: bar.set(s + 1, f"kl {kl:.4f} l0 {l0:.1f}") if s % 10 == 0 else None,
                 )
+            if spec.kind == "jumprelu" and spec.target_l0 and not spec.e2e_thresholds:
+                for layer, (m, fc) in enumerate(zip(modules, configs, strict=True)):  # l0 as measured: on the corpus
+                    calibrate_on(m, acts.mlp_in[layer], spec.target_l0, fc.seed)
         transcoders = [to_transcoder(m, fc) for m, fc in zip(modules, configs, strict=True)]
     layers = [
         {"layer": layer, **evaluate_transcoder(tc, acts.mlp_in[layer], acts.mlp_out[layer])}
@@ -131,6 +153,7 @@ def fit(
         "seconds": {
             "harvest": t_harvest,
             "transcoders": t_fit,
+            **({"transcoders_local": t_local, "transcoders_e2e": t_fit - t_local} if t_local is not None else {}),
             "usage": t_usage,
             "labels": t_labels,
             "total": time.perf_counter() - t0,
@@ -139,6 +162,19 @@ def fit(
     }
     acg = ACG(cfg, weights, tuple(transcoders), usage, labels, stats, dict(meta or {}))
     return acg, stats
+
+
+def _check_dictionary(transcoders: list[Transcoder], cfg) -> list[Transcoder]:
+    """Refuse a dictionary made for another model, naming what does not match."""
+    if len(transcoders) != cfg.n_layers:
+        raise FitError(f"the dictionary has {len(transcoders)} layers of transcoders; the model has {cfg.n_layers}")
+    for layer, tc in enumerate(transcoders):
+        if tc.d_model != cfg.d_model or tc.W_dec.shape[1] != cfg.d_model:
+            raise FitError(
+                f"transcoder {layer} reads and writes d_model {tc.d_model}/{tc.W_dec.shape[1]}; "
+                f"the model's d_model is {cfg.d_model} (a dictionary fitted for another model?)"
+            )
+    return transcoders
 
 
 def mlp_features(transcoders, acts: Activations, layer: int) -> np.ndarray:

@@ -263,3 +263,18 @@ def load_circuit_tracer(path: str | os.PathLike) -> list[Transcoder]:
     else:
         raise InteropError(f"{cfg_file}: model_kind {kind!r}; supported: transcoder_set, cross_layer_transcoder")
     return out
+
+
+def load_dictionary(path: str | os.PathLike) -> tuple[list[Transcoder], str]:
+    """Transcoders from a folder in either format, told apart by their files; returns them and the format's name."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InteropError(f"{path}: not a folder (a SAELens or circuit-tracer transcoder folder was expected)")
+    if (path / "config.yaml").exists():
+        return load_circuit_tracer(path), "circuit-tracer"
+    if (path / "cfg.json").exists() or (path / "layer_0" / "cfg.json").exists():
+        return load_saelens(path), "saelens"
+    raise InteropError(
+        f"{path}: neither a circuit-tracer transcoder set (config.yaml) nor SAELens transcoders "
+        "(cfg.json, or layer_0/cfg.json, ...)"
+    )

@@ -4,6 +4,7 @@ what the feature-level IR without error terms computes (tested), only faster; fi
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,3 +46,27 @@ def replacement_model(
         if layers is None or layer in layers:
             out.blocks[layer].mlp = TranscoderMLP(tc, dtype)
     return out.eval()
+
+
+def replacement_fidelity(model, transcoders, n: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Replacement model (every MLP its transcoder, errors dropped) against the original on held-out testbed prompts:
+    `agreement`, `kl` and `task_acc` of both."""
+    import numpy as np
+
+    from acg.roundtrip.evaluate import accuracy, agreement, answer_logits, kl
+    from acg.zoo.tasks import TASKS, heldout
+
+    repl = replacement_model(model, transcoders)
+    out: dict[str, Any] = {"task_acc": {}, "task_acc_original": {}}
+    all_a, all_b = [], []
+    for task in TASKS:
+        exs = heldout(task, n, seed)
+        a, b = answer_logits(model, exs), answer_logits(repl, exs)
+        out["task_acc_original"][task] = accuracy(a, exs)
+        out["task_acc"][task] = accuracy(b, exs)
+        all_a.append(a)
+        all_b.append(b)
+    a, b = np.concatenate(all_a), np.concatenate(all_b)
+    out["agreement"] = agreement(a, b)
+    out["kl"] = kl(a, b)
+    return out

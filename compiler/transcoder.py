@@ -3,8 +3,12 @@
     f = act(x @ W_enc + b_enc)        x: the MLP input [.., d_model]; act: relu, jumprelu (threshold) or the MLP's own
     y = f @ W_dec + b_dec             y: the MLP output
 
-Fitted with ReLU + L1 or JumpReLU + L0 (straight-through pseudo-derivatives, Rajamanoharan et al. 2024), with
-dead-feature resampling, deterministic under a seed. `exact_transcoder` wraps the MLP's own neurons (exact mode).
+Fitted with ReLU + L1, or as JumpReLU: with a target `l0`, trained as BatchTopK (the `target_l0 x rows` largest
+pre-activations of each batch fire; Bussmann et al. 2024) and then given the one threshold per layer at which
+`target_l0` features fire per token; without one, an L1 warm-up then an L0 penalty with straight-through
+pseudo-derivatives (Rajamanoharan et al. 2024). Dead features are resampled; everything is deterministic under a
+seed. `finetune_end_to_end` then trains all transcoders together on the model's own output. `exact_transcoder` wraps
+the MLP's own neurons (exact mode).
 Orientation follows SAELens: `W_enc` is [d_model, n_features], `W_dec` [n_features, d_model].
 """
 
@@ -179,17 +183,27 @@ class _Module(nn.Module):
         """Set every threshold to the global level at which `target_l0` features fire per token on `pre`."""
         active = pre.relu().flatten()
         q = 1.0 - min(target_l0 / pre.shape[-1], 1.0)
-        sample = active[torch.linspace(0, len(active) - 1, min(len(active), 1 << 22)).long()]
+        k = min(len(active), 1 << 22)  # an evenly strided sample (integer arithmetic: exact for any length)
+        sample = active[torch.arange(k, dtype=torch.int64) * (len(active) - 1) // max(k - 1, 1)]
         tau = max(float(torch.quantile(sample, q)), 1e-6)
         with torch.no_grad():
             self.log_threshold.fill_(math.log(tau))
         self.tau = tau
         self.calibrated = True
 
-    def forward(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, eps: float, topk: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Features, reconstruction, mean active features per token. `topk`: BatchTopK (the `topk * rows` largest
+        pre-activations of the batch fire), used to fit JumpReLU dictionaries before their thresholds exist."""
         pre = x @ self.W_enc + self.b_enc
         self.last_pre = pre.detach()
-        if self.kind == "jumprelu" and self.calibrated:
+        if topk is not None:
+            acts = pre.relu()
+            flat = acts.flatten()
+            keep = min(len(flat), max(1, round(topk * len(acts))))
+            cut = flat.topk(keep, sorted=False).values.min().detach()
+            f = acts * (acts >= cut).to(acts.dtype)
+            l0 = (f > 0).float().sum(-1).mean()
+        elif self.kind == "jumprelu" and self.calibrated:
             theta = self.log_threshold.exp()
             eps = eps * float(self.tau)
             f = _JumpFn.apply(pre.relu(), theta, eps)
@@ -227,10 +241,22 @@ def fit_module(x: np.ndarray, y: np.ndarray, cfg: FitConfig, progress=None) -> t
     gen = torch.Generator().manual_seed(cfg.seed)
     X = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
     Y = torch.as_tensor(np.ascontiguousarray(y), dtype=torch.float32)
+    # Train in units where inputs and targets have unit spread per dimension (Adam's steps are absolute), and fold
+    # the units back into the weights at the end: the fit does not depend on the activations' scale.
+    x_unit = float(((X - X.mean(0)) ** 2).sum(-1).mean().sqrt()) / math.sqrt(X.shape[1]) or 1.0
+    y_unit = float(((Y - Y.mean(0)) ** 2).sum(-1).mean().sqrt()) / math.sqrt(Y.shape[1]) or 1.0
+    X, Y = X / x_unit, Y / y_unit
     y_mean = Y.mean(0)
     y_var = float(((Y - y_mean) ** 2).sum(-1).mean())
     scale = math.sqrt(y_var / max(cfg.width, 1)) * 4
     model = _Module(X.shape[1], cfg.width, cfg.kind, cfg.init_threshold, gen, y_mean, scale)
+    topk = cfg.target_l0 if cfg.kind == "jumprelu" and cfg.target_l0 else None
+    with torch.no_grad():  # start with reconstructions as large as the targets' spread, whatever the data's scale
+        idx = torch.randint(0, len(X), (min(4096, len(X)),), generator=gen)
+        f, _, _ = model(X[idx], cfg.bandwidth, topk)
+        ratio = float((Y[idx] - y_mean).norm() / (f @ model.W_dec).norm().clamp_min(1e-12))
+        model.W_dec.mul_(ratio)
+        scale *= ratio
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n = len(X)
     fired = torch.zeros(cfg.width)
@@ -241,14 +267,18 @@ def fit_module(x: np.ndarray, y: np.ndarray, cfg: FitConfig, progress=None) -> t
             g["lr"] = lr
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
         xb, yb = X[idx], Y[idx]
-        if cfg.kind == "jumprelu" and cfg.target_l0 and step in (int(0.3 * cfg.steps), int(0.6 * cfg.steps)):
-            with torch.no_grad():
-                model.calibrate(X[idx] @ model.W_enc + model.b_enc, cfg.target_l0)
-        f, recon, l0 = model(xb, cfg.bandwidth)
+        f, recon, l0 = model(xb, cfg.bandwidth, topk)
         mse = ((recon - yb) ** 2).sum(-1).mean() / y_var
-        if cfg.kind == "jumprelu" and model.calibrated:
-            sparsity = cfg.l0_coeff * l0
-        else:  # relu, and the jumprelu warm-up before its thresholds are calibrated
+        if topk is not None:  # BatchTopK sets the sparsity itself
+            sparsity = torch.zeros(())
+        elif cfg.kind == "jumprelu":  # no target: an L1 warm-up, then the L0 penalty once thresholds exist
+            if step == cfg.steps // 3:
+                with torch.no_grad():
+                    model.calibrate(xb @ model.W_enc + model.b_enc, 32.0)
+            sparsity = (
+                cfg.l0_coeff * l0 if model.calibrated else cfg.l1_coeff * (f * model.W_dec.norm(dim=1)).sum(-1).mean()
+            )
+        else:
             sparsity = cfg.l1_coeff * (f * model.W_dec.norm(dim=1)).sum(-1).mean()
         loss = mse + sparsity
         opt.zero_grad(set_to_none=True)
@@ -263,11 +293,15 @@ def fit_module(x: np.ndarray, y: np.ndarray, cfg: FitConfig, progress=None) -> t
             history.append((step, mse.item(), l0.item()))
         if progress is not None:
             progress(step, mse.item(), l0.item())
-    if cfg.kind == "jumprelu" and not model.calibrated:
+    if topk is not None:  # BatchTopK -> JumpReLU: one global threshold at which `target_l0` fire per token
         with torch.no_grad():
-            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-            model.calibrate(X[idx] @ model.W_enc + model.b_enc, cfg.target_l0 or 32.0)
-    return model, {"history": history, "y_var": y_var}
+            idx = torch.randint(0, n, (min(16 * cfg.batch_size, n),), generator=gen)
+            model.calibrate(X[idx] @ model.W_enc + model.b_enc, cfg.target_l0)
+    with torch.no_grad():  # back to the data's units; pre-activations (and so thresholds) are unchanged
+        model.W_enc.div_(x_unit)
+        model.W_dec.mul_(y_unit)
+        model.b_dec.mul_(y_unit)
+    return model, {"history": history, "y_var": y_var * y_unit**2}
 
 
 def finetune_end_to_end(
@@ -278,10 +312,15 @@ def finetune_end_to_end(
     steps: int,
     batch_size: int = 128,
     progress=None,
+    l0_coeff: float | None = None,
+    mse_weight: float = 0.0,
+    train_thresholds: bool = True,
 ) -> dict:
     """Fine-tune all transcoders together so that the replacement model (every MLP its transcoder, errors dropped)
     matches the original's next-token distribution at each sequence's last position (the answer position): minimise
-    KL(original || replacement) + the sparsity penalty. Deterministic under `cfg.seed`."""
+    KL(original || replacement) + the sparsity penalty (`l0_coeff`, default `cfg.l0_coeff`) + `mse_weight` times
+    each transcoder's normalised MSE against its MLP on the replacement's own MLP inputs (which keeps the features
+    faithful to the MLP they stand for, not only to the logits). Deterministic under `cfg.seed`."""
 
     gen = torch.Generator().manual_seed(cfg.seed + 7919)
     model = model.float().eval()
@@ -293,21 +332,42 @@ def finetune_end_to_end(
     lengths = sorted(by_len)
     weights = torch.tensor([len(by_len[n]) for n in lengths], dtype=torch.float64)
     l0s: list[Tensor] = []
+    mses: list[Tensor] = []
+    l0_coeff = cfg.l0_coeff if l0_coeff is None else l0_coeff
 
     class _Swap(nn.Module):
-        def __init__(self, m: _Module):
+        def __init__(self, m: _Module, mlp: nn.Module):
             super().__init__()
             self.m = m
+            self.mlp = [mlp]  # not a submodule: its parameters stay the model's
 
         def forward(self, x: Tensor) -> Tensor:
             _, out, l0 = self.m(x, cfg.bandwidth)
             l0s.append(l0)
+            if mse_weight:
+                with torch.no_grad():
+                    want = self.mlp[0](x)
+                    var = ((want - want.mean((0, 1))) ** 2).sum(-1).mean()
+                mses.append(((out - want) ** 2).sum(-1).mean() / var)
             return out
 
     originals = [block.mlp for block in model.blocks]
-    params = [p for m in modules for p in m.parameters()]
+    params = [p for m in modules for n, p in m.named_parameters() if train_thresholds or n != "log_threshold"]
     opt = torch.optim.Adam(params, lr=cfg.lr * 0.25)
     history = []
+    # The original model's MLP inputs of the current batch: thresholds are calibrated on these (as `l0` is measured),
+    # not on the replacement's own inputs, which drift with the dictionaries.
+    original_in: dict[int, Tensor] = {}
+    capturing = [False]
+
+    def capture(layer: int):
+        def hook(mod, inputs):
+            if capturing[0]:
+                original_in[layer] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+
+        return hook
+
+    handles = [orig.register_forward_pre_hook(capture(i)) for i, orig in enumerate(originals)]
     try:
         for step in range(steps):
             n = lengths[int(torch.multinomial(weights, 1, generator=gen))]
@@ -316,19 +376,27 @@ def finetune_end_to_end(
             toks = torch.tensor([pool[i] for i in idx.tolist()])
             for block, orig in zip(model.blocks, originals, strict=True):
                 block.mlp = orig
+            capturing[0] = True
             with torch.no_grad():
                 target = model(toks)[:, -1].log_softmax(-1)
-            for block, m in zip(model.blocks, modules, strict=True):
-                block.mlp = _Swap(m)
+            capturing[0] = False
+            for block, m, orig in zip(model.blocks, modules, originals, strict=True):
+                block.mlp = _Swap(m, orig)
             l0s.clear()
+            mses.clear()
             logp = model(toks)[:, -1].log_softmax(-1)
             kl = (target.exp() * (target - logp)).sum(-1).mean()
             l0 = torch.stack(l0s).mean()
-            loss = kl + cfg.l0_coeff * l0 if cfg.kind == "jumprelu" else kl
+            loss = kl + l0_coeff * l0 if cfg.kind == "jumprelu" else kl
+            if mses:
+                loss = loss + mse_weight * torch.stack(mses).mean()
             if cfg.kind == "jumprelu" and cfg.target_l0 and step % 50 == 49:
-                for m in modules:  # keep each layer at its target sparsity as the dictionaries move
-                    if float((m.last_pre > m.log_threshold.exp()).float().sum(-1).mean()) > 1.25 * cfg.target_l0:
-                        m.calibrate(m.last_pre.reshape(-1, m.last_pre.shape[-1]), cfg.target_l0)
+                with torch.no_grad():
+                    for i, m in enumerate(modules):  # keep each layer at its target sparsity as the dictionaries move
+                        pre = original_in[i] @ m.W_enc + m.b_enc
+                        now = float((pre > m.log_threshold.exp()).float().sum(-1).mean())
+                        if now > 1.25 * cfg.target_l0 or not train_thresholds:
+                            m.calibrate(pre, cfg.target_l0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -337,11 +405,22 @@ def finetune_end_to_end(
             if progress is not None:
                 progress(step, kl.item(), l0.item())
     finally:
+        for handle in handles:
+            handle.remove()
         for block, orig in zip(model.blocks, originals, strict=True):
             block.mlp = orig
         for p in model.parameters():
             p.requires_grad_(True)
     return {"history": history}
+
+
+def calibrate_on(module: _Module, x: np.ndarray, target_l0: float, seed: int, rows: int = 16384) -> None:
+    """Set `module`'s JumpReLU threshold so that `target_l0` features fire per token on (a seeded sample of) `x`."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(x), (min(rows, len(x)),), generator=gen)
+    X = torch.as_tensor(np.asarray(x[idx.numpy()]), dtype=torch.float32)
+    with torch.no_grad():
+        module.calibrate(X @ module.W_enc + module.b_enc, target_l0)
 
 
 def _resample(model: _Module, dead: Tensor, X: Tensor, Y: Tensor, gen: torch.Generator, scale: float) -> None:

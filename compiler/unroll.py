@@ -11,8 +11,9 @@ depend on the query alone cancel in the softmax and are left out), masked and so
 computed from features, never frozen. The layer-norm scales come from the circuit's own residual stream (the sum of
 the kept nodes' writes).
 
-Which nodes appear is decided backwards from the kept features: a node is kept when it carries at least `min_weight`
-times the largest weight into something kept (a feature's pre-activation, a kept head-source, a kept head's score).
+Which nodes appear is decided backwards from the kept features: each kept sum (a feature's pre-activation, a kept
+head's pair scores and key scores) keeps the terms of weight at least `min_weight` times its largest, at most
+`max_terms` of them, largest first; a node is kept when a kept term reads it.
 With every feature kept and `min_weight=0` the program computes exactly the ACG's replacement model (tested);
 otherwise it is that model restricted to the circuit -- a lossy pruning, measured by whoever uses it.
 """
@@ -51,10 +52,12 @@ class Head:
 
 
 class _Unroll:
-    def __init__(self, acg: ACG, keep: dict[int, list[int]], tokens, positions, heads, min_weight: float, dtype: str):
+    def __init__(
+        self, acg: ACG, keep: dict[int, list[int]], tokens, positions, heads, min_weight: float, max_terms, dtype: str
+    ):
         self.acg, self.cfg, self.w = acg, acg.cfg, acg.weights
         self.keep = {layer: sorted(set(v)) for layer, v in keep.items()}
-        self.min_weight, self.dtype = min_weight, dtype
+        self.min_weight, self.max_terms, self.dtype = min_weight, max_terms, dtype
         self.center = self.cfg.normalization_type in ("LN", "LNPre")
         self.names = token_names(self.cfg.d_vocab)
         u = acg.usage
@@ -133,32 +136,43 @@ class _Unroll:
             nodes = nodes + feats + [Node(f"bias_L{layer}_mlp", "bias", tc.b_dec, f"biases of transcoder {layer}")]
         return nodes, heads
 
+    def pick(self, weights: dict[str, float]) -> list[tuple[str, float]]:
+        """The terms of one sum that stay: weight >= `min_weight` x the largest, at most `max_terms`, largest first."""
+        top = max([abs(v) for v in weights.values()] + [0.0])
+        kept = sorted(
+            ((k, v) for k, v in weights.items() if v and abs(v) >= self.min_weight * top),
+            key=lambda t: (-abs(t[1]), t[0]),
+        )
+        return kept if self.max_terms is None else kept[: self.max_terms]
+
     def needed(self, nodes: list[Node], heads: list[Head]) -> set[str]:
-        """Backwards from the kept features: what carries at least `min_weight` of the largest weight into them."""
+        """Backwards from the kept features: the terms each kept sum keeps (`pick`), and the nodes they read. Fills
+        `self.terms` (feature -> its pre-activation's terms) and `self.scores` (head -> its pair and key terms)."""
         by_name = {n.name: n for n in nodes}
         head_of = {(hd.layer, hd.h): hd for hd in heads}
         need = {n.name for n in nodes if n.kind in ("feat", "bias")}
-        marked_heads: set[tuple[int, int]] = set()
-
-        def mark(weights: dict[str, float]) -> None:
-            top = max([abs(v) for v in weights.values()] + [0.0])
-            need.update(k for k, v in weights.items() if v and abs(v) >= self.min_weight * top)
-
+        self.terms: dict[str, list[tuple[str, float]]] = {}
+        self.scores: dict[tuple[int, int], tuple[list[tuple[str, str, float]], list[tuple[str, float]]]] = {}
         for n in reversed(nodes):
             if n.name not in need:
                 continue
             if n.kind == "feat":
-                mark(n.deps)
+                self.terms[n.name] = self.pick(n.deps)
+                need.update(k for k, _ in self.terms[n.name])
             elif n.kind == "head":
                 need.add(n.source)
-                if n.head not in marked_heads:
-                    marked_heads.add(n.head)
+                if n.head not in self.scores:
                     hd = head_of[n.head]
-                    top = max(float(np.abs(hd.T).max()) if hd.T.size else 0.0, 1e-30)
-                    rows, cols = np.nonzero(np.abs(hd.T) >= max(self.min_weight * top, 1e-300))
-                    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+                    rows, cols = np.nonzero(hd.T)
+                    pairs = {f"{r},{c}": float(hd.T[r, c]) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)}
+                    picked = []
+                    for key, v in self.pick(pairs):
+                        r, c = map(int, key.split(","))
+                        picked.append((hd.nodes[r], hd.nodes[c], v))
                         need.update((hd.nodes[r], hd.nodes[c]))
-                    mark(dict(zip(hd.nodes, hd.g.tolist(), strict=True)))
+                    g = self.pick(dict(zip(hd.nodes, hd.g.tolist(), strict=True)))
+                    need.update(k for k, _ in g)
+                    self.scores[n.head] = (picked, g)
         return {name for name in need if name in by_name}
 
     # ------------------------------------------------------------------------------------------------ build (IR)
@@ -173,7 +187,7 @@ class _Unroll:
         by_head = {(hd.layer, hd.h): hd for hd in heads}
         live: list[Node] = []
         with b.scope("embed"):
-            zeros = b.op("indicator", self.tokens, value=-1, dtype=self.dtype, name="zeros")  # ids are never -1
+            zeros = self.zeros = b.op("indicator", self.tokens, value=-1, dtype=self.dtype, name="zeros")  # never -1
             pos_ids = None
             for n in nodes:
                 if n.kind == "tok" and n.name in need:
@@ -213,7 +227,7 @@ class _Unroll:
                     else:
                         h = n.head[1]
                         if h not in patterns:
-                            patterns[h] = self.pattern(by_head[n.head], need, s)
+                            patterns[h] = self.pattern(by_head[n.head], s)
                         src = b.op("mul", n.source, s) if s is not None else n.source
                         col = b.op("reshape", src, shape=("batch", "seq", 1))
                         b.op("reshape", b.op("matmul", patterns[h], col), shape=("batch", "seq"), name=n.name)
@@ -239,7 +253,7 @@ class _Unroll:
                         b.op("add", zeros, self.scalar(1.0), name=n.name)
                     else:
                         i = int(n.name.split("_")[1])
-                        pre = self.wsum([(k, v) for k, v in n.deps.items() if k in need])
+                        pre = self.wsum(self.terms[n.name])
                         pre = self.scalar(0.0) if pre is None else pre
                         if s is not None:
                             pre = b.op("mul", s, pre)
@@ -266,6 +280,7 @@ class _Unroll:
             "labels": labels,
             "kept": {str(k): v for k, v in self.keep.items()},
             "min_weight": self.min_weight,
+            "max_terms": self.max_terms,
             "n_nodes": len(live),
         }
         return b.build([logits], meta=meta)
@@ -303,22 +318,15 @@ class _Unroll:
             total = term if total is None else self.b.op("add", total, term)
         return total
 
-    def pattern(self, hd: Head, need: set[str], s: str | None) -> str:
-        """softmax_k( s_i s_j sum_(a,b) T_ab a(i) b(j) + s_j sum_b g_b b(j) ) over the kept nodes."""
+    def pattern(self, hd: Head, s: str | None) -> str:
+        """softmax_k( s_i s_j sum_(a,b) T_ab a(i) b(j) + s_j sum_b g_b b(j) ) over the picked terms."""
         b = self.b
-        idx = [k for k, name in enumerate(hd.nodes) if name in need]
-        T = hd.T[np.ix_(idx, idx)]
-        top = np.abs(T).max() if T.size else 0.0
+        pairs, g = self.scores[(hd.layer, hd.h)]
         score = None
-        order = sorted(
-            ((abs(T[r, c]), r, c) for r, c in zip(*np.nonzero(T), strict=True)), key=lambda t: (-t[0], t[1], t[2])
-        )
-        for mag, r, c in order:
-            if mag < self.min_weight * top:
-                continue
-            qi = b.op("reshape", hd.nodes[idx[r]], shape=("batch", "seq", 1))
-            kj = b.op("reshape", hd.nodes[idx[c]], shape=("batch", 1, "seq"))
-            term = b.op("mul", self.scalar(float(T[r, c])), b.op("mul", qi, kj))
+        for a, c, v in pairs:
+            qi = b.op("reshape", a, shape=("batch", "seq", 1))
+            kj = b.op("reshape", c, shape=("batch", 1, "seq"))
+            term = b.op("mul", self.scalar(v), b.op("mul", qi, kj))
             score = term if score is None else b.op("add", score, term)
         if score is not None and s is not None:
             score = b.op(
@@ -326,13 +334,13 @@ class _Unroll:
                 b.op("mul", score, b.op("reshape", s, shape=("batch", "seq", 1))),
                 b.op("reshape", s, shape=("batch", 1, "seq")),
             )
-        key = self.wsum([(hd.nodes[k], float(hd.g[k])) for k in idx if hd.g[k] != 0])
+        key = self.wsum(g)
         if key is not None:
             if s is not None:
                 key = b.op("mul", s, key)
             key = b.op("reshape", key, shape=("batch", 1, "seq"))
             score = key if score is None else b.op("add", score, key)
-        anchor = b.op("reshape", b.op("mul", hd.nodes[idx[0]], self.scalar(0.0)), shape=("batch", "seq", 1))
+        anchor = b.op("reshape", self.zeros, shape=("batch", "seq", 1))
         score = anchor if score is None else b.op("add", score, anchor)  # [batch, query, key] in every case
         score = b.op("add", score, self.scalar(0.0), name=f"L{hd.layer}H{hd.h}_score")
         if self.cfg.attention_dir == "causal":
@@ -348,11 +356,13 @@ def unroll(
     positions: list[int] | None = None,
     heads: set[tuple[int, int]] | None = None,
     min_weight: float = 0.0,
+    max_terms: int | None = None,
     dtype: str = "float32",
 ) -> Graph:
     """The unrolled IR of `acg` restricted to `keep` (layer -> feature indices; default every feature), the token
     features `tokens` and position features `positions` (default: those seen in the fitting corpus), and `heads`
-    (default all), with weights below `min_weight` x the largest in their sum left out."""
+    (default all), with weights below `min_weight` x the largest in their sum left out, and at most `max_terms` terms
+    (the largest) in any sum: a feature's pre-activation, a head's pair scores, a head's key scores."""
     if keep is None:
         keep = {layer: list(range(tc.n_features)) for layer, tc in enumerate(acg.transcoders)}
-    return _Unroll(acg, keep, tokens, positions, heads, min_weight, dtype).build()
+    return _Unroll(acg, keep, tokens, positions, heads, min_weight, max_terms, dtype).build()

@@ -187,3 +187,23 @@ def test_torch_replacement_matches_direct_transcoders(fitted):
     model, acg, _ = fitted
     repl = replacement_model(model.double(), acg.transcoders)
     assert isinstance(repl.blocks[0].mlp, torch.nn.Module)
+
+
+def test_jumprelu_fit_lands_on_its_target_l0_and_beats_the_mean():
+    """BatchTopK training, then one global JumpReLU threshold: on a small model's own MLP activations the dictionary
+    fires `target_l0` features per token and reconstructs the MLP far better than its mean does (whatever the scale
+    of the activations: the decoder starts at the targets' scale)."""
+    from acg.compiler.harvest import harvest
+    from acg.compiler.transcoder import FitConfig, evaluate_transcoder, fit_transcoder
+
+    model = random_model(seed=51, d_vocab=13, n_ctx=12, act_fn="relu")
+    rng = np.random.default_rng(0)
+    acts = harvest(
+        model, [list(map(int, rng.integers(0, 13, rng.integers(3, 12)))) for _ in range(400)], progress=False
+    )
+    x, y = acts.mlp_in[0], acts.mlp_out[0]
+    for scale in (1.0, 50.0):
+        tc, _ = fit_transcoder(x, y * scale, FitConfig(width=64, steps=300, batch_size=256, target_l0=8))
+        metrics = evaluate_transcoder(tc, x, y * scale)
+        assert 7.0 <= metrics["l0"] <= 9.0 and metrics["nmse"] < 0.4, (scale, metrics)
+        assert tc.act == "jumprelu" and np.ptp(tc.threshold) == 0.0  # one global threshold after BatchTopK

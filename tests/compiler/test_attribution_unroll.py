@@ -145,3 +145,21 @@ def test_readable_circuit_code(small, tmp_path):
     forward = codegen.load(path)
     tokens = np.array([[1, 2, 3]])
     assert np.allclose(forward(tokens), interpret.run(graph, tokens, dtype="float32")["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_max_terms_caps_every_sum_and_keeps_the_largest(small):
+    from acg.compiler.unroll import _Unroll
+
+    _, acg = small
+    keep = {0: [0, 1], 1: [2]}
+    full = unroll(acg, keep=keep)
+    capped = unroll(acg, keep=keep, max_terms=2)
+    assert len(capped.ops) < len(full.ops) and capped.meta["max_terms"] == 2
+    u = _Unroll(acg, keep, None, None, None, 0.0, 2, "float32")
+    nodes, heads = u.plan()
+    u.needed(nodes, heads)
+    for node in nodes:
+        if node.name in u.terms:
+            largest = sorted((abs(v) for v in node.deps.values() if v), reverse=True)[:2]
+            assert sorted((abs(v) for _, v in u.terms[node.name]), reverse=True) == largest
+    assert u.scores and all(len(pairs) <= 2 and len(g) <= 2 for pairs, g in u.scores.values())
