@@ -434,14 +434,9 @@ def fit_cmd(
     if as_json:
         emit(report)
         return
-    table = Table(title=f"ACG of {model} ({'exact' if exact else kind}, {stats['n_tokens']:,} tokens)")
-    for col in ("layer", "n_features", "l0", "nmse", "dead"):
-        table.add_column(col, justify="right")
-    for r in stats["layers"]:
-        table.add_row(
-            str(r["layer"]), str(r["n_features"]), f"{r['l0']:.1f}", f"{r['nmse']:.4f}", f"{r['dead_fraction']:.3f}"
-        )
-    Console().print(table)
+    Console().print(
+        layer_table(stats["layers"], f"ACG of {model} ({'exact' if exact else kind}, {stats['n_tokens']:,} tokens)")
+    )
     if "replacement" in report:
         r = report["replacement"]
         err.print(
@@ -511,6 +506,18 @@ def demo(
     err.print(f"done in {summary['seconds']:.0f} s; artefacts under {out}/")
 
 
+def layer_table(layers: list[dict[str, Any]], title: str) -> Table:
+    """A fit's per-layer metrics (`acg fit`, the demo, bench/fit.py)."""
+    table = Table(title=title)
+    for col in ("layer", "n_features", "l0", "nmse", "dead"):
+        table.add_column(col, justify="right")
+    for r in layers:
+        table.add_row(
+            str(r["layer"]), str(r["n_features"]), f"{r['l0']:.1f}", f"{r['nmse']:.4f}", f"{r['dead_fraction']:.3f}"
+        )
+    return table
+
+
 def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
     """Fit the ACG, measure the replacement model, compile the exact ACG to every backend and a readable circuit."""
     import numpy as np
@@ -556,18 +563,7 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
 
 
 def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
-    table = Table(title=f"ACG of {model}: fitted in {r['seconds']:.0f} s")
-    for col in ("layer", "n_features", "l0", "nmse", "dead"):
-        table.add_column(col, justify="right")
-    for layer in r["layers"]:
-        table.add_row(
-            str(layer["layer"]),
-            str(layer["n_features"]),
-            f"{layer['l0']:.1f}",
-            f"{layer['nmse']:.3f}",
-            f"{layer['dead_fraction']:.3f}",
-        )
-    Console().print(table)
+    Console().print(layer_table(r["layers"], f"ACG of {model}: fitted in {r['seconds']:.0f} s"))
     f = r["replacement"]
     err.print(
         f"replacement model (every MLP its transcoder, errors dropped): agreement "

@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from acg.cli import layer_table
 from acg.compiler.fit import FitSpec, fit
 from acg.compiler.harvest import harvest, testbed_corpus
 from acg.compiler.replacement import replacement_fidelity
@@ -107,18 +108,7 @@ def main() -> None:
         for stage, sec in s.items():
             table.add_row(stage, f"{sec:.1f}")
         console.print(table)
-        layers = Table(title="per layer")
-        for col in ("layer", "n_features", "l0", "nmse", "dead"):
-            layers.add_column(col, justify="right")
-        for lr in r["layers"]:
-            layers.add_row(
-                str(lr["layer"]),
-                str(lr["n_features"]),
-                f"{lr['l0']:.1f}",
-                f"{lr['nmse']:.3f}",
-                f"{lr['dead_fraction']:.3f}",
-            )
-        console.print(layers)
+        console.print(layer_table(r["layers"], "per layer"))
         console.print(
             f"replacement: agreement {r['agreement']:.4f}, kl {r['kl']:.4f}; task_acc "
             + ", ".join(f"{t} {v:.3f} (orig {r['task_acc_original'][t]:.3f})" for t, v in r["task_acc"].items())
