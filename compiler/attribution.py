@@ -86,7 +86,8 @@ def _prepare(acg: ACG, tokens: list[int]):
         from acg.compiler.transformer import activation
 
         mlp = (
-            activation(cfg.act_fn, h2 @ w[f"{p}.mlp.W_in"] + w[f"{p}.mlp.b_in"]) @ w[f"{p}.mlp.W_out"]
+            activation(cfg.act_fn, h2 @ w[f"{p}.mlp.W_in"] + w[f"{p}.mlp.b_in"], w.get(f"{p}.mlp.threshold"))
+            @ w[f"{p}.mlp.W_out"]
             + w[f"{p}.mlp.b_out"]
         )
         rec["s2"].append(s2)

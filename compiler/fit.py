@@ -85,6 +85,7 @@ def fit(
                     weights[f"{p}.mlp.W_out"],
                     weights[f"{p}.mlp.b_out"],
                     cfg.act_fn,
+                    weights.get(f"{p}.mlp.threshold"),
                 )
             )
     else:

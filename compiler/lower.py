@@ -364,7 +364,10 @@ class _Lowering:
             b.op("matmul", y, self.const(f"{p}.mlp.W_in", w[f"{p}.mlp.W_in"])),
             self.const(f"{p}.mlp.b_in", w[f"{p}.mlp.b_in"]),
         )
-        post = b.op(ACT_OPS[self.cfg.act_fn], pre)
+        if self.cfg.act_fn == "jumprelu":
+            post = b.op("jumprelu", pre, self.const(f"{p}.mlp.threshold", w[f"{p}.mlp.threshold"]))
+        else:
+            post = b.op(ACT_OPS[self.cfg.act_fn], pre)
         return b.op(
             "add",
             b.op("matmul", post, self.const(f"{p}.mlp.W_out", w[f"{p}.mlp.W_out"])),

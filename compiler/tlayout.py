@@ -22,6 +22,7 @@ ACT_OPS = {
     "gelu_fast": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
     "silu": "silu",
+    "jumprelu": "jumprelu",
 }
 
 Const = Callable[[str], str]  # tensor name -> const value
@@ -88,7 +89,10 @@ def emit_attention(
 
 def emit_mlp(b: GraphBuilder, w: Const, x: str, p: str, layer: int, act_fn: str) -> str:
     pre = b.op("add", b.op("matmul", x, w(f"{p}.mlp.W_in")), w(f"{p}.mlp.b_in"), name=f"L{layer}_mlp_pre")
-    post = b.op(ACT_OPS[act_fn], pre, name=f"L{layer}_mlp_post")
+    if act_fn == "jumprelu":
+        post = b.op("jumprelu", pre, w(f"{p}.mlp.threshold"), name=f"L{layer}_mlp_post")
+    else:
+        post = b.op(ACT_OPS[act_fn], pre, name=f"L{layer}_mlp_post")
     return b.op("add", b.op("matmul", post, w(f"{p}.mlp.W_out")), w(f"{p}.mlp.b_out"), name=f"L{layer}_mlp_out")
 
 

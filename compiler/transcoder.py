@@ -102,12 +102,17 @@ def activate(act: str, pre: np.ndarray, threshold: np.ndarray | None = None) -> 
 
 
 def exact_transcoder(
-    W_in: np.ndarray, b_in: np.ndarray, W_out: np.ndarray, b_out: np.ndarray, act_fn: str
+    W_in: np.ndarray,
+    b_in: np.ndarray,
+    W_out: np.ndarray,
+    b_out: np.ndarray,
+    act_fn: str,
+    threshold: np.ndarray | None = None,
 ) -> Transcoder:
-    """The MLP's own neurons as features: exact, dense, not sparse."""
+    """The MLP's own neurons as features: exact, dense, not sparse (a JumpReLU MLP brings its thresholds)."""
     from acg.compiler.tlayout import ACT_OPS
 
-    return Transcoder(W_in, b_in, W_out, b_out, act=ACT_OPS[act_fn], meta={"exact": True})
+    return Transcoder(W_in, b_in, W_out, b_out, act=ACT_OPS[act_fn], threshold=threshold, meta={"exact": True})
 
 
 # ----------------------------------------------------------------------------------------------------------- fitting

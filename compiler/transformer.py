@@ -24,7 +24,9 @@ from acg.ir.errors import ACGError
 
 NORMALIZATION_TYPES = ("LN", "LNPre", "RMS", "RMSPre", None)
 ACT_FNS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu_ln")
-SUPPORTED_ACT_FNS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu")
+SUPPORTED_ACT_FNS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "jumprelu")
+# "jumprelu" is acg's own: the MLP of a round-tripped JumpReLU dictionary, `pre if pre > threshold else 0` with one
+# threshold per neuron (`blocks.{l}.mlp.threshold`). HookedTransformer and Hugging Face do not know it.
 ATTENTION_DIRS = ("causal", "bidirectional")
 
 # HookedTransformerConfig keys that change the computation; a value other than the one given here is refused.
@@ -145,7 +147,11 @@ class TransformerConfig:
 # ------------------------------------------------------------------------------------------------------------ modules
 
 
-def activation(name: str, x: Tensor) -> Tensor:
+def activation(name: str, x: Tensor, threshold: Tensor | None = None) -> Tensor:
+    if name == "jumprelu":
+        if threshold is None:
+            raise ConfigError("activation 'jumprelu' needs the MLP's per-neuron threshold")
+        return torch.where(x > threshold, x, torch.zeros_like(x))
     if name == "relu":
         return F.relu(x)
     if name == "gelu":
@@ -215,9 +221,12 @@ class MLP(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        if cfg.act_fn == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_mlp))
 
     def forward(self, x: Tensor) -> Tensor:
-        return activation(self.act_fn, x @ self.W_in + self.b_in) @ self.W_out + self.b_out
+        pre = x @ self.W_in + self.b_in
+        return activation(self.act_fn, pre, getattr(self, "threshold", None)) @ self.W_out + self.b_out
 
 
 class Block(nn.Module):
