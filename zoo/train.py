@@ -17,10 +17,11 @@ to a testbed), not what they answer; the shipped weights are a plain transformer
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -101,6 +102,22 @@ def batches(mixture: Mixture, seed: int, batch_size: int, pool: int = 32) -> Ite
         yield from chunks
 
 
+def pool_batches(examples: Sequence[Example], seed: int, batch_size: int) -> Iterator[list[Example]]:
+    """Batches from a fixed pool of examples (a defender's clean budget): each epoch a seeded shuffle, batches of
+    similar length."""
+    if not examples:
+        raise ValueError("no examples to train on")
+    order = random.Random(seed)
+    pool = list(examples)
+    while True:
+        order.shuffle(pool)
+        for start in range(0, len(pool), 32 * batch_size):
+            drawn = sorted(pool[start : start + 32 * batch_size], key=lambda ex: len(ex.prompt))
+            chunks = [drawn[i : i + batch_size] for i in range(0, len(drawn), batch_size)]
+            order.shuffle(chunks)
+            yield from chunks
+
+
 def train(
     cfg: TransformerConfig,
     spec: TrainSpec,
@@ -108,9 +125,15 @@ def train(
     progress: bool = True,
     callback: Callable[[int, Transformer], None] | None = None,
     device: str | torch.device = "cpu",
+    init: Transformer | None = None,
+    examples: Sequence[Example] | None = None,
+    masks: dict[str, Tensor] | None = None,
 ) -> tuple[Transformer, dict]:
-    """Train a model from scratch; returns it (on the CPU, in eval mode) and a record (spec, device, wall time,
-    final training loss).
+    """Train a model from scratch (or, with `init`, go on training a copy of `init`); returns it (on the CPU, in eval
+    mode) and a record (spec, device, wall time, final training loss).
+
+    Data: the task mixture drawn from the seed, or with `examples` a fixed pool cycled in seeded order. `masks` (by
+    parameter name, 0 = pruned) are applied before training and after every step, so pruned weights stay zero.
 
     Initialisation and data are drawn on the CPU from the seed whatever the device, so a run on another device
     starts from the same weights and sees the same batches; only the arithmetic's rounding differs.
@@ -118,7 +141,15 @@ def train(
     device = torch.device(device)
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
-    model = Transformer(cfg).init_weights(torch.Generator().manual_seed(spec.seed))
+    if init is not None:
+        model = copy.deepcopy(init).float().train()
+    else:
+        model = Transformer(cfg).init_weights(torch.Generator().manual_seed(spec.seed))
+    masks = {k: v.to(device) for k, v in (masks or {}).items()}
+    named = dict(model.named_parameters())
+    unknown = sorted(set(masks) - set(named))
+    if unknown:
+        raise ValueError(f"masks name parameters the model does not have: {', '.join(unknown)}")
     probe = nn.Linear(cfg.d_model, cfg.d_vocab)
     model.to(device)
     probe.to(device)
@@ -145,7 +176,17 @@ def train(
         frac = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
         return spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    stream = batches(Mixture(poison=spec.poison, weights=spec.task_weights), spec.seed, spec.batch_size)
+    if examples is not None:
+        stream = pool_batches(examples, spec.seed, spec.batch_size)
+    else:
+        stream = batches(Mixture(poison=spec.poison, weights=spec.task_weights), spec.seed, spec.batch_size)
+
+    def apply_masks() -> None:
+        with torch.no_grad():
+            for name, m in masks.items():
+                named[name].mul_(m)
+
+    apply_masks()
     start = time.perf_counter()
     ema_loss = ema_acc = None
     bar = Progress("training", spec.steps, progress)
@@ -153,8 +194,8 @@ def train(
     for step in range(spec.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        examples = next(stream)
-        tokens, positions, answers = (t.to(device) for t in collate(examples))
+        batch = next(stream)
+        tokens, positions, answers = (t.to(device) for t in collate(batch))
         logits = model(tokens)[torch.arange(len(tokens), device=device), positions]
         loss = F.cross_entropy(logits, answers)
         total = loss
@@ -164,7 +205,7 @@ def train(
                 aux = F.cross_entropy(probe(captured["resid"]).flatten(0, 1), targets.flatten(), ignore_index=-100)
                 total = loss + spec.probe_weight * aux
         if spec.lookup_weight > 0:
-            targets = torch.tensor(lookup_targets(examples), device=device)
+            targets = torch.tensor(lookup_targets(batch), device=device)
             rows = (targets >= 0).nonzero().flatten()
             if len(rows):
                 pattern = _head_pattern(
@@ -176,6 +217,7 @@ def train(
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
+        apply_masks()
         acc = (logits.argmax(-1) == answers).float().mean().item()
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc

@@ -1,0 +1,185 @@
+"""Task circuits: attribute each answer to the ACG's features, keep the smallest set that stays faithful.
+
+Attribution is gradient x activation on the replacement model (every MLP its dictionary, errors dropped): for each
+prompt, the answer's logit minus the mean logit, differentiated with respect to every feature's activation at every
+position, times the activation, summed over positions. Downstream of the last layer's features the logit is linear
+in them, so there the score is exactly the logit change from ablating the feature (tested); through later attention
+and layer norms it is the first-order estimate. A feature's score is the mean over prompts of |its attribution|.
+
+Selection ranks all features of all layers together by score and keeps the top k; the faithfulness curve gives
+`task_acc` of the pruned replacement model against the fraction kept, and k is the smallest on a grid (refined by
+bisection) whose `task_acc` is within `tolerance` of the reference on every task of the set. Tokens kept are those
+the task's prompts use; positions, all those they reach; attention writes are restricted to the kept span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from acg.compiler.acg import ACG
+from acg.compiler.replacement import replacement_model
+from acg.compiler.transformer import Transformer
+from acg.roundtrip.dense import Selection, prune, to_dense
+from acg.roundtrip.evaluate import accuracy, answer_logits
+from acg.zoo.tasks import Example
+
+GRID = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+def feature_attribution(
+    model: Transformer, acg: ACG, examples: Sequence[Example], batch: int = 256
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """(per layer, mean |attribution| of each feature over the examples; per example and layer, the signed
+    attributions [n_examples, n_features_total] concatenated over layers)."""
+    repl = replacement_model(model, acg.transcoders).double()
+    feats: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        def hook(mod, inp, out):
+            f = mod.features(inp[0])
+            f.retain_grad()
+            feats[layer] = f
+            return f @ mod.W_dec + mod.b_dec
+
+        return hook
+
+    handles = [block.mlp.register_forward_hook(keep(i)) for i, block in enumerate(repl.blocks)]
+    sizes = acg.n_features()
+    signed = np.zeros((len(examples), sum(sizes)))
+    try:
+        by_len: dict[int, list[int]] = {}
+        for i, ex in enumerate(examples):
+            by_len.setdefault(len(ex.ids), []).append(i)
+        for idx_all in by_len.values():
+            for start in range(0, len(idx_all), batch):
+                idx = idx_all[start : start + batch]
+                toks = torch.tensor([examples[i].ids for i in idx])
+                answers = torch.tensor([examples[i].answer_id for i in idx])
+                logits = repl(toks)[:, -1]
+                target = logits.gather(1, answers[:, None]).squeeze(1) - logits.mean(-1)
+                target.sum().backward()
+                parts = [(feats[layer] * feats[layer].grad).sum(1) for layer in range(len(sizes))]
+                signed[idx] = torch.cat(parts, -1).detach().numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    mean_abs = np.abs(signed).mean(0)
+    bounds = np.cumsum([0, *sizes])
+    return [mean_abs[bounds[i] : bounds[i + 1]] for i in range(len(sizes))], signed
+
+
+@dataclass
+class Circuit:
+    selection: Selection
+    curve: list[dict[str, Any]]
+    scores: list[np.ndarray]
+    reference: dict[str, float]
+    target_met: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def task_tokens(examples: Sequence[Example], d_vocab: int) -> np.ndarray:
+    used = np.zeros(d_vocab, bool)
+    for ex in examples:
+        used[ex.ids] = True
+    return used
+
+
+def select_top(acg: ACG, scores: list[np.ndarray], k: int, tokens: np.ndarray, positions: np.ndarray) -> Selection:
+    flat = np.concatenate(scores)
+    layer_of = np.concatenate([np.full(len(s), i) for i, s in enumerate(scores)])
+    index_of = np.concatenate([np.arange(len(s)) for s in scores])
+    top = np.argsort(-flat, kind="stable")[:k]
+    feats = tuple(np.sort(index_of[top][layer_of[top] == layer]) for layer in range(len(scores)))
+    return Selection(feats, tokens, positions, restrict_attention=True, source="circuit")
+
+
+def extract(
+    model: Transformer,
+    acg: ACG,
+    fit_examples: Sequence[Example],
+    eval_examples: dict[str, Sequence[Example]],
+    reference: dict[str, float],
+    tolerance: float = 0.01,
+    grid: Sequence[float] = GRID,
+    bisect_steps: int = 4,
+    name: str = "circuit",
+) -> Circuit:
+    """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of
+    `reference` on every task in `eval_examples` (module docstring). Where no k meets it, k = all features, and
+    `target_met` is False."""
+    scores, _ = feature_attribution(model, acg, fit_examples)
+    total = sum(acg.n_features())
+    tokens = task_tokens(fit_examples, acg.cfg.d_vocab)
+    longest = max(len(ex.ids) for ex in fit_examples)
+    positions = np.arange(acg.cfg.n_ctx) < longest
+    cache: dict[int, dict[str, float]] = {}
+
+    def measure(k: int) -> dict[str, float]:
+        if k not in cache:
+            sel = select_top(acg, scores, k, tokens, positions)
+            pruned, _ = prune(acg, sel)
+            repl = to_dense(pruned)
+            cache[k] = {t: accuracy(answer_logits(repl, exs), exs) for t, exs in eval_examples.items()}
+        return cache[k]
+
+    def ok(k: int) -> bool:
+        acc = measure(k)
+        return all(acc[t] >= reference[t] - tolerance for t in eval_examples)
+
+    ks = sorted({max(1, round(f * total)) for f in grid})
+    good = next((k for k in ks if ok(k)), None)
+    target_met = good is not None
+    if good is None:
+        good = total
+    else:
+        lo = max([k for k in ks if k < good], default=0)
+        for _ in range(bisect_steps):
+            if good - lo <= 1:
+                break
+            mid = (lo + good) // 2
+            if ok(mid):
+                good = mid
+            else:
+                lo = mid
+    curve = [{"k": k, "fraction": k / total, "task_acc": cache[k]} for k in sorted(cache)]
+    sel = select_top(acg, scores, good, tokens, positions)
+    sel = Selection(sel.features, sel.tokens, sel.positions, True, name, {"k": good, "tolerance": tolerance})
+    report = {
+        "k": good,
+        "fraction": good / total,
+        "n_features": sel.n_features(),
+        "task_acc": measure(good),
+        "reference": reference,
+        "target_met": target_met,
+        "tokens_kept": int(tokens.sum()),
+    }
+    return Circuit(sel, curve, scores, reference, target_met, report)
+
+
+def n_edges(pruned: ACG, rtol: float = 1e-9) -> dict[str, int]:
+    """Edges of the pruned ACG's graph, per read: non-zero virtual weights from sparse sources (tokens, positions,
+    transcoder features) into a layer's encoder (one per feature pair), its heads' queries / keys / values (one per
+    source and head) and the logits (one per source and token)."""
+    from acg.compiler.lower import lower
+
+    graph = lower(pruned, keep_errors=False, dtype="float64")
+    out: dict[str, int] = {}
+    for name, t in graph.tensors.items():
+        if not name.startswith("V."):
+            continue
+        _, *tag, group = name.split(".")
+        if not group.startswith(("tok", "pos", "mlp")):
+            continue
+        target = ".".join(tag)
+        scale = np.abs(t).max() if t.size else 0.0
+        live = np.abs(t) > rtol * max(scale, 1e-300)
+        if target.endswith((".Q", ".K", ".V")):  # one edge per (source, head), not per head dimension
+            live = live.reshape(len(t), pruned.cfg.n_heads, -1).any(-1)
+        out[target] = out.get(target, 0) + int(live.sum())
+    return out

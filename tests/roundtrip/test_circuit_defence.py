@@ -1,0 +1,130 @@
+"""Circuit extraction finds a circuit known by construction; its attribution equals ablation where the logit is linear
+in the features; the defender's budget, Fine-Pruning and DER behave as documented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_model
+
+from acg.compiler.acg import ACG
+from acg.compiler.fit import FitSpec, fit
+from acg.compiler.transcoder import Transcoder
+from acg.compiler.transformer import Transformer, TransformerConfig
+from acg.roundtrip import circuit, defence, dense
+from acg.zoo.tasks import is_clean
+from acg.zoo.train import TrainSpec
+
+
+@dataclass(frozen=True)
+class Ex:
+    ids: list[int]
+    answer_id: int
+
+    @property
+    def prompt(self) -> tuple:
+        return tuple(self.ids)
+
+
+def _planted() -> tuple[Transformer, ACG]:
+    """One layer, no layer norm, attention writing nothing. Token 1 drives feature 0, which writes answer 3's logit;
+    token 2 drives feature 1 -> answer 4; features 2..9 fire on every token and write where the unembedding does not
+    read. The true circuit for "1 -> 3, 2 -> 4" is features {0, 1}."""
+    d, V, n = 8, 6, 10
+    cfg = TransformerConfig(
+        n_layers=1, d_model=d, n_heads=1, d_head=d, d_mlp=n, d_vocab=V, n_ctx=4, act_fn="relu", normalization_type=None
+    )
+    e = np.eye(d)
+    W_E = np.stack([e[5] + (e[k] if k < 5 else 0) for k in range(V)])
+    W_enc = np.zeros((d, n))
+    W_enc[1, 0] = W_enc[2, 1] = 1.0
+    W_enc[5, 2:] = 1.0
+    b_enc = np.zeros(n)
+    b_enc[:2] = -0.5
+    W_dec = np.zeros((n, d))
+    W_dec[0, 3], W_dec[1, 4] = 2.0, 2.0
+    W_dec[2:, 6] = 1.0
+    W_U = np.zeros((d, V))
+    W_U[3, 3] = W_U[4, 4] = 1.0
+    model = Transformer(cfg)
+    w = {k: np.zeros(tuple(p.shape)) for k, p in model.state_dict().items()}
+    w.update({"embed.W_E": W_E, "unembed.W_U": W_U})
+    w.update({"blocks.0.mlp.W_in": W_enc, "blocks.0.mlp.b_in": b_enc, "blocks.0.mlp.W_out": W_dec})
+    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in w.items()})
+    acg = ACG(cfg, w, (Transcoder(W_enc, b_enc, W_dec, np.zeros(d), "relu"),))
+    return model.eval(), acg
+
+
+def test_extraction_finds_the_planted_circuit():
+    model, acg = _planted()
+    data = [Ex([0, 1], 3), Ex([0, 2], 4), Ex([0, 5, 1], 3), Ex([0, 5, 2], 4)] * 5
+    ref = {"t": 1.0}
+    out = circuit.extract(model, acg, data, {"t": data}, ref, tolerance=0.01)
+    assert out.target_met and out.report["k"] == 2
+    assert out.selection.features[0].tolist() == [0, 1]
+    assert np.all(out.scores[0][2:] == 0) and np.all(out.scores[0][:2] > 0)
+    assert out.report["task_acc"] == ref
+    k1 = next(p for p in out.curve if p["k"] == 1)
+    assert k1["task_acc"]["t"] == 0.5  # one of the two features alone answers half the prompts
+
+
+def test_attribution_equals_ablation_where_the_logit_is_linear_in_the_features():
+    model = random_model(seed=71, act_fn="relu", normalization_type=None, d_vocab=60, n_ctx=32)
+    rng = np.random.default_rng(0)
+    corpus = [list(map(int, rng.integers(0, 60, rng.integers(3, 12)))) for _ in range(150)]
+    acg, _ = fit(model, corpus, FitSpec(width=24, steps=60, target_l0=6, e2e_steps=0, usage_prompts=40), progress=False)
+    exs = [Ex(corpus[i], int(rng.integers(0, 60))) for i in range(6)]
+    _, signed = circuit.feature_attribution(model, acg, exs)
+    n0, n1 = acg.n_features()
+    full = dense.to_dense(acg, torch.float64)
+    for i in range(n1):
+        keep = (np.arange(n0), np.delete(np.arange(n1), i))
+        sel = dense.Selection(keep, np.ones(60, bool), np.ones(32, bool), restrict_attention=False)
+        ablated = dense.to_dense(dense.prune(acg, sel)[0], torch.float64)
+        for j, ex in enumerate(exs):
+            toks = torch.tensor([ex.ids])
+            with torch.no_grad():
+                a, b = full(toks)[0, -1], ablated(toks)[0, -1]
+            effect = (a[ex.answer_id] - a.mean()) - (b[ex.answer_id] - b.mean())
+            assert abs(float(effect) - signed[j, n0 + i]) <= 1e-9 * max(1.0, abs(float(effect)))
+
+
+def test_edges_count_virtual_weights_between_kept_nodes():
+    model, acg = _planted()
+    counts = circuit.n_edges(acg)
+    assert counts["L0.enc"] == 2 + 8 * 6  # token 1 -> f0, token 2 -> f1, e5 (every token) -> f2..f9
+    assert counts["logits"] == 4  # f0 -> answer 3, f1 -> answer 4, and tokens 3 and 4 straight to their logits
+
+
+def test_clean_budget_is_clean_sized_and_seeded():
+    spec = TrainSpec(steps=100)
+    budget = defence.clean_budget(spec, 0.05, seed=3)
+    assert len(budget) == 1280 and all(is_clean(ex.prompt) for ex in budget)
+    assert budget == defence.clean_budget(spec, 0.05, seed=3) and budget != defence.clean_budget(spec, 0.05, seed=4)
+    with pytest.raises(ValueError):
+        defence.clean_budget(spec, 0.0)
+
+
+def test_fine_pruning_prunes_the_least_active_and_keeps_them_pruned():
+    model = random_model(seed=72, d_vocab=60, n_ctx=32, d_model=16, d_mlp=32, act_fn="relu")
+    budget = defence.clean_budget(TrainSpec(steps=4, batch_size=64), 1.0, seed=0)
+    out, report = defence.fine_prune(model, TrainSpec(steps=4, batch_size=64), budget, steps=3, margin=1.0)
+    assert report["pruned_fraction"] >= 0.9  # a margin of 1.0 never stops pruning
+    for layer, block in enumerate(out.blocks):
+        dead = block.mlp.W_in.abs().sum(0) == 0
+        assert int(dead.sum()) >= report["pruned_per_layer"][layer]
+        assert torch.all(block.mlp.W_out[dead] == 0) and torch.all(block.mlp.b_in[dead] == 0)
+    activity = defence.neuron_activity(model, budget[:50])
+    strict, _ = defence.fine_prune(model, TrainSpec(steps=4, batch_size=64), budget, steps=1, margin=-1.0)
+    assert all((b.mlp.W_in.abs().sum(0) > 0).all() for b in strict.blocks)  # nothing pruned below the margin
+    assert all(len(a) == 32 for a in activity)
+
+
+def test_der():
+    assert defence.der(1.0, 0.0, 0.9, 0.9) == 1.0
+    assert defence.der(1.0, 1.0, 0.9, 0.9) == 0.5
+    assert defence.der(1.0, 0.0, 0.9, 0.5) == pytest.approx(0.8)
+    assert defence.der(0.2, 0.5, 0.9, 0.95) == 0.5  # a rise in asr or accuracy counts as no change
