@@ -1,0 +1,90 @@
+"""Backdoor removal, side by side: original, FT, FP, Scratch, the ACG replacement, the captured ACG (IR), the
+round-tripped full ACG and the round-tripped `code` circuit, on one defender's clean budget per seed.
+
+    python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--json] [--out FILE]
+
+Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
+n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from acg.roundtrip import backdoor
+from acg.zoo.tasks import BACKDOORS, TASKS
+
+
+def table(model: str, ratio: float, runs: list[dict]) -> Table:
+    summary = backdoor.summarise(runs)
+    t = Table(title=f"{model}, clean budget {ratio:.0%} ({runs[0]['n_budget']:,} examples), {len(runs)} seed(s)")
+    t.add_column("method")
+    for task in TASKS:
+        t.add_column(task, justify="right")
+    for f in BACKDOORS:
+        t.add_column(f"asr {f}", justify="right")
+    for f in BACKDOORS:
+        t.add_column(f"DER {f}", justify="right")
+    t.add_column("n_params", justify="right")
+
+    def cell(v: dict) -> str:
+        return f"{v['mean']:.3f}" + (f"±{v['sd']:.3f}" if len(runs) > 1 else "")
+
+    for method, row in summary.items():
+        cells = [cell(row["task_acc"][k]) for k in TASKS]
+        cells += [cell(row["asr"][f]) for f in BACKDOORS] + [cell(row["der"][f]) for f in BACKDOORS]
+        cells.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
+        t.add_row(method, *cells)
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="testbed-s")
+    ap.add_argument("--ratios", default="0.05,0.01")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
+    ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps of FT / FP / Scratch (default: the fit's)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    console = Console(stderr=args.json)
+    results = []
+    start = time.perf_counter()
+    for model in args.models.split(","):
+        for ratio in map(float, args.ratios.split(",")):
+            runs = []
+            for seed in map(int, args.seeds.split(",")):
+                runs.append(
+                    backdoor.run(
+                        model,
+                        ratio,
+                        seed,
+                        args.n_eval,
+                        args.n_trig,
+                        args.steps,
+                        log=lambda s: print(s, file=sys.stderr, flush=True),
+                    )
+                )
+            results.append({"model": model, "ratio": ratio, "runs": runs, "summary": backdoor.summarise(runs)})
+            console.print(table(model, ratio, runs))
+    doc = {"benchmark": "backdoor", "seconds": time.perf_counter() - start, "results": results}
+    text = json.dumps(doc, indent=1, default=float)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.json:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The backdoor-removal experiment: every method on one defender's clean budget, evaluated side by side.
+
+For a testbed model, a clean-data ratio and a seed: draw the budget (`defence.clean_budget`), fit the ACG on it, and
+measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_params` for
+
+- `original`; the baselines `FT`, `FP`, `Scratch` (same optimiser steps as the ACG fit: local + end to end);
+- `ACG replacement`: every MLP its dictionary, errors dropped (torch);
+- `ACG captured (IR)`: the feature-level IR with the `capture` pass at threshold 0 (every QK pair, OV entry, edge,
+  token and feature that carried nothing on the budget dropped), compiled with the ONNX backend; not a dense model;
+  and, as ablations, the same with only QK pairs, or only OV entries, dropped;
+- `roundtrip full`: the dense checkpoint of the captured ACG (features that never fired and tokens never seen
+  dropped, attention writes restricted to the kept span);
+- `roundtrip code`: the dense checkpoint of the `code` circuit (`circuit.extract` on the budget's code prompts).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from acg.compiler.fit import FitSpec, fit
+from acg.compiler.lower import lower
+from acg.compiler.replacement import replacement_model
+from acg.ir.passes import get_pass
+from acg.roundtrip import circuit, defence, dense
+from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
+from acg.zoo.registry import get, load
+from acg.zoo.tasks import BACKDOORS, heldout, resolve_tasks
+
+CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
+
+
+def _measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
+    e = evaluate(candidate, n=n, n_backdoor_per_task=n_trig)
+    return {"task_acc": e["task_acc"], "asr": e["asr"]}
+
+
+def _ir_capture(acg, kinds: tuple[str, ...], tmp: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """The captured feature-level IR compiled to ONNX (fast to evaluate), and the capture pass's report."""
+    from acg import codegen
+
+    graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
+    result = get_pass("capture", threshold=0.0, kinds=kinds)(graph)
+    codegen.compile(result.graph, f"{tmp}/onnx", backend="onnx")
+    return codegen.load(f"{tmp}/onnx"), result.report
+
+
+def code_circuit(model, acg, budget, n_fit: int = 2000, n_eval: int = 1000, tolerance: float = 0.01):
+    tasks = resolve_tasks("code")
+    fit_examples = [ex for ex in budget if ex.task in tasks][:n_fit]
+    eval_examples = {t: heldout(t, n_eval, CIRCUIT_EVAL_SEED) for t in tasks}
+    reference = {t: accuracy(answer_logits(model, exs), exs) for t, exs in eval_examples.items()}
+    return circuit.extract(model, acg, fit_examples, eval_examples, reference, tolerance, name="circuit:code")
+
+
+def run(
+    name: str,
+    ratio: float = 0.05,
+    seed: int = 0,
+    n_eval: int = 1000,
+    n_trig: int = 200,
+    steps: int | None = None,
+    fit_spec: FitSpec | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds."""
+    zoo = get(name)
+    model = load(name)
+    spec = fit_spec or FitSpec(seed=seed)
+    steps = steps or spec.steps + spec.e2e_steps
+    budget = defence.clean_budget(zoo.train, ratio, seed)
+    rows: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {"n_budget": len(budget), "steps": steps}
+
+    def add(method: str, candidate: Any, seconds: float, n_params: int | None, **more: Any) -> None:
+        t = time.perf_counter()
+        rows[method] = {**_measure(candidate, n_eval, n_trig), "n_params": n_params, "seconds": seconds, **more}
+        log(f"{name} ratio {ratio} seed {seed}: {method} ({seconds:.0f} s + {time.perf_counter() - t:.0f} s eval)")
+
+    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
+
+    add("original", model, 0.0, dense.n_params(model)["n_params"])
+    ft, s = timed(lambda: defence.finetune(model, zoo.train, budget, steps, seed, progress=progress))
+    add("FT", ft, s, dense.n_params(ft)["n_params"])
+    (fp, fp_report), s = timed(lambda: defence.fine_prune(model, zoo.train, budget, steps, seed, progress=progress))
+    add("FP", fp, s, dense.n_params(fp)["n_params"], report=fp_report)
+    sc, s = timed(lambda: defence.scratch(model, zoo.train, budget, steps, seed, progress=progress))
+    add("Scratch", sc, s, dense.n_params(sc)["n_params"])
+    (acg, stats), s = timed(lambda: fit(model, [ex.ids for ex in budget], spec, progress=progress))
+    extra["fit"] = {"seconds": stats["seconds"], "layers": stats["layers"]}
+    add("ACG replacement", replacement_model(model, acg.transcoders), s, dense.n_params(acg)["n_params"])
+    for method, kinds in (("ACG captured (IR)", ()), ("- QK pairs only", ("qk",)), ("- OV entries only", ("ov",))):
+        with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
+            (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp: _ir_capture(acg, kinds, tmp))
+            add(method, fn, s, None, capture=rep["by_kind"])
+    (rt, _, report), s = timed(lambda: dense.roundtrip(acg, dense.select_captured(acg)))
+    add("roundtrip full", rt, s, report["n_params"], report=report)
+    circ, s = timed(lambda: code_circuit(model, acg, budget))
+    (rt_code, pruned, report), s2 = timed(lambda: dense.roundtrip(acg, circ.selection))
+    report.update(circuit=circ.report, curve=circ.curve, n_edges=circuit.n_edges(pruned))
+    add("roundtrip code", rt_code, s + s2, report["n_params"], report=report)
+    _add_der(rows)
+    return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
+
+
+def _add_der(rows: dict[str, dict[str, Any]]) -> None:
+    orig = rows["original"]
+    clean0 = defence.clean_accuracy(orig["task_acc"])
+    for row in rows.values():
+        clean = defence.clean_accuracy(row["task_acc"])
+        row["der"] = {f: defence.der(orig["asr"][f], row["asr"][f], clean0, clean) for f in BACKDOORS}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, the mean and standard deviation over runs of every task_acc, asr, der, and n_params."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in runs[0]["rows"]:
+        rows = [r["rows"][method] for r in runs]
+        entry: dict[str, Any] = {}
+        for group in ("task_acc", "asr", "der"):
+            values = {k: [r[group][k] for r in rows] for k in rows[0][group]}
+            entry[group] = {k: {"mean": float(np.mean(v)), "sd": float(np.std(v))} for k, v in values.items()}
+        params = [r["n_params"] for r in rows if r["n_params"] is not None]
+        entry["n_params"] = float(np.mean(params)) if params else None
+        out[method] = entry
+    return out
