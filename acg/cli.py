@@ -143,6 +143,146 @@ def zoo_eval(
         _print_eval(name, result, result["n_params"])
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="testbed name or checkpoint folder (a round-tripped one included)")],
+    acg_dir: Annotated[Path | None, typer.Option("--acg", help="evaluate this ACG's replacement model instead")] = None,
+    n: Annotated[int, typer.Option(help="held-out prompts per task")] = 2000,
+    n_backdoor: Annotated[int, typer.Option(help="held-out prompts per task and backdoor family")] = 500,
+    seed: Annotated[int, typer.Option(help="which held-out sample")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """`task_acc` per task and `asr` per backdoor family of a model, a round-tripped checkpoint, or (with --acg) the
+    replacement model of an ACG (every MLP its dictionary, errors dropped)."""
+    from acg.roundtrip.dense import n_params
+    from acg.roundtrip.evaluate import evaluate
+
+    torch_model, acg = _model_and_acg(model, acg_dir)
+    what = "original" if acg is None else "ACG replacement"
+    if acg is not None:
+        from acg.roundtrip.dense import to_dense
+
+        torch_model = to_dense(acg)
+    result = {"model": model, "acg": None if acg_dir is None else str(acg_dir), "what": what}
+    result.update(evaluate(torch_model, n, n_backdoor, seed))
+    result.update(n_params(torch_model))
+    if as_json:
+        emit(result)
+    else:
+        _print_eval(f"{model} ({what})", result, result["n_params"])
+
+
+def _model_and_acg(model: str, acg_dir: Path | None):
+    """The model, and the ACG (checked to be fitted for it) when one is given."""
+    from acg.zoo.registry import load
+
+    torch_model = load(model)
+    if acg_dir is None:
+        return torch_model, None
+    import numpy as np
+
+    from acg.compiler import acg as acg_io
+
+    acg = acg_io.load(acg_dir)
+    same_weights = all(
+        np.allclose(acg.weights[k], v.detach().double().numpy(), atol=1e-6)
+        for k, v in torch_model.state_dict().items()
+        if ".mlp." not in k and k in acg.weights
+    )
+    if torch_model.cfg != acg.cfg or not same_weights:
+        raise ACGError(f"{acg_dir} was fitted for another model than {model} (their configs or weights differ)")
+    return torch_model, acg
+
+
+@app.command("roundtrip")
+def roundtrip_cmd(
+    model: Annotated[str, typer.Argument(help="testbed name or checkpoint folder the ACG was fitted for")],
+    acg_dir: Annotated[Path, typer.Option("--acg", help="the ACG folder (`acg fit`)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="the checkpoint folder to write (TransformerLens layout)")],
+    task: Annotated[
+        str | None, typer.Option(help="distil this task's circuit first: a testbed task or group (code, math, ...)")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="distil the circuit of a JSONL of (prompt, answer) pairs")] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="keep every feature and token (no capture): the replacement model itself")
+    ] = False,
+    tolerance: Annotated[float, typer.Option(help="circuit: task_acc may fall this far below the original")] = 0.01,
+    n_prompts: Annotated[int, typer.Option(help="circuit: prompts to attribute over")] = 2000,
+    hf: Annotated[Path | None, typer.Option(help="also write a Hugging Face GPT-2 folder (ReLU dictionaries)")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
+    tokens seen, attention writes restricted to their span), or a task circuit (--task / --data); errors dropped."""
+    from acg.roundtrip import circuit as circuit_mod
+    from acg.roundtrip import dense
+    from acg.roundtrip.evaluate import accuracy, answer_logits
+
+    torch_model, acg = _model_and_acg(model, acg_dir)
+    if sum(x is not None for x in (task, data)) + everything > 1:
+        raise ACGError("give at most one of --task, --data and --all")
+    report_extra: dict[str, Any] = {}
+    if task is not None or data is not None:
+        fit_examples, eval_examples = _circuit_data(task, data, n_prompts, torch_model.cfg.d_vocab)
+        reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
+        circ = circuit_mod.extract(
+            torch_model, acg, fit_examples, eval_examples, reference, tolerance, name=f"circuit:{task or data}"
+        )
+        sel = circ.selection
+        report_extra = {"circuit": circ.report, "curve": circ.curve}
+    elif everything:
+        sel = dense.select_all(acg)
+    else:
+        sel = dense.select_captured(acg)
+    rt, pruned, report = dense.roundtrip(acg, sel)
+    report.update(report_extra)
+    if task is not None or data is not None:
+        report["n_edges"] = circuit_mod.n_edges(pruned)
+    report.update({"model": model, "acg": str(acg_dir), "out": str(out)})
+    if hf is not None:  # refuse before writing anything
+        from acg.roundtrip.hf_export import gpt2_state, save_gpt2
+
+        gpt2_state(rt)
+        report["hf"] = str(hf)
+    dense.save(rt, out, report)
+    if hf is not None:
+        save_gpt2(rt, hf)
+    if as_json:
+        emit(report)
+        return
+    err.print(
+        f"wrote {out}: {report['source']}, features kept per layer {report['n_features']} "
+        f"(of {report['n_features_of']}), d_mlp {report['d_mlp']} ({report['act_fn']}), "
+        f"{report['n_params']:,} parameters ({report['n_params_mlp']:,} in MLPs), "
+        f"{report['tokens_dropped']} token embeddings dropped"
+        + (f", attention writes restricted to rank {report['subspace_rank']}" if "subspace_rank" in report else "")
+    )
+    if "circuit" in report:
+        c = report["circuit"]
+        err.print(
+            f"circuit: {c['k']} features ({c['fraction']:.1%}); task_acc "
+            + ", ".join(f"{t} {v:.3f} (orig {c['reference'][t]:.3f})" for t, v in c["task_acc"].items())
+            + ("" if c["target_met"] else f" - the target (within {tolerance} of the original) was NOT met")
+        )
+
+
+def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
+    """(prompts to attribute over, {task: held-out prompts to measure on})."""
+    from acg.roundtrip.data import load_pairs
+    from acg.zoo.tasks import Mixture, heldout, resolve_tasks
+
+    if data is not None:
+        pairs = load_pairs(data, d_vocab)
+        cut = max(1, len(pairs) // 2)
+        return pairs[:cut], {pairs[0].task: pairs[cut:] or pairs}
+    try:
+        tasks = resolve_tasks(task)
+    except KeyError as e:
+        raise ACGError(str(e.args[0])) from None
+    stream = Mixture(tasks=tasks, poison=False).stream(20_000)
+    fit_examples = [next(stream) for _ in range(n)]
+    return fit_examples, {t: heldout(t, 1000, 7) for t in tasks}
+
+
 def _print_eval(name: str, result: dict, n_params: int) -> None:
     table = Table(title=f"{name} ({n_params:,} parameters)")
     table.add_column("metric")

@@ -1,0 +1,112 @@
+"""`acg roundtrip` and `acg eval` end to end on a small model over the testbed vocabulary: captured, all, a task
+circuit, a user's JSONL circuit; bad input is refused with one paragraph and no output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import random_model
+
+from acg.cli import main
+from acg.compiler.transformer import load_checkpoint, save_checkpoint
+from acg.zoo import vocab
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    model = random_model(seed=81, d_vocab=vocab.D_VOCAB, n_ctx=32, d_model=16, d_mlp=32, act_fn="relu")
+    ckpt = save_checkpoint(model, root / "ckpt")
+    rng = np.random.default_rng(0)
+    corpus = root / "corpus.jsonl"
+    rows = (rng.integers(1, vocab.D_VOCAB - 1, rng.integers(3, 16)).tolist() for _ in range(120))
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    small = ["--width", "24", "--steps", "30", "--e2e-steps", "0", "--target-l0", "6", "--json"]
+    assert main([str(a) for a in ["fit", ckpt, "-o", root / "acg", "--corpus", corpus, *small]]) == 0
+    return root, ckpt
+
+
+def cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_roundtrip_captured_then_eval(capsys, setup, tmp_path):
+    root, ckpt = setup
+    code, out, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["source"] == "captured" and report["tokens_dropped"] >= 1  # BOS .. D_VOCAB-2 only in the corpus
+    loaded = load_checkpoint(tmp_path / "rt")
+    assert loaded.cfg.act_fn == "jumprelu" and loaded.cfg.d_mlp == max(report["n_features"])
+    assert not loaded.embed.W_E[vocab.D_VOCAB - 1].any()
+    code, out, err = cli(capsys, "eval", tmp_path / "rt", "--n", "20", "--n-backdoor", "5", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["asr"]) == {"token", "conj", "phrase"} and result["n_params"] == report["n_params"]
+    code, out, err = cli(capsys, "eval", ckpt, "--acg", root / "acg", "--n", "20", "--n-backdoor", "5", "--json")
+    assert code == 0, err and json.loads(out)["what"] == "ACG replacement"
+
+
+def test_roundtrip_all_is_the_replacement_model(capsys, setup, tmp_path):
+    root, ckpt = setup
+    code, out, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--all", "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens_dropped"] == 0
+
+
+def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path):
+    root, ckpt = setup
+    code, out, err = cli(
+        capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "c", "--task", "code", "--n-prompts", "200",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report["circuit"]["task_acc"]) == {"code.vars", "code.brackets"} and report["curve"]
+    assert sum(report["n_edges"].values()) > 0
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a = 3 ; a", "answer": "3"}\n{"prompt": [1, 5, 6], "answer": 7}\n' * 10)
+    args = ["roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "d", "--data", data, "--json"]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    assert json.loads(out)["circuit"]["k"] >= 1
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("not json", "not valid JSON"),
+        ('{"prompt": [1, 2]}', '"prompt" and "answer"'),
+        ('{"prompt": [1, 999], "answer": 3}', "outside the model's vocabulary"),
+        ('{"prompt": "a = zzz", "answer": "3"}', "not in the testbed vocabulary"),
+    ],
+)
+def test_bad_task_data_is_refused_and_writes_nothing(capsys, setup, tmp_path, line, message):
+    root, ckpt = setup
+    data = tmp_path / "bad.jsonl"
+    data.write_text(line + "\n")
+    code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "out", "--data", data)
+    assert code == 2 and message in " ".join(err.split()) and not (tmp_path / "out").exists()
+
+
+def test_an_acg_of_another_model_is_refused(capsys, setup, tmp_path):
+    root, _ = setup
+    other = random_model(seed=82, d_vocab=vocab.D_VOCAB, n_ctx=32, d_model=16, d_mlp=32, act_fn="relu")
+    ckpt = save_checkpoint(other, tmp_path / "other")
+    code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "out")
+    assert code == 2 and "another model" in err and not (tmp_path / "out").exists()
+    code, _, err = cli(capsys, "roundtrip", setup[1], "--acg", root / "acg", "-o", tmp_path / "out", "--task", "nope")
+    assert code == 2 and "unknown task" in err and not (tmp_path / "out").exists()
+
+
+def test_hf_export_of_a_jumprelu_round_trip_is_refused(capsys, setup, tmp_path):
+    root, ckpt = setup
+    code, _, err = cli(
+        capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--hf", tmp_path / "hf"
+    )
+    assert code == 2 and "kind relu" in " ".join(err.split())
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "rt").exists()
