@@ -609,7 +609,7 @@ def demo(
     start = time.perf_counter()
     summary: dict[str, Any] = {"model": model, "out": str(out), "evaluation": {}, "backends": {}}
     for name in (model, "testbed-s-clean"):
-        err.print(f"[1/4] evaluating {name} on held-out prompts ...")
+        err.print(f"[1/5] evaluating {name} on held-out prompts ...")
         m = load_zoo(name)
         summary["evaluation"][name] = {**evaluate(m), "n_params": sum(p.numel() for p in m.parameters())}
     loaded = load(model, "float32")
@@ -617,7 +617,7 @@ def demo(
     tokens = rng.integers(0, loaded.graph.meta["config"]["d_vocab"], (8, loaded.graph.meta["config"]["n_ctx"]))
     reference = loaded.original(tokens)
     for backend in codegen.BACKENDS:
-        err.print(f"[2/4] compiling {model} -> {backend} ...")
+        err.print(f"[2/5] compiling {model} -> {backend} ...")
         t0 = time.perf_counter()
         path = codegen.compile(loaded.graph, out / backend, backend, title=model)
         got = np.asarray(codegen.load(path)(tokens))
@@ -673,7 +673,7 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
     from acg.zoo.registry import load as load_zoo
 
     torch_model = load_zoo(model)
-    err.print(f"[3/4] fitting the ACG of {model} on 10,000 clean prompts ...")
+    err.print(f"[3/5] fitting the ACG of {model} on 10,000 clean prompts ...")
     acg, stats = fit(torch_model, testbed_corpus(10_000, seed=1000), FitSpec(), meta={"model": model, "title": model})
     fidelity = replacement_fidelity(torch_model, acg.transcoders)
     acg = acg.replace(stats={**acg.stats, "fidelity": fidelity})
@@ -688,7 +688,7 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
     reference = load(model, "float64").original(tokens)
     exact = lower(acg, keep_errors=True, dtype="float64")
     for backend in codegen.BACKENDS:
-        err.print(f"[4/4] compiling the exact ACG -> {backend} ...")
+        err.print(f"[4/5] compiling the exact ACG -> {backend} ...")
         path = codegen.compile(exact, out / "acg-exact" / backend, backend, title=f"{model} ACG (exact)")
         got = np.asarray(codegen.load(path)(tokens))
         result["exact"][backend] = {"path": str(path), "max_abs_err": float(np.abs(got - reference).max())}
@@ -699,7 +699,40 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
     circuit = unroll(acg, keep, min_weight=0.1, max_terms=6)
     path = codegen.compile(circuit, out / "circuit", "python", title=f"{model}: its 12 most used features per layer")
     result["circuit"] = {"path": str(path / "model.py"), "n_features": sum(map(len, keep.values()))}
+    result["distilled"] = _demo_roundtrip(torch_model, acg, out)
     return result
+
+
+def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
+    """Round-trip the captured ACG and its `code` circuit to dense checkpoints; evaluate them next to the original
+    and the replacement model (task_acc, asr, n_params)."""
+    from acg.roundtrip import circuit as circuit_mod
+    from acg.roundtrip import dense
+    from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
+
+    err.print("[5/5] distilling the code circuit and round-tripping to dense checkpoints ...")
+    fit_examples, eval_examples = _circuit_data("code", None, 2000, acg.cfg.d_vocab)
+    reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
+    circ = circuit_mod.extract(torch_model, acg, fit_examples, eval_examples, reference, name="circuit:code")
+    rows: dict[str, Any] = {}
+    for name, model, report in (
+        ("original", torch_model, None),
+        ("ACG replacement", dense.to_dense(acg), None),
+        ("roundtrip full", *_rt(dense, acg, dense.select_captured(acg), out / "roundtrip-full")),
+        ("roundtrip code", *_rt(dense, acg, circ.selection, out / "roundtrip-code")),
+    ):
+        e = evaluate(model, n=1000, n_backdoor_per_task=200)
+        rows[name] = {"task_acc": e["task_acc"], "asr": e["asr"], **dense.n_params(model)}
+        if report is not None:
+            rows[name]["path"] = report["out"]
+    return {"rows": rows, "circuit": circ.report}
+
+
+def _rt(dense, acg, selection, path: Path):
+    model, _, report = dense.roundtrip(acg, selection)
+    report["out"] = str(path)
+    dense.save(model, path, report)
+    return model, report
 
 
 def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
@@ -715,6 +748,20 @@ def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
         + ", ".join(f"{b} {x['max_abs_err']:.1e}" for b, x in r["exact"].items())
     )
     err.print(f"a readable circuit of {r['circuit']['n_features']} features: {r['circuit']['path']}")
+    d = r["distilled"]
+    c = d["circuit"]
+    table = Table(
+        title=f"distilled and round-tripped (the code circuit keeps {c['k']} features, {c['fraction']:.1%};"
+        f" faithfulness target {'met' if c['target_met'] else 'NOT met'})"
+    )
+    rows = d["rows"]
+    first = next(iter(rows.values()))
+    for col in ["model", *first["task_acc"], *(f"asr {f}" for f in first["asr"]), "n_params"]:
+        table.add_column(col, justify="right")
+    for name, row in rows.items():
+        cells = [f"{v:.3f}" for v in row["task_acc"].values()] + [f"{v:.3f}" for v in row["asr"].values()]
+        table.add_row(name, *cells, f"{row['n_params']:,}")
+    Console().print(table)
 
 
 # ---------------------------------------------------------------------------------------------------------- entry

@@ -54,10 +54,12 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
     ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps of FT / FP / Scratch (default: the fit's)")
+    ap.add_argument("--device", default="cpu", help="where FT / FP / Scratch train (the ACG fit runs on the CPU)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     console = Console(stderr=args.json)
     results = []
     start = time.perf_counter()

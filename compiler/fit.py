@@ -48,6 +48,7 @@ class FitSpec:
     seed: int = 0
     usage_prompts: int = 1000  # prompts used for pair statistics (QK pairs, OV entries)
     pair_budget: int = 1 << 26  # max n_heads * n_sources^2 for exact QK-pair statistics in a layer
+    threads: int = 2  # torch CPU threads
 
 
 def fit(
@@ -63,7 +64,7 @@ def fit(
 
     `transcoders`: dictionaries trained elsewhere (`interop.load_dictionary`), used as they are instead of fitting;
     the usage statistics, labels and metrics are still computed on `corpus`."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(spec.threads)
     t0 = time.perf_counter()
     model = model.float().eval()
     acts = harvest(model, corpus, progress=progress)

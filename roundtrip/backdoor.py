@@ -67,15 +67,18 @@ def run(
     fit_spec: FitSpec | None = None,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    device: str = "cpu",
+    threads: int = 2,
 ) -> dict[str, Any]:
-    """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds."""
+    """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
+    baselines there (the ACG fit runs on the CPU with `threads`)."""
     zoo = get(name)
     model = load(name)
-    spec = fit_spec or FitSpec(seed=seed)
+    spec = fit_spec or FitSpec(seed=seed, threads=threads)
     steps = steps or spec.steps + spec.e2e_steps
     budget = defence.clean_budget(zoo.train, ratio, seed)
     rows: dict[str, dict[str, Any]] = {}
-    extra: dict[str, Any] = {"n_budget": len(budget), "steps": steps}
+    extra: dict[str, Any] = {"n_budget": len(budget), "steps": steps, "device": device, "threads": threads}
 
     def add(method: str, candidate: Any, seconds: float, n_params: int | None, **more: Any) -> None:
         t = time.perf_counter()
@@ -88,11 +91,12 @@ def run(
         return out, time.perf_counter() - t
 
     add("original", model, 0.0, dense.n_params(model)["n_params"])
-    ft, s = timed(lambda: defence.finetune(model, zoo.train, budget, steps, seed, progress=progress))
+    kw = {"progress": progress, "device": device}
+    ft, s = timed(lambda: defence.finetune(model, zoo.train, budget, steps, seed, **kw))
     add("FT", ft, s, dense.n_params(ft)["n_params"])
-    (fp, fp_report), s = timed(lambda: defence.fine_prune(model, zoo.train, budget, steps, seed, progress=progress))
+    (fp, fp_report), s = timed(lambda: defence.fine_prune(model, zoo.train, budget, steps, seed, **kw))
     add("FP", fp, s, dense.n_params(fp)["n_params"], report=fp_report)
-    sc, s = timed(lambda: defence.scratch(model, zoo.train, budget, steps, seed, progress=progress))
+    sc, s = timed(lambda: defence.scratch(model, zoo.train, budget, steps, seed, **kw))
     add("Scratch", sc, s, dense.n_params(sc)["n_params"])
     (acg, stats), s = timed(lambda: fit(model, [ex.ids for ex in budget], spec, progress=progress))
     extra["fit"] = {"seconds": stats["seconds"], "layers": stats["layers"]}

@@ -59,8 +59,10 @@ def finetune(
     seed: int = 0,
     lr: float = 2e-4,
     progress: bool = False,
+    device: str = "cpu",
 ) -> Transformer:
-    out, _ = train(model.cfg, _ft_spec(base, steps, seed, lr), init=model, examples=examples, progress=progress)
+    spec = _ft_spec(base, steps, seed, lr)
+    out, _ = train(model.cfg, spec, init=model, examples=examples, progress=progress, device=device)
     return out
 
 
@@ -126,6 +128,7 @@ def fine_prune(
     step_frac: float = 0.05,
     lr: float = 2e-4,
     progress: bool = False,
+    device: str = "cpu",
 ) -> tuple[Transformer, dict[str, Any]]:
     """Fine-Pruning; returns the model and what was pruned (count per layer, clean accuracy before / after)."""
     fit_set, held = split(examples, 0.1, seed)
@@ -147,9 +150,8 @@ def fine_prune(
     pruned = lowest(chosen)
     masks = _masks(model, pruned)
     acc_pruned = accuracy(answer_logits(_masked(model, masks), held), held)
-    out, _ = train(
-        model.cfg, _ft_spec(base, steps, seed, lr), init=model, examples=fit_set, masks=masks, progress=progress
-    )
+    spec = _ft_spec(base, steps, seed, lr)
+    out, _ = train(model.cfg, spec, init=model, examples=fit_set, masks=masks, progress=progress, device=device)
     report = {
         "pruned_per_layer": [len(p) for p in pruned],
         "pruned_fraction": chosen / total,
@@ -162,11 +164,17 @@ def fine_prune(
 
 
 def scratch(
-    model: Transformer, base: TrainSpec, examples: Sequence[Example], steps: int, seed: int = 0, progress: bool = False
+    model: Transformer,
+    base: TrainSpec,
+    examples: Sequence[Example],
+    steps: int,
+    seed: int = 0,
+    progress: bool = False,
+    device: str = "cpu",
 ) -> Transformer:
     """A fresh model of the same shape, the testbed's recipe (aids included), on the budget alone."""
     spec = dataclasses.replace(base, steps=steps, seed=1000 + seed, poison=False, warmup=min(base.warmup, steps // 5))
-    out, _ = train(model.cfg, spec, examples=examples, progress=progress)
+    out, _ = train(model.cfg, spec, examples=examples, progress=progress, device=device)
     return out
 
 

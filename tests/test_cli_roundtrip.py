@@ -61,7 +61,17 @@ def test_roundtrip_all_is_the_replacement_model(capsys, setup, tmp_path):
 def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path):
     root, ckpt = setup
     code, out, err = cli(
-        capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "c", "--task", "code", "--n-prompts", "200",
+        capsys,
+        "roundtrip",
+        ckpt,
+        "--acg",
+        root / "acg",
+        "-o",
+        tmp_path / "c",
+        "--task",
+        "code",
+        "--n-prompts",
+        "200",
         "--json",
     )
     assert code == 0, err
@@ -105,8 +115,6 @@ def test_an_acg_of_another_model_is_refused(capsys, setup, tmp_path):
 
 def test_hf_export_of_a_jumprelu_round_trip_is_refused(capsys, setup, tmp_path):
     root, ckpt = setup
-    code, _, err = cli(
-        capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--hf", tmp_path / "hf"
-    )
+    code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--hf", tmp_path / "hf")
     assert code == 2 and "kind relu" in " ".join(err.split())
     assert not (tmp_path / "hf").exists() and not (tmp_path / "rt").exists()
