@@ -207,3 +207,17 @@ def test_jumprelu_fit_lands_on_its_target_l0_and_beats_the_mean():
         metrics = evaluate_transcoder(tc, x, y * scale)
         assert 7.0 <= metrics["l0"] <= 9.0 and metrics["nmse"] < 0.4, (scale, metrics)
         assert tc.act == "jumprelu" and np.ptp(tc.threshold) == 0.0  # one global threshold after BatchTopK
+
+
+def test_calibration_is_exact_whatever_the_features_scales():
+    """The threshold puts exactly target_l0 * rows pre-activations above it, also when features differ in scale with a
+    period that a strided sample of the flattened [rows, features] tensor would alias (this one had: l0 9% high)."""
+    from acg.compiler.transcoder import _Module
+
+    gen = torch.Generator().manual_seed(0)
+    module = _Module(4, 2048, "jumprelu", 0.1, gen, torch.zeros(4), 1.0)
+    scale = 1.0 + 3.0 * (torch.arange(2048) % 8 == 0)  # every 8th feature four times larger
+    pre = torch.randn(3000, 2048, generator=gen) * scale
+    module.calibrate(pre, 30.0)
+    l0 = float((pre > module.tau).sum(1).float().mean())
+    assert abs(l0 - 30.0) < 1e-3
