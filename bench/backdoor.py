@@ -63,29 +63,28 @@ def main() -> None:
     console = Console(stderr=args.json)
     results = []
     start = time.perf_counter()
+
+    def document() -> str:
+        doc = {"benchmark": "backdoor", "seconds": time.perf_counter() - start, "results": results}
+        return json.dumps(doc, indent=1, default=float)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     for model in args.models.split(","):
         for ratio in map(float, args.ratios.split(",")):
-            runs = []
+            runs: list[dict] = []
+            entry = {"model": model, "ratio": ratio, "runs": runs}
+            results.append(entry)
             for seed in map(int, args.seeds.split(",")):
-                runs.append(
-                    backdoor.run(
-                        model,
-                        ratio,
-                        seed,
-                        args.n_eval,
-                        args.n_trig,
-                        args.steps,
-                        log=lambda s: print(s, file=sys.stderr, flush=True),
-                    )
-                )
-            results.append({"model": model, "ratio": ratio, "runs": runs, "summary": backdoor.summarise(runs)})
+                kw = {"steps": args.steps, "log": log, "device": args.device, "threads": args.threads}
+                runs.append(backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw))
+                entry["summary"] = backdoor.summarise(runs)
+                if args.out:  # after every seed, so that a run killed part way keeps what it measured
+                    args.out.write_text(document() + "\n")
             console.print(table(model, ratio, runs))
-    doc = {"benchmark": "backdoor", "seconds": time.perf_counter() - start, "results": results}
-    text = json.dumps(doc, indent=1, default=float)
-    if args.out:
-        args.out.write_text(text + "\n")
     if args.json:
-        print(text)
+        print(document())
 
 
 if __name__ == "__main__":
