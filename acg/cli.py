@@ -756,7 +756,8 @@ def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
     )
     rows = d["rows"]
     first = next(iter(rows.values()))
-    for col in ["model", *first["task_acc"], *(f"asr {f}" for f in first["asr"]), "n_params"]:
+    table.add_column("model", no_wrap=True)
+    for col in [*first["task_acc"], *(f"asr {f}" for f in first["asr"]), "n_params"]:
         table.add_column(col, justify="right")
     for name, row in rows.items():
         cells = [f"{v:.3f}" for v in row["task_acc"].values()] + [f"{v:.3f}" for v in row["asr"].values()]
