@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -751,14 +752,16 @@ def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
     d = r["distilled"]
     c = d["circuit"]
     table = Table(
-        title=f"distilled and round-tripped (the code circuit keeps {c['k']} features, {c['fraction']:.1%};"
-        f" faithfulness target {'met' if c['target_met'] else 'NOT met'})"
+        box=box.SIMPLE,
+        pad_edge=False,
+        title=f"distilled and round-tripped: task_acc (vars .. agree), asr (token .. phrase); the code circuit keeps"
+        f" {c['k']} features ({c['fraction']:.1%}), faithfulness target {'met' if c['target_met'] else 'NOT met'}",
     )
     rows = d["rows"]
     first = next(iter(rows.values()))
     table.add_column("model", no_wrap=True)
-    for col in [*first["task_acc"], *(f"asr {f}" for f in first["asr"]), "n_params"]:
-        table.add_column(col, justify="right")
+    for col in [*(t.split(".")[-1] for t in first["task_acc"]), *first["asr"], "n_params"]:  # compact: 80 columns
+        table.add_column(col, justify="right", min_width=7 if col == "n_params" else 5)
     for name, row in rows.items():
         cells = [f"{v:.3f}" for v in row["task_acc"].values()] + [f"{v:.3f}" for v in row["asr"].values()]
         table.add_row(name, *cells, f"{row['n_params']:,}")
