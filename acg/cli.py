@@ -760,11 +760,11 @@ def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
     rows = d["rows"]
     first = next(iter(rows.values()))
     table.add_column("model", no_wrap=True)
-    for col in [*(t.split(".")[-1] for t in first["task_acc"]), *first["asr"], "n_params"]:  # compact: 80 columns
-        table.add_column(col, justify="right", min_width=7 if col == "n_params" else 5)
+    for col in [*(t.split(".")[-1] for t in first["task_acc"]), *first["asr"], "params"]:  # compact: 80 columns
+        table.add_column(col, justify="right", min_width=5)
     for name, row in rows.items():
         cells = [f"{v:.3f}" for v in row["task_acc"].values()] + [f"{v:.3f}" for v in row["asr"].values()]
-        table.add_row(name, *cells, f"{row['n_params']:,}")
+        table.add_row(name, *cells, f"{row['n_params'] / 1000:.0f}k")
     Console().print(table)
 
 
