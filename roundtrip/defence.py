@@ -14,6 +14,7 @@ All three train for the same number of optimiser steps (by default the ACG fit's
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from collections.abc import Sequence
@@ -108,8 +109,6 @@ def _masks(model: Transformer, pruned: list[np.ndarray]) -> dict[str, torch.Tens
 
 
 def _masked(model: Transformer, masks: dict[str, torch.Tensor]) -> Transformer:
-    import copy
-
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():
