@@ -215,6 +215,7 @@ def roundtrip(acg: ACG, sel: Selection | None = None) -> tuple[Transformer, ACG,
     report.update(n_params(model))
     report["act_fn"] = model.cfg.act_fn
     report["d_mlp"] = model.cfg.d_mlp
+    report["kept"] = pruned.meta["roundtrip"]["kept"]  # feature indices per layer, for `acg diff`
     return model, pruned, report
 
 
