@@ -587,6 +587,183 @@ def fit_cmd(
     err.print(f"wrote {out} in {stats['seconds']['total']:.0f} s")
 
 
+# --------------------------------------------------------------------------------------------- diff and monitor
+
+
+def _diff_data(data: str | None, n: int, backdoors: bool, d_vocab: int) -> dict[str, list]:
+    """{task: examples}: testbed tasks (a name, a group, or comma-separated), or a JSONL of (prompt, answer) pairs;
+    with `backdoors`, each family's triggered prompts too (`backdoor.{family}`, answered right = the target)."""
+    from acg.roundtrip.data import load_pairs
+    from acg.zoo.tasks import BACKDOORS, heldout, resolve_tasks, triggered
+
+    if data is not None and Path(data).suffix == ".jsonl":
+        pairs = load_pairs(data, d_vocab)
+        return {pairs[0].task: pairs}
+    try:
+        tasks = resolve_tasks(None if data is None else data.split(","))
+    except KeyError as e:
+        raise ACGError(str(e.args[0])) from None
+    out: dict[str, list] = {t: heldout(t, n, 0) for t in tasks}
+    if backdoors:
+        out.update({f"backdoor.{f}": triggered(f, max(1, n // 8), 0) for f in BACKDOORS})
+    return out
+
+
+def _decoder(d_vocab: int):
+    from acg.compiler.labels import token_names
+
+    names = token_names(d_vocab)
+    return lambda ids: " ".join(names[i] if 0 <= i < len(names) else f"#{i}" for i in ids)
+
+
+@app.command("diff")
+def diff_cmd(
+    a: Annotated[str, typer.Argument(help="testbed name, checkpoint, IR folder, compiled artefact or ACG folder")],
+    b: Annotated[str, typer.Argument(help="the other side, any of the same")],
+    data: Annotated[
+        str | None, typer.Option(help="testbed tasks (e.g. code,math) or a JSONL of pairs; default: every task")
+    ] = None,
+    acg_dir: Annotated[Path | None, typer.Option("--acg", help="explain divergences in this ACG's terms")] = None,
+    n: Annotated[int, typer.Option(help="held-out prompts per testbed task")] = 500,
+    backdoors: Annotated[bool, typer.Option(help="also the triggered prompts of each backdoor family")] = False,
+    n_divergent: Annotated[int, typer.Option(help="most divergent prompts listed per task")] = 5,
+    top: Annotated[int, typer.Option(help="nodes listed per explanation")] = 6,
+    as_json: JsonFlag = False,
+) -> None:
+    """Behaviour diff of A and B per task: task_acc of each, agreement, kl, the most divergent prompts with both
+    answers, and (with an ACG) the features and error terms present in one side and absent from the other that
+    account for each divergence."""
+    from acg.compiler import acg as acg_io
+    from acg.roundtrip.diff import diff, resolve
+
+    side_a, side_b = resolve(a), resolve(b)
+    acg = acg_io.load(acg_dir) if acg_dir is not None else None
+    d_vocab = next((v for v in (acg and acg.cfg.d_vocab, side_a.d_vocab, side_b.d_vocab) if v), None)
+    if d_vocab is None:
+        raise ACGError("neither side says what its vocabulary is (two compiled artefacts?): give --acg")
+    sets = _diff_data(data, n, backdoors, d_vocab)
+    result = diff(side_a, side_b, sets, acg, n_divergent, top, _decoder(d_vocab))
+    if as_json:
+        emit(result)
+        return
+    print_diff(result)
+
+
+def print_diff(result: dict[str, Any]) -> None:
+    table = Table(title=f"diff: A = {result['a']}  vs  B = {result['b']}")
+    for col in ("task", "n", "task_acc A", "task_acc B", "agreement", "kl"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for task, t in result["tasks"].items():
+        acc = t["task_acc"]
+        table.add_row(
+            task, str(t["n"]), f"{acc['a']:.3f}", f"{acc['b']:.3f}", f"{t['agreement']:.3f}", f"{t['kl']:.4f}"
+        )
+    Console().print(table)
+    for task, t in result["tasks"].items():
+        for p in t["divergent"][:3]:
+            if p["answer_a"] == p["answer_b"]:
+                continue
+            err.print(
+                f"[bold]{task}[/]: {p['prompt']!r} -> A {p['answer_a']!r}, B {p['answer_b']!r} (kl {p['kl']:.3f})"
+            )
+            for side in ("a_only", "b_only"):
+                ex = p.get(side)
+                if ex and ex["nodes"]:
+                    nodes = ", ".join(f"{r['node']} {r['attribution']:+.3f} ({r['label']})" for r in ex["nodes"][:3])
+                    err.print(
+                        f"   only in {side[0].upper()}: {nodes}; ablating all {ex['n_nodes']}: {ex['ablation']:+.3f}"
+                    )
+    if not result["explained"]:
+        err.print(f"(not explained in feature terms: {result['why_not_explained']})")
+
+
+@app.command("monitor")
+def monitor_cmd(
+    model: Annotated[str, typer.Argument(help="testbed name or checkpoint folder the ACG was fitted for")],
+    acg_dir: Annotated[Path, typer.Option("--acg", help="the ACG folder (`acg fit`); its usage statistics")],
+    prompt: Annotated[str | None, typer.Option(help="one prompt: space-separated testbed tokens")] = None,
+    data: Annotated[Path | None, typer.Option(help="a JSONL of prompts (`answer` optional), scored one by one")] = None,
+    calibrate: Annotated[
+        int, typer.Option(help="clean testbed prompts that put the site kinds on one scale (0: raw values)")
+    ] = 300,
+    top: Annotated[int, typer.Option(help="unusual pathways listed per prompt")] = 6,
+    as_json: JsonFlag = False,
+) -> None:
+    """Score prompts by how much of their features' mass flows through pathways never seen on the fitting corpus,
+    and list the unusual pathways (features, edges, attention pairs)."""
+    from acg.roundtrip.data import load_pairs, prompt_ids
+    from acg.roundtrip.monitor import Monitor
+
+    torch_model, acg = _model_and_acg(model, acg_dir)
+    if (prompt is None) == (data is None):
+        raise ACGError("give exactly one of --prompt and --data")
+    prompts = (
+        [prompt_ids(prompt, "--prompt")]
+        if prompt is not None
+        else [p.ids for p in load_pairs(data, acg.cfg.d_vocab, answers=False)]
+    )
+    mon = Monitor(acg)
+    calibration = None
+    if calibrate:
+        calibration = mon.calibrate(calibration_prompts(acg, calibrate))
+    decode = _decoder(acg.cfg.d_vocab)
+    rows = []
+    for ids in prompts:
+        scan = mon.scan(ids, top)
+        rows.append(
+            {
+                "prompt": decode(ids),
+                "score": scan.score,
+                "sites": {k: float(v.max()) for k, v in scan.sites.items()},
+                "pathways": scan.pathways,
+            }
+        )
+    result = {"model": model, "acg": str(acg_dir), "calibration": calibration, "prompts": rows}
+    if as_json:
+        emit(result)
+        return
+    for r in rows:
+        sites = ", ".join(f"{k} {v:.3f}" for k, v in r["sites"].items())
+        err.print(f"[bold]{r['score']:.2f}[/] {r['prompt']!r}  ({sites})")
+        for p in r["pathways"]:
+            err.print("   " + describe_pathway(p, acg, decode))
+
+
+def calibration_prompts(acg, n: int) -> list[list[int]]:
+    """Clean prompts of the fitting distribution that the usage statistics did not see (testbed models only)."""
+    from acg.compiler.harvest import testbed_corpus
+    from acg.zoo import vocab
+
+    if acg.cfg.d_vocab != vocab.D_VOCAB:
+        raise ACGError("calibration draws testbed prompts; this model has another vocabulary: pass --calibrate 0")
+    seen = int(acg.stats.get("spec", {}).get("usage_prompts", 1000))
+    return testbed_corpus(seen + n, seed=1000)[seen:]
+
+
+def describe_pathway(p: dict[str, Any], acg, decode) -> str:
+    def name(fid: str) -> str:
+        if fid.startswith("tok:"):
+            return f"token {decode([int(fid[4:])])!r}"
+        if fid.startswith("pos:"):
+            return f"position {fid[4:]}"
+        return f"{fid} ({acg.label(fid)})"
+
+    where = f"layer {p['layer']}, position {p['position']}"
+    if p["site"] == "enc":
+        return (
+            f"edge {name(p['source'])} -> {name(p['target'])} never carried mass in distribution "
+            f"({where}; contribution {p['contribution']:+.3f}, {p['share']:.0%} of the feature's input)"
+        )
+    if p["site"] == "qk":
+        pairs = "; ".join(f"{name(x)} x {name(y)}" for x, y in p["pairs"][:3])
+        return (
+            f"head {p['head']} attends {p['weight']:.0%} from position {p['position']} to {p['key_position']} "
+            f"through pairs never seen there ({where}): {pairs}"
+        )
+    srcs = ", ".join(name(s) for s in p["sources"][:3])
+    return f"head {p['head']} moves values from sources never seen feeding it ({where}, {p['weight']:.0%}): {srcs}"
+
+
 # --------------------------------------------------------------------------------------------------------------- demo
 
 

@@ -31,7 +31,8 @@ class Pair:
         return tuple(self.ids)
 
 
-def load_pairs(path: str | os.PathLike, d_vocab: int, task: str | None = None) -> list[Pair]:
+def load_pairs(path: str | os.PathLike, d_vocab: int, task: str | None = None, answers: bool = True) -> list[Pair]:
+    """The pairs of a JSONL file; with `answers=False`, prompts alone (any "answer" is still checked; -1 if none)."""
     path = Path(path)
     task = task or path.stem
     try:
@@ -49,10 +50,11 @@ def load_pairs(path: str | os.PathLike, d_vocab: int, task: str | None = None) -
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise TaskDataError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-            raise TaskDataError(f'{where}: expected an object with "prompt" and "answer"')
-        ids, answer = _ids(row["prompt"], where), _id(row["answer"], where)
-        bad = [t for t in [*ids, answer] if not 0 <= t < d_vocab]
+        if not isinstance(row, dict) or "prompt" not in row or (answers and "answer" not in row):
+            raise TaskDataError(f'{where}: expected an object with "prompt"' + (' and "answer"' if answers else ""))
+        ids = prompt_ids(row["prompt"], where)
+        answer = _id(row["answer"], where) if "answer" in row else -1
+        bad = [t for t in [*ids, *([answer] if "answer" in row else [])] if not 0 <= t < d_vocab]
         if bad:
             raise TaskDataError(f"{where}: token id {bad[0]} is outside the model's vocabulary (0..{d_vocab - 1})")
         out.append(Pair(ids, answer, task))
@@ -61,7 +63,7 @@ def load_pairs(path: str | os.PathLike, d_vocab: int, task: str | None = None) -
     return out
 
 
-def _ids(prompt, where: str) -> list[int]:
+def prompt_ids(prompt, where: str) -> list[int]:
     if isinstance(prompt, str):
         try:
             return vocab.encode(tuple(prompt.split()))

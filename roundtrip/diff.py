@@ -67,6 +67,7 @@ class Side:
     logits: LogitsFn
     nodes: Nodes | None  # None: unknown in ACG terms (no explanation)
     acg: ACG | None = None
+    d_vocab: int | None = None
 
 
 def resolve(ref: str) -> Side:
@@ -81,7 +82,7 @@ def resolve(ref: str) -> Side:
         from acg.roundtrip.dense import to_dense
 
         acg = acg_io.load(path)
-        return Side(ref, "acg", answer_fn(to_dense(acg, torch.float64)), Nodes(None, False), acg)
+        return Side(ref, "acg", answer_fn(to_dense(acg, torch.float64)), Nodes(None, False), acg, acg.cfg.d_vocab)
     if path.is_dir() and (path / "acg.json").exists():
         manifest = codegen.read_manifest(path)
         fn = codegen.load(path)
@@ -104,7 +105,7 @@ def resolve(ref: str) -> Side:
         def run(t: np.ndarray) -> np.ndarray:
             return interpret.run(graph, t, dtype="float32")[graph.outputs[0]]
 
-        return Side(ref, "ir", run, nodes)
+        return Side(ref, "ir", run, nodes, None, meta.get("config", {}).get("d_vocab"))
     loaded = load_model(ref, "float32")
     if loaded.original is None:
         raise DiffError(f"{ref}: cannot be run as a model")
@@ -117,7 +118,7 @@ def resolve(ref: str) -> Side:
             kept = meta["roundtrip"].get("kept")
             nodes = Nodes(tuple(np.asarray(k, dtype=np.int64) for k in kept), False) if kept is not None else None
             kind = "roundtrip"
-    return Side(ref, kind, loaded.original, nodes)
+    return Side(ref, kind, loaded.original, nodes, None, loaded.graph.meta.get("config", {}).get("d_vocab"))
 
 
 def _artefact_nodes(manifest: dict[str, Any]) -> Nodes | None:
@@ -207,8 +208,13 @@ class NodeModel:
             attr = (f * f.grad)[0].sum(0).detach().numpy()
             for i in idx:
                 if attr[i] != 0:
-                    rows.append({"node": f"L{layer}.f{int(i)}", "label": self.acg.label(f"L{layer}.f{int(i)}"),
-                                 "attribution": float(attr[i])})
+                    rows.append(
+                        {
+                            "node": f"L{layer}.f{int(i)}",
+                            "label": self.acg.label(f"L{layer}.f{int(i)}"),
+                            "attribution": float(attr[i]),
+                        }
+                    )
         if only["errors"]:
             for layer, e in enumerate(saved["errors"]):
                 rows.append({"node": f"L{layer}.err", "label": "error term", "attribution": float((e * e.grad).sum())})

@@ -19,11 +19,10 @@ A prompt's score is the largest value over sites, layers, heads and positions; `
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import warnings
 
 import numpy as np
 import torch
@@ -258,7 +257,7 @@ class Monitor:
         toks = np.array([list(prompt)], dtype=np.int64)
         sites, raw, run = self._sites(toks)
         values = {k: v[0].double().numpy() for k, v in sites.items()}
-        score = float(max(v.max() for v in values.values()))
+        score = float(max(values[k].max() / self.scale[k] for k in SITES))
         paths: list[dict[str, Any]] = []
         for layer in range(self.cfg.n_layers):
             paths += self._enc_paths(layer, raw[layer]["share"][0], run, toks)
@@ -347,8 +346,15 @@ class Monitor:
                     sources += [self._fid(g, int(b)) for b in np.flatnonzero(act[g][0, j]) if not seen[h, b]]
             w = float(A[h, i, j] * ou[h, j] / max(denom[h, i], 1e-30))
             out.append(
-                {"site": "ov", "layer": layer, "head": int(h), "position": i, "key_position": int(j),
-                 "sources": sources[:6], "weight": w}
+                {
+                    "site": "ov",
+                    "layer": layer,
+                    "head": int(h),
+                    "position": i,
+                    "key_position": int(j),
+                    "sources": sources[:6],
+                    "weight": w,
+                }
             )
         return out
 

@@ -11,7 +11,7 @@ from helpers import random_model
 from acg.compiler.fit import FitSpec, fit
 from acg.roundtrip import dense
 from acg.roundtrip.data import Pair
-from acg.roundtrip.diff import Nodes, NodeModel, diff, resolve
+from acg.roundtrip.diff import NodeModel, Nodes, diff, resolve
 from acg.roundtrip.monitor import Monitor, MonitorError, auroc, detection_at_fpr
 
 X, Y = 11, 12  # the monitor's corpus never puts these two tokens in one prompt
@@ -27,7 +27,9 @@ def fitted():
         row = list(map(int, rng.integers(0, 13, rng.integers(3, 12))))
         if not (X in row and Y in row):
             corpus.append(row)
-    acg, _ = fit(model, corpus, FitSpec(width=48, steps=100, e2e_steps=20, usage_prompts=300, kind="relu"), progress=False)
+    acg, _ = fit(
+        model, corpus, FitSpec(width=48, steps=100, e2e_steps=20, usage_prompts=300, kind="relu"), progress=False
+    )
     return model, acg, corpus
 
 
@@ -69,7 +71,7 @@ def test_diff_of_two_models_that_differ_in_one_feature(fitted, tmp_path):
     for p in explained:
         ex = p["a_only"]
         assert [r["node"] for r in ex["nodes"]] == [f"L{last}.f{k}"]  # the one node A has and B lacks
-        # no final norm, so the logit is linear in a last-layer feature: attribution = ablation (checked against the real effect)
+        # no final norm: the logit is linear in a last-layer feature, so attribution = ablation
         assert ex["attribution_sum"] == pytest.approx(ex["ablation"], rel=1e-6, abs=1e-9)
         assert ex["explained"] == pytest.approx(1.0, rel=1e-6)
         assert p["b_only"]["nodes"] == []  # B has nothing A lacks
