@@ -692,7 +692,7 @@ def monitor_cmd(
     """Score prompts by how much of their features' mass flows through pathways never seen on the fitting corpus,
     and list the unusual pathways (features, edges, attention pairs)."""
     from acg.roundtrip.data import load_pairs, prompt_ids
-    from acg.roundtrip.monitor import Monitor
+    from acg.roundtrip.monitor import Monitor, calibration_prompts
 
     torch_model, acg = _model_and_acg(model, acg_dir)
     if (prompt is None) == (data is None):
@@ -727,17 +727,6 @@ def monitor_cmd(
         err.print(f"[bold]{r['score']:.2f}[/] {r['prompt']!r}  ({sites})")
         for p in r["pathways"]:
             err.print("   " + describe_pathway(p, acg, decode))
-
-
-def calibration_prompts(acg, n: int) -> list[list[int]]:
-    """Clean prompts of the fitting distribution that the usage statistics did not see (testbed models only)."""
-    from acg.compiler.harvest import testbed_corpus
-    from acg.zoo import vocab
-
-    if acg.cfg.d_vocab != vocab.D_VOCAB:
-        raise ACGError("calibration draws testbed prompts; this model has another vocabulary: pass --calibrate 0")
-    seen = int(acg.stats.get("spec", {}).get("usage_prompts", 1000))
-    return testbed_corpus(seen + n, seed=1000)[seen:]
 
 
 def describe_pathway(p: dict[str, Any], acg, decode) -> str:
@@ -787,7 +776,7 @@ def demo(
     start = time.perf_counter()
     summary: dict[str, Any] = {"model": model, "out": str(out), "evaluation": {}, "backends": {}}
     for name in (model, "testbed-s-clean"):
-        err.print(f"[1/5] evaluating {name} on held-out prompts ...")
+        err.print(f"[1/6] evaluating {name} on held-out prompts ...")
         m = load_zoo(name)
         summary["evaluation"][name] = {**evaluate(m), "n_params": sum(p.numel() for p in m.parameters())}
     loaded = load(model, "float32")
@@ -795,7 +784,7 @@ def demo(
     tokens = rng.integers(0, loaded.graph.meta["config"]["d_vocab"], (8, loaded.graph.meta["config"]["n_ctx"]))
     reference = loaded.original(tokens)
     for backend in codegen.BACKENDS:
-        err.print(f"[2/5] compiling {model} -> {backend} ...")
+        err.print(f"[2/6] compiling {model} -> {backend} ...")
         t0 = time.perf_counter()
         path = codegen.compile(loaded.graph, out / backend, backend, title=model)
         got = np.asarray(codegen.load(path)(tokens))
@@ -822,6 +811,8 @@ def demo(
     if "acg" in summary:
         _print_demo_acg(model, summary["acg"])
     err.print(f"done in {summary['seconds']:.0f} s; artefacts under {out}/")
+    if "acg" in summary:
+        err.print(f"the report: {summary['acg']['distilled']['report']}")
 
 
 def layer_table(layers: list[dict[str, Any]], title: str) -> Table:
@@ -851,7 +842,7 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
     from acg.zoo.registry import load as load_zoo
 
     torch_model = load_zoo(model)
-    err.print(f"[3/5] fitting the ACG of {model} on 10,000 clean prompts ...")
+    err.print(f"[3/6] fitting the ACG of {model} on 10,000 clean prompts ...")
     acg, stats = fit(torch_model, testbed_corpus(10_000, seed=1000), FitSpec(), meta={"model": model, "title": model})
     fidelity = replacement_fidelity(torch_model, acg.transcoders)
     acg = acg.replace(stats={**acg.stats, "fidelity": fidelity})
@@ -866,7 +857,7 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
     reference = load(model, "float64").original(tokens)
     exact = lower(acg, keep_errors=True, dtype="float64")
     for backend in codegen.BACKENDS:
-        err.print(f"[4/5] compiling the exact ACG -> {backend} ...")
+        err.print(f"[4/6] compiling the exact ACG -> {backend} ...")
         path = codegen.compile(exact, out / "acg-exact" / backend, backend, title=f"{model} ACG (exact)")
         got = np.asarray(codegen.load(path)(tokens))
         result["exact"][backend] = {"path": str(path), "max_abs_err": float(np.abs(got - reference).max())}
@@ -888,11 +879,12 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     from acg.roundtrip import dense
     from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
 
-    err.print("[5/5] distilling the code circuit and round-tripping to dense checkpoints ...")
+    err.print("[5/6] distilling the code circuit and round-tripping to dense checkpoints ...")
     fit_examples, eval_examples = _circuit_data("code", None, 2000, acg.cfg.d_vocab)
     reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
     circ = circuit_mod.extract(torch_model, acg, fit_examples, eval_examples, reference, name="circuit:code")
     rows: dict[str, Any] = {}
+    models = {}
     for name, model, report in (
         ("original", torch_model, None),
         ("ACG replacement", dense.to_dense(acg), None),
@@ -901,9 +893,46 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     ):
         e = evaluate(model, n=1000, n_backdoor_per_task=200)
         rows[name] = {"task_acc": e["task_acc"], "asr": e["asr"], **dense.n_params(model)}
+        models[name] = model
         if report is not None:
             rows[name]["path"] = report["out"]
-    return {"rows": rows, "circuit": circ.report}
+    err.print("[6/6] writing the HTML report (monitor, circuit drawing, diffs, explanation tree) ...")
+    del models["original"]
+    path = _write_report(torch_model, acg, out / "report.html", models, circ, rows, str(acg.meta.get("model", "")))
+    return {"rows": rows, "circuit": circ.report, "report": str(path)}
+
+
+def _write_report(torch_model, acg, path: Path, candidates=None, circuit=None, rows=None, name: str = "") -> Path:
+    from acg.roundtrip import report
+
+    bench = report.load_bench(Path("bench/results") / f"backdoor-{name}-5pct.json", name)
+    data = report.collect(
+        name, torch_model, acg, path.parent, candidates, circuit, rows, bench, log=lambda s: err.print(s)
+    )
+    return report.write(data, path)
+
+
+@app.command("report")
+def report_cmd(
+    model: Annotated[str, typer.Argument(help="testbed name or checkpoint folder the ACG was fitted for")],
+    acg_dir: Annotated[Path, typer.Option("--acg", help="the ACG folder (`acg fit`)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="the HTML file to write")] = Path("runs/report.html"),
+    bench: Annotated[
+        Path | None, typer.Option(help="a bench/backdoor.py JSON whose FT / FP / Scratch asr the report shows")
+    ] = None,
+) -> None:
+    """One self-contained HTML report: fit metrics, task_acc and asr of the original, the replacement model and
+    the round trips, KL histogram, monitor scores, the code circuit drawn and as code, diffs, an explanation tree."""
+    from acg.roundtrip import report
+
+    torch_model, acg = _model_and_acg(model, acg_dir)
+    name = str(acg.meta.get("model", model))
+    bench_data = report.load_bench(bench, name) if bench is not None else None
+    if bench is not None and bench_data is None:
+        raise ACGError(f"{bench}: holds no 5% backdoor results for {name}")
+    data = report.collect(name, torch_model, acg, out.parent, bench=bench_data, log=lambda s: err.print(s))
+    report.write(data, out)
+    err.print(f"report: {out}")
 
 
 def _rt(dense, acg, selection, path: Path):

@@ -217,7 +217,8 @@ class NodeModel:
                     )
         if only["errors"]:
             for layer, e in enumerate(saved["errors"]):
-                rows.append({"node": f"L{layer}.err", "label": "error term", "attribution": float((e * e.grad).sum())})
+                attr = float((e * e.grad).sum().detach())
+                rows.append({"node": f"L{layer}.err", "label": "error term", "attribution": attr})
         rows.sort(key=lambda r: -abs(r["attribution"]))
         with torch.no_grad():
             reduced = self.run(toks, _intersection(mine, other, self.widths))

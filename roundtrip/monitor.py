@@ -36,7 +36,11 @@ from acg.ir.errors import ACGError
 SITES = ("enc", "qk", "ov")
 
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+def _spmm(F: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Sparse activations [N, n] (mostly zeros) times a dense matrix [n, m]."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return F.to_sparse_csr() @ W
 
 
 class MonitorError(ACGError):
@@ -159,10 +163,11 @@ class Monitor:
             W = torch.as_tensor(self.V[f"V.L{layer}.enc.{g}"])
             F = torch.as_tensor(np.abs(act[g]), dtype=torch.float32)
             b, n_pos, n_src = F.shape
-            F = F.reshape(-1, n_src).to_sparse_csr() if g.startswith("mlp") else F.reshape(-1, n_src)
+            F = F.reshape(-1, n_src)
+            mm = _spmm if g.startswith("mlp") else torch.matmul
             Wu = W * torch.as_tensor(~seen, dtype=torch.float32)
-            unseen = unseen + (F @ Wu).reshape(b, n_pos, -1)
-            total = total + (F @ W).reshape(b, n_pos, -1)
+            unseen = unseen + mm(F, Wu).reshape(b, n_pos, -1)
+            total = total + mm(F, W).reshape(b, n_pos, -1)
         return unseen * s, total * s
 
     def _presence(self, act, groups: list[str]) -> torch.Tensor:
@@ -173,7 +178,7 @@ class Monitor:
         P = self._presence(act, self.profile.qk_groups[layer])  # (b, s, n)
         b, n_pos, n = P.shape
         h = self.cfg.n_heads
-        Q = (P.reshape(-1, n).to_sparse_csr() @ self._qk_unseen[layer]).reshape(b, n_pos, h, n)
+        Q = _spmm(P.reshape(-1, n), self._qk_unseen[layer]).reshape(b, n_pos, h, n)
         joined = torch.einsum("bihc,bjc->bhij", Q, P) > 0
         return torch.as_tensor(env[f"L{layer}_pattern"]) * joined
 
@@ -357,6 +362,17 @@ class Monitor:
                 }
             )
         return out
+
+
+def calibration_prompts(acg, n: int) -> list[list[int]]:
+    """Clean prompts of the fitting distribution that the usage statistics did not see (testbed models only)."""
+    from acg.compiler.harvest import testbed_corpus
+    from acg.zoo import vocab
+
+    if acg.cfg.d_vocab != vocab.D_VOCAB:
+        raise MonitorError("calibration draws testbed prompts; this model has another vocabulary: pass --calibrate 0")
+    seen = int(acg.stats.get("spec", {}).get("usage_prompts", 1000))
+    return testbed_corpus(seen + n, seed=1000)[seen:]
 
 
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
