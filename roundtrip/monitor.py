@@ -85,7 +85,8 @@ def profile_from_usage(acg: ACG, stats: dict[str, np.ndarray] | None = None, **m
             at += n
         qk[layer] = usage[f"qk.L{layer}"] > 0
     groups = {int(k): list(v) for k, v in layout["qk_sources"].items()}
-    return Profile(enc, qk, ov, groups, meta.get("source", "usage"), meta.get("n_prompts", layout.get("n_prompts")))
+    n_prompts = meta.get("n_prompts", layout.get("spec", {}).get("usage_prompts"))
+    return Profile(enc, qk, ov, groups, meta.get("source", "usage"), n_prompts)
 
 
 def profile_from_corpus(acg: ACG, corpus: Sequence[Sequence[int]], pair_budget: int | None = None) -> Profile:
@@ -364,14 +365,15 @@ class Monitor:
         return out
 
 
-def calibration_prompts(acg, n: int) -> list[list[int]]:
-    """Clean prompts of the fitting distribution that the usage statistics did not see (testbed models only)."""
+def calibration_prompts(acg, n: int, skip: int | None = None) -> list[list[int]]:
+    """Clean prompts of the fitting distribution (testbed models only) past the first `skip` (default: those the
+    usage statistics saw), so that the profile has not seen them."""
     from acg.compiler.harvest import testbed_corpus
     from acg.zoo import vocab
 
     if acg.cfg.d_vocab != vocab.D_VOCAB:
         raise MonitorError("calibration draws testbed prompts; this model has another vocabulary: pass --calibrate 0")
-    seen = int(acg.stats.get("spec", {}).get("usage_prompts", 1000))
+    seen = int(skip if skip is not None else acg.stats.get("spec", {}).get("usage_prompts", 1000))
     return testbed_corpus(seen + n, seed=1000)[seen:]
 
 
