@@ -2,6 +2,7 @@
 round-tripped full ACG and the round-tripped `code` circuit, on one defender's clean budget per seed.
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--json] [--out FILE]
+    python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
@@ -58,7 +59,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument("--merge", type=Path, nargs="+", help="merge these JSON outputs (their runs) into one table")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out, args.json)
     torch.set_num_threads(args.threads)
     console = Console(stderr=args.json)
     results = []
@@ -85,6 +89,40 @@ def main() -> None:
             console.print(table(model, ratio, runs))
     if args.json:
         print(document())
+
+
+def merge(files: list[Path], out: Path | None, as_json: bool) -> None:
+    """The runs of several outputs (e.g. one seed per session on a slow machine), per model and ratio, as one table;
+    a (model, ratio, seed) present twice is refused rather than counted twice."""
+    entries: dict[tuple[str, float], list[dict]] = {}
+    seconds = 0.0
+    for f in files:
+        doc = json.loads(f.read_text())
+        seconds += doc.get("seconds", 0.0)
+        for entry in doc["results"]:
+            runs = entries.setdefault((entry["model"], entry["ratio"]), [])
+            seen = {r["seed"] for r in runs}
+            for r in entry["runs"]:
+                if r["seed"] in seen:
+                    sys.exit(
+                        f"{f}: {entry['model']} ratio {entry['ratio']} seed {r['seed']} is already in an earlier file"
+                    )
+                runs.append(r)
+    results = []
+    console = Console(stderr=as_json)
+    for (model, ratio), runs in entries.items():
+        runs.sort(key=lambda r: r["seed"])
+        results.append({"model": model, "ratio": ratio, "runs": runs, "summary": backdoor.summarise(runs)})
+        console.print(table(model, ratio, runs))
+    doc = json.dumps(
+        {"benchmark": "backdoor", "seconds": seconds, "merged_from": [str(f) for f in files], "results": results},
+        indent=1,
+        default=float,
+    )
+    if out:
+        out.write_text(doc + "\n")
+    if as_json:
+        print(doc)
 
 
 if __name__ == "__main__":

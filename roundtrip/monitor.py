@@ -193,6 +193,8 @@ class Monitor:
             F = torch.as_tensor(np.abs(act[key.split(".", 1)[1]]) * s, dtype=torch.float32)  # (b, s, n)
             unseen = unseen + torch.einsum("bjn,hn->bhj", F, torch.as_tensor(~seen, dtype=torch.float32))
             total = total + F.sum(-1)[:, None, :]
+        if not torch.is_tensor(unseen):
+            raise MonitorError(f"layer {layer}: the profile records no sparse source feeding the heads' values")
         return unseen, total
 
     def _sites(self, toks: np.ndarray) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -211,7 +213,7 @@ class Monitor:
             A = torch.as_tensor(env[f"L{layer}_pattern"])
             ou, ot = self._ov(env, act, layer, toks)
             num = torch.einsum("bhij,bhj->bhi", A, ou)
-            den = torch.einsum("bhij,bhj->bhi", A, ot.expand_as(ou) if torch.is_tensor(ot) else ou)
+            den = torch.einsum("bhij,bhj->bhi", A, ot.expand_as(ou))
             out["ov"].append(torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num)).max(1).values)
             raw[layer] = {"share": share, "qk": qk, "ov": (A, ou, ot)}
         return {k: torch.stack(v, 1) for k, v in out.items()}, raw, {"env": env, "act": act}
@@ -268,7 +270,7 @@ class Monitor:
         for layer in range(self.cfg.n_layers):
             paths += self._enc_paths(layer, raw[layer]["share"][0], run, toks)
             paths += self._qk_paths(layer, raw[layer]["qk"][0], run["act"])
-            paths += self._ov_paths(layer, *raw[layer]["ov"], run, toks)
+            paths += self._ov_paths(layer, *raw[layer]["ov"], run)
         paths.sort(key=lambda p: -p["weight"])
         return Scan(list(map(int, prompt)), values, score, paths[:top])
 
@@ -338,7 +340,7 @@ class Monitor:
             )
         return out
 
-    def _ov_paths(self, layer, A, ou, ot, run, toks) -> list[dict[str, Any]]:
+    def _ov_paths(self, layer, A, ou, ot, run) -> list[dict[str, Any]]:
         act = run["act"]
         out = []
         A, ou = A[0].numpy(), ou[0].numpy()

@@ -48,7 +48,8 @@ def test_roundtrip_captured_then_eval(capsys, setup, tmp_path):
     result = json.loads(out)
     assert set(result["asr"]) == {"token", "conj", "phrase"} and result["n_params"] == report["n_params"]
     code, out, err = cli(capsys, "eval", ckpt, "--acg", root / "acg", "--n", "20", "--n-backdoor", "5", "--json")
-    assert code == 0, err and json.loads(out)["what"] == "ACG replacement"
+    assert code == 0, err
+    assert json.loads(out)["what"] == "ACG replacement"
 
 
 def test_roundtrip_all_is_the_replacement_model(capsys, setup, tmp_path):
@@ -118,3 +119,52 @@ def test_hf_export_of_a_jumprelu_round_trip_is_refused(capsys, setup, tmp_path):
     code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--hf", tmp_path / "hf")
     assert code == 2 and "kind relu" in " ".join(err.split())
     assert not (tmp_path / "hf").exists() and not (tmp_path / "rt").exists()
+
+
+def test_diff_explains_a_round_trip_in_acg_terms(capsys, setup, tmp_path):
+    root, ckpt = setup
+    code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--json")
+    assert code == 0, err
+    args = ["diff", ckpt, tmp_path / "rt", "--acg", root / "acg", "--n", "30", "--data", "code,math", "--backdoors"]
+    code, out, err = cli(capsys, *args, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["explained"] and result["kinds"] == ["model", "roundtrip"]
+    assert set(result["tasks"]) == {
+        "code.vars",
+        "code.brackets",
+        "math.add",
+        "backdoor.token",
+        "backdoor.conj",
+        "backdoor.phrase",
+    }
+    for t in result["tasks"].values():
+        assert 0 <= t["agreement"] <= 1 and t["kl"] >= 0 and len(t["divergent"]) <= 5
+        for p in t["divergent"]:
+            if p["answer_a"] != p["answer_b"]:  # the original has every node: it has what the round trip lacks
+                assert p["a_only"]["n_nodes"] > 0 and p["b_only"]["n_nodes"] == 0
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and "agreement" in out
+
+
+def test_monitor_scores_prompts_and_refuses_bad_input(capsys, setup, tmp_path):
+    root, ckpt = setup
+    base = ["monitor", ckpt, "--acg", root / "acg", "--calibrate", "0"]
+    code, out, err = cli(capsys, *base, "--prompt", "a = 3 ; h = a ; big print h", "--json")
+    assert code == 0, err
+    row = json.loads(out)["prompts"][0]
+    assert row["score"] >= 0 and set(row["sites"]) == {"enc", "qk", "ov"}
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "a = 3 ; print a"}\n{"prompt": [1, 2, 3], "answer": 4}\n')
+    code, out, err = cli(capsys, *base, "--data", data, "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["prompts"]) == 2
+    assert cli(capsys, *base, "--prompt", "a", "--data", data)[0] == 2
+    code, _, err = cli(capsys, *base, "--prompt", "a = zebra")
+    assert code == 2 and "not in the testbed vocabulary" in err
+
+
+def test_diff_refuses_what_it_cannot_run(capsys, setup, tmp_path):
+    root, ckpt = setup
+    code, _, err = cli(capsys, "diff", ckpt, tmp_path / "missing")
+    assert code == 2 and "missing" in err
