@@ -136,3 +136,27 @@ def test_auroc_and_detection_rate():
     assert auroc(np.ones(5), np.ones(5)) == 0.5
     rate, thr = detection_at_fpr(neg, pos, 0.01)
     assert thr == 98.0 and rate == pytest.approx(51 / 100)
+
+
+def test_diff_runs_every_kind_of_side(fitted, tmp_path):
+    from helpers import dense_ir
+
+    from acg import codegen
+    from acg.compiler import acg as acg_io
+    from acg.compiler.transformer import save_checkpoint
+    from acg.ir import serialize
+
+    model, acg, _ = fitted
+    save_checkpoint(model, tmp_path / "ckpt")
+    graph = dense_ir(model, "float32")
+    serialize.save(graph, tmp_path / "ir")
+    codegen.compile(graph, tmp_path / "py", "python")
+    acg_io.save(acg, tmp_path / "acg")
+    sides = {k: resolve(str(tmp_path / k)) for k in ("ckpt", "ir", "py", "acg")}
+    assert {k: s.kind for k, s in sides.items()} == {"ckpt": "model", "ir": "ir", "py": "artefact", "acg": "acg"}
+    data = {"random": _pairs(acg.cfg, 40, 5)}
+    for k in ("ir", "py"):  # exact compilations: the same behaviour, nothing to explain
+        out = diff(sides["ckpt"], sides[k], data, acg=acg)
+        assert out["tasks"]["random"]["agreement"] == 1.0 and out["tasks"]["random"]["kl"] < 1e-6
+    out = diff(sides["ckpt"], sides["acg"], data)  # the ACG side brings its own feature basis
+    assert out["explained"] and out["kinds"] == ["model", "acg"]
