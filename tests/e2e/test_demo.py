@@ -1,0 +1,27 @@
+"""The README's main job, end to end (slow: about 8 minutes on 2 cores): the demo on the shipped testbed model ends by
+writing the HTML report and printing its path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from acg.cli import main
+
+
+@pytest.mark.slow
+def test_demo_writes_the_report(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    report = tmp_path / "demo" / "report.html"
+    assert summary["acg"]["distilled"]["report"] == str(report)
+    text = report.read_text()
+    for fig in ("fig-layers", "fig-task-acc", "fig-asr", "fig-kl", "fig-monitor", "circuit"):
+        assert f'id="{fig}"' in text
+    assert "<details" in text and "Diff: original vs roundtrip code" in text
+    rows = summary["acg"]["distilled"]["rows"]
+    assert rows["roundtrip full"]["asr"]["token"] < 0.1  # the unseen trigger token is not captured
+    for backend, r in summary["backends"].items():
+        assert r["max_abs_err"] < 1e-3, backend
