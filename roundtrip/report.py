@@ -78,7 +78,7 @@ def explanation_tree(
             out.update(
                 id=fid,
                 label=info.get("label", fid),
-                activation=float(feats[layer][0, pos, idx]),
+                activation=float(feats[layer][0, pos, idx].detach()),
                 contexts=[" ".join(c["tokens"]) for c in info.get("contexts", [])[:3]],
                 target=(layer, pos, idx),
             )
@@ -538,7 +538,7 @@ def collect(
     log("report: building the explanation tree ...")
     ex = heldout("code.vars", 1, 3)[0]
     answer = int(answer_logits(model, [ex])[0].argmax())
-    tree = explanation_tree(acg, ex.ids, answer, depth=2, width=4, names=names)
+    tree = explanation_tree(acg, ex.ids, answer, depth=2, width=6, names=names)
     return {
         "model": model_name,
         "config": {
