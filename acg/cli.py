@@ -686,13 +686,19 @@ def monitor_cmd(
     calibrate: Annotated[
         int, typer.Option(help="clean testbed prompts that put the site kinds on one scale (0: raw values)")
     ] = 300,
+    profile: Annotated[
+        int,
+        typer.Option(
+            help="profile on this many clean testbed prompts (the fitting corpus's start; 0: the ACG's usage)"
+        ),
+    ] = 0,
     top: Annotated[int, typer.Option(help="unusual pathways listed per prompt")] = 6,
     as_json: JsonFlag = False,
 ) -> None:
     """Score prompts by how much of their features' mass flows through pathways never seen on the fitting corpus,
     and list the unusual pathways (features, edges, attention pairs)."""
     from acg.roundtrip.data import load_pairs, prompt_ids
-    from acg.roundtrip.monitor import Monitor, calibration_prompts
+    from acg.roundtrip.monitor import Monitor, calibration_prompts, testbed_profile
 
     torch_model, acg = _model_and_acg(model, acg_dir)
     if (prompt is None) == (data is None):
@@ -702,10 +708,10 @@ def monitor_cmd(
         if prompt is not None
         else [p.ids for p in load_pairs(data, acg.cfg.d_vocab, answers=False)]
     )
-    mon = Monitor(acg)
+    mon = Monitor(acg, testbed_profile(acg, profile) if profile else None)
     calibration = None
     if calibrate:
-        calibration = mon.calibrate(calibration_prompts(acg, calibrate))
+        calibration = mon.calibrate(calibration_prompts(acg, calibrate, mon.profile.n_prompts))
     decode = _decoder(acg.cfg.d_vocab)
     rows = []
     for ids in prompts:
@@ -903,11 +909,13 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
 
 
 def _write_report(torch_model, acg, path: Path, candidates=None, circuit=None, rows=None, name: str = "") -> Path:
+    """The demo's report; its monitor profiles the whole fitting corpus (10,000 prompts), as bench/monitor.py's
+    second table does."""
     from acg.roundtrip import report
 
     bench = report.load_bench(Path("bench/results") / f"backdoor-{name}-5pct.json", name)
     data = report.collect(
-        name, torch_model, acg, path.parent, candidates, circuit, rows, bench, log=lambda s: err.print(s)
+        name, torch_model, acg, path.parent, candidates, circuit, rows, bench, 10_000, log=lambda s: err.print(s)
     )
     return report.write(data, path)
 
@@ -920,6 +928,7 @@ def report_cmd(
     bench: Annotated[
         Path | None, typer.Option(help="a bench/backdoor.py JSON whose FT / FP / Scratch asr the report shows")
     ] = None,
+    profile: Annotated[int, typer.Option(help="monitor profile: clean testbed prompts (0: the ACG's usage)")] = 0,
 ) -> None:
     """One self-contained HTML report: fit metrics, task_acc and asr of the original, the replacement model and
     the round trips, KL histogram, monitor scores, the code circuit drawn and as code, diffs, an explanation tree."""
@@ -930,7 +939,9 @@ def report_cmd(
     bench_data = report.load_bench(bench, name) if bench is not None else None
     if bench is not None and bench_data is None:
         raise ACGError(f"{bench}: holds no 5% backdoor results for {name}")
-    data = report.collect(name, torch_model, acg, out.parent, bench=bench_data, log=lambda s: err.print(s))
+    data = report.collect(
+        name, torch_model, acg, out.parent, bench=bench_data, profile_prompts=profile, log=lambda s: err.print(s)
+    )
     report.write(data, out)
     err.print(f"report: {out}")
 

@@ -367,6 +367,16 @@ class Monitor:
         return out
 
 
+def testbed_profile(acg: ACG, n: int) -> Profile:
+    """The profile gathered on the first `n` prompts of the testbed's clean fitting corpus (`acg demo`'s)."""
+    from acg.compiler.harvest import testbed_corpus
+    from acg.zoo import vocab
+
+    if acg.cfg.d_vocab != vocab.D_VOCAB:
+        raise MonitorError("a testbed profile needs a model on the testbed vocabulary; use profile_from_corpus")
+    return profile_from_corpus(acg, testbed_corpus(n, seed=1000))
+
+
 def calibration_prompts(acg, n: int, skip: int | None = None) -> list[list[int]]:
     """Clean prompts of the fitting distribution (testbed models only) past the first `skip` (default: those the
     usage statistics saw), so that the profile has not seen them."""

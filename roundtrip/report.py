@@ -380,7 +380,10 @@ def render(data: dict[str, Any]) -> str:
     )
     if data.get("monitor"):
         mon = data["monitor"]
-        parts.append("<h2>Pathway monitor</h2>")
+        parts.append(
+            f"<h2>Pathway monitor</h2><p>Profile: {_e(mon.get('profile', 'usage'))} statistics of "
+            f"{_e(mon.get('profile_prompts'))} clean fitting prompts; held-out prompts below.</p>"
+        )
         parts.append(
             table_html(
                 ["family", "monitor_auroc", "detection at 1% FP"],
@@ -454,6 +457,7 @@ def collect(
     circuit: Any = None,
     rows: dict[str, Any] | None = None,
     bench: dict[str, Any] | None = None,
+    profile_prompts: int = 0,
     n: int = 250,
     n_trig: int = 40,
     log: Callable[[str], None] = lambda s: None,
@@ -467,7 +471,7 @@ def collect(
     from acg.roundtrip import diff as diff_mod
     from acg.roundtrip.backdoor import code_circuit
     from acg.roundtrip.evaluate import _log_softmax, answer_logits, evaluate
-    from acg.roundtrip.monitor import Monitor, auroc, calibration_prompts, detection_at_fpr
+    from acg.roundtrip.monitor import Monitor, auroc, calibration_prompts, detection_at_fpr, testbed_profile
     from acg.zoo.tasks import BACKDOORS, TASKS, heldout, triggered
 
     out = Path(out)
@@ -498,8 +502,8 @@ def collect(
         q = _log_softmax(answer_logits(m, clean))
         kl[name] = (np.exp(ref) * (ref - q)).sum(-1)
     log("report: scoring held-out prompts with the pathway monitor ...")
-    mon = Monitor(acg)
-    calib = mon.calibrate(calibration_prompts(acg, 200))
+    mon = Monitor(acg, testbed_profile(acg, profile_prompts) if profile_prompts else None)
+    calib = mon.calibrate(calibration_prompts(acg, 200, mon.profile.n_prompts))
     s_clean = mon.score([ex.ids for ex in clean])["score"]
     scores, families = {"clean": s_clean}, {}
     for f in BACKDOORS:
@@ -548,7 +552,13 @@ def collect(
         "fit": {"layers": acg.stats.get("layers", [])},
         "rows": rows,
         "kl": kl,
-        "monitor": {"families": families, "scores": scores, "calibration": calib},
+        "monitor": {
+            "families": families,
+            "scores": scores,
+            "calibration": calib,
+            "profile": mon.profile.source,
+            "profile_prompts": mon.profile.n_prompts,
+        },
         "circuit": {
             "task": "code",
             "summary": summary,

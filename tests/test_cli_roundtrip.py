@@ -159,6 +159,9 @@ def test_monitor_scores_prompts_and_refuses_bad_input(capsys, setup, tmp_path):
     code, out, err = cli(capsys, *base, "--data", data, "--json")
     assert code == 0, err
     assert len(json.loads(out)["prompts"]) == 2
+    code, out, err = cli(capsys, *base[:-2], "--profile", "60", "--calibrate", "20", "--data", data, "--json")
+    assert code == 0, err
+    assert json.loads(out)["calibration"]["n_prompts"] == 20
     assert cli(capsys, *base, "--prompt", "a", "--data", data)[0] == 2
     code, _, err = cli(capsys, *base, "--prompt", "a = zebra")
     assert code == 2 and "not in the testbed vocabulary" in err
