@@ -24,7 +24,7 @@ from acg.compiler.lower import lower
 from acg.ir import interpret
 
 
-def _sizes(cfg, transcoders) -> dict[str, int]:
+def group_sizes(cfg, transcoders) -> dict[str, int]:
     sizes = {"tok": cfg.d_vocab, "pos": cfg.n_ctx, "bias": 1}
     for layer, tc in enumerate(transcoders):
         sizes[f"attn{layer}"] = cfg.n_heads * cfg.d_head
@@ -51,8 +51,8 @@ def usage_statistics(model, transcoders, acts: Activations, spec) -> tuple[dict[
         out[f"feat_mass.L{layer}"] = mass.astype(np.float32)
     weights = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
     exact = lower(ACG(cfg, weights, tuple(transcoders)), keep_errors=True, dtype="float32")
-    out.update(_pair_statistics(exact, cfg, transcoders, acts.sequences[: spec.usage_prompts], spec.pair_budget))
-    sizes = _sizes(cfg, transcoders)
+    out.update(pair_statistics(exact, cfg, transcoders, acts.sequences[: spec.usage_prompts], spec.pair_budget))
+    sizes = group_sizes(cfg, transcoders)
     layout = {
         "qk_sources": {
             str(layer): qk_sources(cfg, transcoders, layer, spec.pair_budget) for layer in range(cfg.n_layers)
@@ -81,8 +81,8 @@ def qk_sources(cfg, transcoders, layer: int, budget: int) -> list[str]:
     return groups
 
 
-def _pair_statistics(graph, cfg, transcoders, seqs: list[list[int]], budget: int) -> dict[str, np.ndarray]:
-    sizes = _sizes(cfg, transcoders)
+def pair_statistics(graph, cfg, transcoders, seqs: list[list[int]], budget: int) -> dict[str, np.ndarray]:
+    sizes = group_sizes(cfg, transcoders)
     reads = _reads(graph)
     acc: dict[str, np.ndarray] = {}
     qk_groups = {layer: qk_sources(cfg, transcoders, layer, budget) for layer in range(cfg.n_layers)}
@@ -93,7 +93,7 @@ def _pair_statistics(graph, cfg, transcoders, seqs: list[list[int]], budget: int
         for start in range(0, len(group), 128):
             toks = np.array(group[start : start + 128], dtype=np.int64)
             env = interpret.run(graph, toks, dtype="float32", keep=True)
-            act = _activations(env, toks, cfg, sizes)
+            act = group_activations(env, toks, cfg, sizes)
             for tag, sources in reads.items():
                 s_name = "s_" + (tag[:-2] + "_Q" if tag[-2:] in (".Q", ".K", ".V") else tag).replace(".", "_")
                 s = env[s_name] if cfg.normalization_type is not None else 1.0
@@ -117,7 +117,7 @@ def _pair_statistics(graph, cfg, transcoders, seqs: list[list[int]], budget: int
     return {k: np.asarray(v, dtype=np.float32) for k, v in acc.items()}
 
 
-def _activations(env, toks: np.ndarray, cfg, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+def group_activations(env, toks: np.ndarray, cfg, sizes: dict[str, int]) -> dict[str, np.ndarray]:
     """Each source group's activations [b, s, n] (one-hot for tokens and positions, 1 for the bias)."""
     b, s = toks.shape
     act = {

@@ -32,7 +32,7 @@ from acg.compiler.acg import ACG
 from acg.compiler.transformer import Transformer
 from acg.ir.errors import ACGError
 from acg.roundtrip.data import Pair
-from acg.roundtrip.evaluate import _log_softmax, accuracy, agreement, answer_logits, kl
+from acg.roundtrip.evaluate import accuracy, agreement, answer_logits, kl, kl_per_prompt
 from acg.zoo.tasks import Example
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
@@ -273,8 +273,7 @@ def diff(
         if not examples:
             raise DiffError(f"task {task!r} has no prompts")
         la, lb = answer_logits(a.logits, examples), answer_logits(b.logits, examples)
-        pa, pb = _log_softmax(la), _log_softmax(lb)
-        per_kl = (np.exp(pa) * (pa - pb)).sum(-1)
+        per_kl = kl_per_prompt(la, lb)
         ans_a, ans_b = la.argmax(-1), lb.argmax(-1)
         order = np.lexsort((-per_kl, ans_a == ans_b))[:n_divergent]
         prompts = []

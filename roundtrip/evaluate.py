@@ -85,9 +85,14 @@ def agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
 
 def kl(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
     """Mean KL(p || q) in nats over answer positions, p the original and q the candidate."""
+    return float(kl_per_prompt(logits_p, logits_q).mean())
+
+
+def kl_per_prompt(logits_p: np.ndarray, logits_q: np.ndarray) -> np.ndarray:
+    """KL(p || q) in nats at each answer position: float [n]."""
     logp = _log_softmax(logits_p)
     logq = _log_softmax(logits_q)
-    return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
+    return (np.exp(logp) * (logp - logq)).sum(-1)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -147,5 +152,6 @@ __all__ = [
     "attack_success",
     "evaluate",
     "kl",
+    "kl_per_prompt",
     "task_accuracy",
 ]

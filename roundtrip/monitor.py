@@ -29,7 +29,7 @@ import torch
 
 from acg.compiler.acg import ACG
 from acg.compiler.lower import SPARSE_KINDS, lower
-from acg.compiler.usage import _activations, _pair_statistics, _sizes
+from acg.compiler.usage import group_activations, group_sizes, pair_statistics
 from acg.ir import interpret
 from acg.ir.errors import ACGError
 
@@ -95,7 +95,7 @@ def profile_from_corpus(acg: ACG, corpus: Sequence[Sequence[int]], pair_budget: 
         raise MonitorError("the corpus to profile is empty")
     budget = pair_budget or acg.stats.get("spec", {}).get("pair_budget", 1 << 26)
     graph = lower(acg, keep_errors=True, dtype="float32")
-    stats = _pair_statistics(graph, acg.cfg, acg.transcoders, [list(s) for s in corpus], budget)
+    stats = pair_statistics(graph, acg.cfg, acg.transcoders, [list(s) for s in corpus], budget)
     return profile_from_usage(acg, stats, source="corpus", n_prompts=len(corpus))
 
 
@@ -123,7 +123,7 @@ class Monitor:
         self.acg, self.cfg = acg, acg.cfg
         self.profile = profile or profile_from_usage(acg)
         self.graph = lower(acg, keep_errors=True, dtype="float32")
-        self.sizes = _sizes(self.cfg, acg.transcoders)
+        self.sizes = group_sizes(self.cfg, acg.transcoders)
         self.threads = threads
         self.scale = {k: 1.0 for k in SITES}  # `calibrate` sets these
         self.calibration: dict[str, Any] = {}
@@ -146,7 +146,7 @@ class Monitor:
 
     def _run(self, toks: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         env = interpret.run(self.graph, toks, dtype="float32", keep=True)
-        return env, _activations(env, toks, self.cfg, self.sizes)
+        return env, group_activations(env, toks, self.cfg, self.sizes)
 
     def _s(self, env: dict, name: str, shape: tuple[int, int]) -> np.ndarray:
         if self.cfg.normalization_type is None:

@@ -470,7 +470,7 @@ def collect(
     from acg.roundtrip import dense
     from acg.roundtrip import diff as diff_mod
     from acg.roundtrip.backdoor import code_circuit
-    from acg.roundtrip.evaluate import _log_softmax, answer_logits, evaluate
+    from acg.roundtrip.evaluate import answer_logits, evaluate, kl_per_prompt
     from acg.roundtrip.monitor import Monitor, auroc, calibration_prompts, detection_at_fpr, testbed_profile
     from acg.zoo.tasks import BACKDOORS, TASKS, heldout, triggered
 
@@ -496,11 +496,8 @@ def collect(
             e = evaluate(m, n=n, n_backdoor_per_task=n_trig)
             rows[name] = {"task_acc": e["task_acc"], "asr": e["asr"], "n_params": dense.n_params(m)["n_params"]}
     clean = [ex for t in TASKS for ex in heldout(t, n, 0)]
-    ref = _log_softmax(answer_logits(model, clean))
-    kl = {}
-    for name, m in candidates.items():
-        q = _log_softmax(answer_logits(m, clean))
-        kl[name] = (np.exp(ref) * (ref - q)).sum(-1)
+    ref = answer_logits(model, clean)
+    kl = {name: kl_per_prompt(ref, answer_logits(m, clean)) for name, m in candidates.items()}
     log("report: scoring held-out prompts with the pathway monitor ...")
     mon = Monitor(acg, testbed_profile(acg, profile_prompts) if profile_prompts else None)
     calib = mon.calibrate(calibration_prompts(acg, 200, mon.profile.n_prompts))

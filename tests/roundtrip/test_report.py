@@ -18,7 +18,7 @@ from acg.compiler.unroll import unroll
 from acg.roundtrip import dense, report
 from acg.roundtrip.data import Pair
 from acg.roundtrip.diff import Nodes, Side, answer_fn, diff
-from acg.roundtrip.evaluate import _log_softmax, accuracy, answer_logits
+from acg.roundtrip.evaluate import accuracy, answer_logits, kl_per_prompt
 from acg.roundtrip.monitor import Monitor, auroc, detection_at_fpr
 
 CHROMIUM_FLAGS = [
@@ -56,8 +56,8 @@ def page_data(tmp_path_factory):
             "n_params": dense.n_params(m)["n_params"],
         }
     clean = [ex for exs in tasks.values() for ex in exs]
-    ref = _log_softmax(answer_logits(model, clean))
-    kl = {n: (np.exp(ref) * (ref - _log_softmax(answer_logits(m, clean)))).sum(-1) for n, m in candidates.items()}
+    ref = answer_logits(model, clean)
+    kl = {n: kl_per_prompt(ref, answer_logits(m, clean)) for n, m in candidates.items()}
     mon = Monitor(acg)
     s_clean = mon.score(corpus[:60])["score"]
     s_new = mon.score([[*p[:3], 12, *p[3:]] for p in corpus[:30]])["score"]
