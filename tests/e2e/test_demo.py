@@ -1,4 +1,4 @@
-"""The README's main job, end to end (slow: about 8 minutes on 2 cores): the demo on the shipped testbed model ends by
+"""The README's main job, end to end (slow: about 5 minutes on 2 cores): the demo on the shipped testbed model ends by
 writing the HTML report and printing its path."""
 
 from __future__ import annotations
