@@ -6,9 +6,9 @@ statistics gathered again on a corpus of the user's (`profile_from_corpus`). A p
 no mass there. An input is run through the exact feature-level IR (error terms kept, so the activations are the
 model's own) and scored at three kinds of site, each a fraction in [0, 1] per layer and position:
 
-- `enc`: for each transcoder feature that fires, the share of its pre-activation mass from sparse sources (tokens,
-  positions, earlier features) that arrives over unseen edges (source, feature); the site's value is the largest
-  share over the features firing there;
+- `enc`: the share of the firing features' pre-activation mass from sparse sources (tokens, positions, earlier
+  features) that arrives over unseen edges (source, feature), and, with a corpus profile, over unseen attention
+  edges (a token or position at a key position, moved by a head, into the feature: DESIGN.md's OV in feature terms);
 - `qk`: per head, the attention mass from the query position to key positions joined to it by a (query feature, key
   feature) pair that never co-occurred at that head; pairs of two position features are left out, since they only
   say that a prompt is longer than those seen;
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,9 @@ def _sparse(group: str) -> bool:
 @dataclass(frozen=True, eq=False)
 class Profile:
     """Seen pathways: `enc["L{l}.{g}"]` bool [n_source, n_features], `qk[l]` bool [n_heads, n, n] over the groups
-    `qk_groups[l]` (concatenated), `ov["L{l}.{g}"]` bool [n_heads, n_source]."""
+    `qk_groups[l]` (concatenated), `ov["L{l}.{g}"]` bool [n_heads, n_source]; from a corpus also `att["L{k}.L{l}.{g}"]`
+    bool [n_heads, n_source, n_features]: a token or position source moved by layer k's head into layer l's feature
+    (attention edges; the usage statistics do not record them)."""
 
     enc: dict[str, np.ndarray]
     qk: dict[int, np.ndarray]
@@ -62,6 +64,7 @@ class Profile:
     qk_groups: dict[int, list[str]]
     source: str = "usage"
     n_prompts: int | None = None
+    att: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def profile_from_usage(acg: ACG, stats: dict[str, np.ndarray] | None = None, **meta: Any) -> Profile:
@@ -95,8 +98,39 @@ def profile_from_corpus(acg: ACG, corpus: Sequence[Sequence[int]], pair_budget: 
         raise MonitorError("the corpus to profile is empty")
     budget = pair_budget or acg.stats.get("spec", {}).get("pair_budget", 1 << 26)
     graph = lower(acg, keep_errors=True, dtype="float32")
-    stats = pair_statistics(graph, acg.cfg, acg.transcoders, [list(s) for s in corpus], budget)
-    return profile_from_usage(acg, stats, source="corpus", n_prompts=len(corpus))
+    seqs = [list(s) for s in corpus]
+    stats = pair_statistics(graph, acg.cfg, acg.transcoders, seqs, budget)
+    profile = profile_from_usage(acg, stats, source="corpus", n_prompts=len(corpus))
+    return replace(profile, att=attention_edges(graph, acg, seqs))
+
+
+ATT_SOURCES = ("tok", "pos")
+
+
+def attention_edges(graph, acg: ACG, seqs: list[list[int]]) -> dict[str, np.ndarray]:
+    """Seen attention edges on `seqs`: source b (a token or position) at key j, moved by layer k's head h, into a
+    feature z of layer l >= k firing at query i, where sum A_h(i, j) s_j |f_b(j)| [z fired at i] > 0."""
+    cfg = acg.cfg
+    sizes = group_sizes(cfg, acg.transcoders)
+    acc: dict[str, torch.Tensor] = {}
+    by_len: dict[int, list[list[int]]] = {}
+    for s in seqs:
+        by_len.setdefault(len(s), []).append(s)
+    for group in by_len.values():
+        for start in range(0, len(group), 128):
+            toks = np.array(group[start : start + 128], dtype=np.int64)
+            env = interpret.run(graph, toks, dtype="float32", keep=True)
+            act = group_activations(env, toks, cfg, sizes)
+            for k in range(cfg.n_layers):
+                A = torch.as_tensor(env[f"L{k}_pattern"])
+                sv = np.abs(env[f"s_L{k}_Q"]) if cfg.normalization_type is not None else 1.0
+                for layer in range(k, cfg.n_layers):
+                    T = torch.einsum("bhij,bif->bhjf", A, torch.as_tensor(env[f"mlp{layer}"] != 0, dtype=torch.float32))
+                    for g in ATT_SOURCES:
+                        F = torch.as_tensor(np.abs(act[g]) * sv, dtype=torch.float32)
+                        key = f"L{k}.L{layer}.{g}"
+                        acc[key] = acc.get(key, 0) + torch.einsum("bjs,bhjf->hsf", F, T)
+    return {k: (v > 0).numpy() for k, v in acc.items()}
 
 
 @dataclass
@@ -125,6 +159,7 @@ class Monitor:
         self.graph = lower(acg, keep_errors=True, dtype="float32")
         self.sizes = group_sizes(self.cfg, acg.transcoders)
         self.threads = threads
+        self._att_cache: dict[tuple[int, int, str], torch.Tensor] = {}
         self.scale = {k: 1.0 for k in SITES}  # `calibrate` sets these
         self.calibration: dict[str, Any] = {}
         self.V = {k: np.abs(t).astype(np.float32) for k, t in self.graph.tensors.items() if k.startswith("V.")}
@@ -169,7 +204,33 @@ class Monitor:
             Wu = W * torch.as_tensor(~seen, dtype=torch.float32)
             unseen = unseen + mm(F, Wu).reshape(b, n_pos, -1)
             total = total + mm(F, W).reshape(b, n_pos, -1)
+        for key, seen in self.profile.att.items():  # attention edges into this layer's features
+            k, target, g = key.split(".")
+            if target != f"L{layer}":
+                continue
+            W = self._att_weight(int(k[1:]), layer, g)  # (h, n_src, n_features)
+            sv = np.abs(self._s(env, f"s_L{k[1:]}_Q", toks.shape)) if self.cfg.normalization_type else 1.0
+            F = torch.as_tensor(np.abs(act[g]) * sv, dtype=torch.float32)
+            A = torch.as_tensor(env[f"{k}_pattern"])
+            for Wx, into in ((W * torch.as_tensor(~seen, dtype=torch.float32), "unseen"), (W, "total")):
+                moved = torch.einsum("bhij,bhjz->biz", A, torch.einsum("bjs,hsz->bhjz", F, Wx))
+                if into == "unseen":
+                    unseen = unseen + moved
+                else:
+                    total = total + moved
         return unseen * s, total * s
+
+    def _att_weight(self, k: int, layer: int, g: str) -> torch.Tensor:
+        """|virtual weight| of source g through each head of layer k into layer `layer`'s encoder [h, n_src, n_feat]."""
+        key = (k, layer, g)
+        if key not in self._att_cache:
+            h, dh = self.cfg.n_heads, self.cfg.d_head
+            into_v = self.graph.tensors[f"V.L{k}.V.{g}"].reshape(-1, h, dh)  # (n_src, h, d_head)
+            out_enc = self.graph.tensors[f"V.L{layer}.enc.attn{k}"].reshape(h, dh, -1)  # (h, d_head, n_feat)
+            self._att_cache[key] = torch.as_tensor(
+                np.abs(np.einsum("shd,hdz->hsz", into_v, out_enc)), dtype=torch.float32
+            )
+        return self._att_cache[key]
 
     def _presence(self, act, groups: list[str]) -> torch.Tensor:
         return torch.as_tensor(np.concatenate([(act[g] != 0) for g in groups], -1), dtype=torch.float32)

@@ -3,6 +3,8 @@ monitor (a hand-built corpus where one token pair never meets)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from acg.compiler.fit import FitSpec, fit
 from acg.roundtrip import dense
 from acg.roundtrip.data import Pair
 from acg.roundtrip.diff import NodeModel, Nodes, diff, resolve
-from acg.roundtrip.monitor import Monitor, MonitorError, auroc, detection_at_fpr
+from acg.roundtrip.monitor import Monitor, MonitorError, auroc, detection_at_fpr, profile_from_corpus
 
 X, Y = 11, 12  # the monitor's corpus never puts these two tokens in one prompt
 
@@ -97,10 +99,24 @@ def test_attribution_of_an_earlier_feature_is_first_order_and_checked(fitted):
 
 def test_monitor_scores_every_profiled_prompt_zero(fitted):
     _, acg, corpus = fitted
-    mon = Monitor(acg)
-    s = mon.score(corpus[:120])
-    for k in ("score", "enc", "qk", "ov"):
-        assert np.all(s[k] == 0), k  # every pathway of a profiled prompt was seen, by construction
+    for mon, prompts in (
+        (Monitor(acg), corpus[:120]),
+        (Monitor(acg, profile_from_corpus(acg, corpus[:80])), corpus[:80]),
+    ):
+        s = mon.score(prompts)
+        for k in ("score", "enc", "qk", "ov"):
+            assert np.all(s[k] == 0), k  # every pathway of a profiled prompt was seen, by construction
+    assert mon.profile.att  # the corpus profile has attention edges too
+
+
+def test_attention_edges_count_in_the_enc_site(fitted):
+    _, acg, corpus = fitted
+    prof = profile_from_corpus(acg, corpus)
+    mon = Monitor(acg, prof)
+    unseen_everything = Monitor(acg, replace(prof, att={k: np.zeros_like(v) for k, v in prof.att.items()}))
+    prompt = corpus[0]
+    # with every attention edge unseen, the enc site can only grow, and does (attention carries mass)
+    assert unseen_everything.score([prompt])["enc"][0] > mon.score([prompt])["enc"][0]
 
 
 def test_monitor_flags_the_new_pair_and_names_it(fitted):
