@@ -51,6 +51,11 @@ def _sparse(group: str) -> bool:
     return group.rstrip("0123456789") in SPARSE_KINDS
 
 
+def _at_layer(table: dict[str, np.ndarray], layer: int) -> list[tuple[str, np.ndarray]]:
+    """(source group, seen mask) of a profile table keyed `L{layer}.{group}`, for one layer."""
+    return [(key.split(".", 1)[1], seen) for key, seen in table.items() if key.split(".", 1)[0] == f"L{layer}"]
+
+
 @dataclass(frozen=True, eq=False)
 class Profile:
     """Seen pathways: `enc["L{l}.{g}"]` bool [n_source, n_features], `qk[l]` bool [n_heads, n, n] over the groups
@@ -192,10 +197,7 @@ class Monitor:
         """(unseen mass, total mass) of each feature's sparse pre-activation [b, s, n_features]."""
         s = torch.as_tensor(self._s(env, f"s_L{layer}_enc", toks.shape))
         unseen = total = 0
-        for key, seen in self.profile.enc.items():
-            if not key.startswith(f"L{layer}."):
-                continue
-            g = key.split(".", 1)[1]
+        for g, seen in _at_layer(self.profile.enc, layer):
             W = torch.as_tensor(self.V[f"V.L{layer}.enc.{g}"])
             F = torch.as_tensor(np.abs(act[g]), dtype=torch.float32)
             b, n_pos, n_src = F.shape
@@ -248,10 +250,8 @@ class Monitor:
         """Per head and key position, value mass from unseen sources and in all [b, h, k]."""
         s = np.abs(self._s(env, f"s_L{layer}_Q", toks.shape))
         unseen = total = 0
-        for key, seen in self.profile.ov.items():
-            if not key.startswith(f"L{layer}."):
-                continue
-            F = torch.as_tensor(np.abs(act[key.split(".", 1)[1]]) * s, dtype=torch.float32)  # (b, s, n)
+        for g, seen in _at_layer(self.profile.ov, layer):
+            F = torch.as_tensor(np.abs(act[g]) * s, dtype=torch.float32)  # (b, s, n)
             unseen = unseen + torch.einsum("bjn,hn->bhj", F, torch.as_tensor(~seen, dtype=torch.float32))
             total = total + F.sum(-1)[:, None, :]
         if not torch.is_tensor(unseen):
@@ -356,10 +356,7 @@ class Monitor:
         s = self._s(env, f"s_L{layer}_enc", toks.shape)[0, :, 0]
         out = []
         for pos, z in zip(*np.nonzero(share.numpy() > 0), strict=True):
-            for key, seen in self.profile.enc.items():
-                if not key.startswith(f"L{layer}."):
-                    continue
-                g = key.split(".", 1)[1]
+            for g, seen in _at_layer(self.profile.enc, layer):
                 for i in np.flatnonzero(act[g][0, pos]):
                     if not seen[i, z]:
                         w = float(s[pos] * act[g][0, pos, i] * self.graph.tensors[f"V.L{layer}.enc.{g}"][i, z])
@@ -409,10 +406,8 @@ class Monitor:
         for h, j in zip(*np.nonzero(ou > 0), strict=True):
             i = int(np.argmax(A[h, :, j]))
             sources = []
-            for key, seen in self.profile.ov.items():
-                if key.startswith(f"L{layer}."):
-                    g = key.split(".", 1)[1]
-                    sources += [self._fid(g, int(b)) for b in np.flatnonzero(act[g][0, j]) if not seen[h, b]]
+            for g, seen in _at_layer(self.profile.ov, layer):
+                sources += [self._fid(g, int(b)) for b in np.flatnonzero(act[g][0, j]) if not seen[h, b]]
             w = float(A[h, i, j] * ou[h, j] / max(denom[h, i], 1e-30))
             out.append(
                 {
