@@ -369,6 +369,126 @@ def compile_cmd(
         )
 
 
+@app.command("import-code")
+def import_code_cmd(
+    file: Annotated[Path, typer.Argument(help="a model.py written by `acg compile --backend python`, edited or not")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="the IR folder to write (replaced atomically)")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Import readable Python (acg's own, edited by hand) back into the IR: changed weights, added or removed terms,
+    replaced activations, deleted features and @hypothesis functions. The file is parsed, never run; anything the
+    importer cannot map is refused with its line and column."""
+    from acg.codegen.importer import import_code
+    from acg.ir import serialize
+
+    graph, report = import_code(file)
+    path = serialize.save(graph, out)
+    c = report.changes
+    result = {
+        "file": str(file),
+        "out": str(path),
+        "source_map": report.mapped,
+        "n_ops": len(graph.ops),
+        "n_params": graph.n_params,
+        "added": c.get("added", []),
+        "removed": c.get("removed", []),
+        "changed": c.get("changed", []),
+        "deleted_features": report.deleted,
+        "hypotheses": report.hypotheses,
+    }
+    if as_json:
+        emit(result)
+        return
+    if not report.mapped:
+        err.print("no source map (model.map.json) beside the file: names come from the code's identifiers")
+    elif not any(c.values()) and not report.deleted:
+        err.print("unchanged: the IR is the one the code was generated from")
+    else:
+        err.print(
+            f"edited: {len(result['changed'])} op(s) changed, {len(result['added'])} added, "
+            f"{len(result['removed'])} removed"
+            + (f"; features deleted: {', '.join(report.deleted)}" if report.deleted else "")
+            + (f"; hypotheses: {', '.join(report.hypotheses)}" if report.hypotheses else "")
+        )
+        for ch in result["changed"][:20]:
+            err.print(f"  {ch['op']}: {', '.join(ch['fields'])} {ch['was']} -> {ch['now']}", highlight=False)
+    err.print(f"wrote {path} ({result['n_ops']} ops, {result['n_params']:,} parameters)")
+
+
+@app.command("splice")
+def splice_cmd(
+    model: Annotated[str, typer.Argument(help="testbed name or checkpoint folder the ACG was fitted for")],
+    acg_dir: Annotated[Path, typer.Option("--acg", help="the ACG whose parts are named")],
+    part: Annotated[str, typer.Option(help="L<layer>.f<i> (a feature), L<layer>.H<h> (a head) or L<layer>.mlp")],
+    hypothesis: Annotated[
+        str | None, typer.Option(help="FILE.py:function standing in for the part (see --stub)")
+    ] = None,
+    stub: Annotated[bool, typer.Option(help="print the hypothesis signature for --part and stop")] = False,
+    data: Annotated[
+        str | None, typer.Option(help="testbed tasks (e.g. code,math) or a JSONL of pairs; default: every task")
+    ] = None,
+    n: Annotated[int, typer.Option(help="held-out prompts per testbed task")] = 200,
+    n_changed: Annotated[int, typer.Option(help="prompts that changed most, listed per task")] = 5,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="also write the spliced IR folder here")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Replace one part of the model by a hypothesis written as Python, run it through the IR interpreter, and report
+    the diff against the original (task_acc, agreement, kl, the prompts that changed most) and the verdict: the share
+    of the part's effect the hypothesis reproduces, 1 - KL(orig||spliced) / KL(orig||part ablated)."""
+    from acg.ir import serialize
+    from acg.roundtrip import splice as sp
+
+    _, acg = _model_and_acg(model, acg_dir)
+    p = sp.parse_part(part, acg)
+    if stub:
+        sys.stdout.write(sp.stub(p, acg))
+        return
+    if hypothesis is None:
+        raise ACGError("give --hypothesis FILE.py:function (or --stub for its signature)")
+    value = sp.load_hypothesis(hypothesis)
+    if out is not None:
+        serialize.save(sp.splice(acg, p, value), out)
+    sets = _diff_data(data, n, False, acg.cfg.d_vocab)
+    result = sp.measure(acg, p, value, sets, n_changed, _decoder(acg.cfg.d_vocab))
+    if as_json:
+        emit(result)
+        return
+    table = Table(
+        "task",
+        "n",
+        "task_acc orig",
+        "ablated",
+        "spliced",
+        "agreement",
+        "kl",
+        "kl ablated",
+        "verdict",
+        title=f"{p.name} <- {value[1]}()",
+        box=box.SIMPLE,
+    )
+    for task, r in result["tasks"].items():
+        acc = r["task_acc"]
+        verdict = "-" if r["verdict"] is None else f"{r['verdict']:.3f}"
+        table.add_row(
+            task,
+            str(r["n"]),
+            f"{acc['original']:.3f}",
+            f"{acc['ablated']:.3f}",
+            f"{acc['spliced']:.3f}",
+            f"{r['agreement']:.3f}",
+            f"{r['kl']:.4f}",
+            f"{r['kl_ablated']:.4f}",
+            verdict,
+        )
+    Console().print(table)
+    verdict = result["verdict"]
+    line = (
+        "no verdict: " + result.get("note", "") if verdict is None else f"verdict: {verdict:.1%} of what {p.name} does"
+    )
+    rec = result["loss_recovered"]
+    Console().print(line + ("" if rec is None else f" (loss recovered {rec:.1%})"), highlight=False)
+
+
 def _acg_graph(model: str, acg_dir: Path, dtype: str, keep_errors: bool, features, top, min_weight, max_terms):
     """The IR of an ACG: the replacement model (or the exact model with errors kept), or an unrolled circuit."""
     import numpy as np

@@ -116,8 +116,8 @@ def _wrap(node: cst.BaseExpression, child_prec: int, context: str, parent_prec: 
             need = True
         elif context == "left":
             need = child_prec < parent_prec
-        elif context == "right":
-            need = child_prec < parent_prec or (child_prec == parent_prec and parent in ("sub", "div"))
+        elif context == "right":  # Python groups a + b + c as (a + b) + c: a right operand of equal rank keeps
+            need = child_prec <= parent_prec  # its parentheses, so the code rounds exactly as the IR does
     return node.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()]) if need else node
 
 
@@ -268,7 +268,10 @@ def _forward(program: Program) -> cst.FunctionDef:
 
 def emit_source(graph: Graph, module_name: str = "model", title: str = "") -> tuple[str, dict[str, np.ndarray]]:
     """The module's source and the tensors for its sidecar `.npz` (keyed by identifier)."""
-    program = plan(graph)
+    return _emit(graph, plan(graph), module_name, title)
+
+
+def _emit(graph: Graph, program: Program, module_name: str, title: str) -> tuple[str, dict[str, np.ndarray]]:
     kinds = {s.kind for b in program.blocks for s in b.steps}
     needed: list[str] = []
     for k in sorted(kinds & set(HELPERS)):
@@ -334,9 +337,13 @@ def shape_comment_of(c) -> str:
 
 
 def emit_files(graph: Graph, module_name: str = "model", title: str = "") -> dict[str, bytes]:
-    """`<module_name>.py` and, when there are large constants, `<module_name>.npz`."""
-    source, sidecar = emit_source(graph, module_name, title)
-    files = {f"{module_name}.py": source.encode()}
+    """`<module_name>.py`, `<module_name>.map.json` (the IR's names, for `acg import-code`) and, when there are large
+    constants, `<module_name>.npz`."""
+    from acg.codegen.importer import source_map
+
+    program = plan(graph)
+    source, sidecar = _emit(graph, program, module_name, title)
+    files = {f"{module_name}.py": source.encode(), f"{module_name}.map.json": source_map(graph, program.idents)}
     if sidecar:
         files[f"{module_name}.npz"] = npz_bytes(sidecar)
     return files

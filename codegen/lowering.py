@@ -49,6 +49,7 @@ class Program:
     blocks: tuple[Block, ...]
     outputs: tuple[str, ...]
     graph: Graph
+    idents: dict[str, str]  # IR value name -> identifier
 
 
 def _symbols(op: Op) -> set[str]:
@@ -108,7 +109,7 @@ def plan(graph: Graph, names: NameTable | None = None) -> Program:
         fn = fn_names(f"block{g}:{scope}", scope.replace(".", "_") or "top")
         blocks.append(Block(fn, scope, tuple(params), tuple(steps), results, tuple(sorted(symbols))))
     outputs = tuple(ident[o] for o in graph.outputs)
-    return Program(inputs, tuple(consts), tuple(blocks), outputs, graph)
+    return Program(inputs, tuple(consts), tuple(blocks), outputs, graph, dict(ident))
 
 
 def shape_comment(v: Value) -> str:

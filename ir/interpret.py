@@ -86,7 +86,29 @@ KERNELS: dict[str, Kernel] = {
     "concat": lambda op, a: np.concatenate(a, axis=op.attr("axis")),
     "stack": lambda op, a: np.stack(a, axis=-1),
     "where": lambda op, a: np.where(a[1], np.asarray(op.attr("value"), dtype=a[0].dtype), a[0]),
+    "hypothesis": lambda op, a: run_hypothesis(op, a),
 }
+
+
+def run_hypothesis(op: Op, args: list[np.ndarray]) -> np.ndarray:
+    """Call the op's checked function; its result must have the declared shape (any float dtype is cast)."""
+    from acg.ir.hypothesis import compiled
+
+    fn = compiled(op.attr("source"), op.attr("function"))
+    out = np.asarray(fn(*args))
+    lead = args[0].shape[:2]
+    sizes = {"batch": lead[0], "seq": lead[1]}
+    want = (*lead, *(sizes.get(d, d) for d in op.attr("tail", ())))
+    if out.shape != want:
+        try:
+            out = np.broadcast_to(out, want)
+        except ValueError:
+            raise IRError(
+                f"op {op.name!r}: hypothesis {op.attr('function')}() returned shape {out.shape}, expected {want}"
+            ) from None
+    if out.dtype.kind not in "fiub":
+        raise IRError(f"op {op.name!r}: hypothesis {op.attr('function')}() returned {out.dtype}, expected numbers")
+    return out.astype(op.attr("dtype"))
 
 
 def run(

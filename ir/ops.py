@@ -283,6 +283,16 @@ def _indicator(op: Op, ins: list[Value]) -> tuple[Shape, str]:
     return ins[0].shape, op.attr("dtype")
 
 
+def _hypothesis(op: Op, ins: list[Value]) -> tuple[Shape, str]:
+    lead = ins[0].shape[:2]
+    if any(v.shape[:2] != lead for v in ins) or len(lead) != 2:
+        raise _fail(op, f"inputs must all start with [batch, seq], got {[str(v) for v in ins]}")
+    tail = op.attr("tail", ())
+    if op.attr("dtype") not in ("float32", "float64") or not isinstance(tail, tuple):
+        raise _fail(op, "needs dtype float32/float64 and a tuple `tail` (the output's dims after [batch, seq])")
+    return (*lead, *tail), op.attr("dtype")
+
+
 def _jumprelu(op: Op, ins: list[Value]) -> tuple[Shape, str]:
     x, theta = ins
     return broadcast(x.shape, theta.shape, op), x.dtype
@@ -347,6 +357,13 @@ SPECS: dict[str, OpSpec] = {
         OpSpec("concat", (1, -1), ("axis",), _concat, "concatenate along axis"),
         OpSpec("stack", (1, -1), (), _stack, "stack equal-shaped inputs along a new last axis"),
         OpSpec("where", (2, 2), ("value",), _where, "x with entries where mask is true replaced by value"),
+        OpSpec(
+            "hypothesis",
+            (1, -1),
+            ("source", "function", "dtype"),
+            _hypothesis,
+            "a user's checked Python function of named [batch, seq, ...] inputs (see ir/hypothesis.py)",
+        ),
     )
 }
 
