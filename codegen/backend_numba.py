@@ -296,12 +296,46 @@ def _spell(step: Step, ranks: dict[str, int]) -> cst.BaseExpression:
         )
     if k == "where":
         return expr("np.where({a1}, {v}, {a0})", v=literal(float(at["value"])), **a)
+    if k == "hypothesis":
+        call = cst.Call(cst.Name(at["function"]), [cst.Arg(cst.Name(x)) for x in step.args])
+        return expr("np.asarray({c}, dtype=np.{d})", c=call, d=cst.Name(at["dtype"]))
     if k == "einsum":
         raise NumbaBackendError(
             f"numba backend: einsum {at['equation']!r} could not be lowered to matmuls "
             "(several contracted indices); supported: two-operand einsums with one contracted index"
         )
     raise NumbaBackendError(f"numba backend: no kernel for op kind {k!r}")
+
+
+def hypotheses(graph: Graph) -> str:
+    """Each hypothesis the graph calls, as `@numba.njit` functions; compiled here once for the input types it will
+    get, so that one Numba cannot compile is refused now, with Numba's reason, rather than at the first call."""
+    import numba
+
+    from acg.ir.hypothesis import compiled, function_source
+
+    values = graph.values
+    out, seen = [], {}
+    for op in graph.ops:
+        if op.kind != "hypothesis" or op.attr("function") in seen:
+            continue
+        name, source = op.attr("function"), function_source(op.attr("source"), op.attr("function"))
+        seen[name] = source
+        types = []
+        for x in op.inputs:
+            v = values[x]
+            base = {"int64": numba.int64, "float32": numba.float32, "float64": numba.float64, "bool": numba.boolean}
+            types.append(numba.types.Array(base[v.dtype], len(v.shape), "A"))
+        try:
+            numba.njit(tuple(types))(compiled(op.attr("source"), name))
+        except Exception as e:  # numba's typing errors are many classes; the message is what matters
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NumbaBackendError(
+                f"numba backend: hypothesis {name}() is not Numba-compilable ({first}); run it with the python "
+                "backend or the interpreter"
+            ) from None
+        out.append(f"@numba.njit(cache=False)\n{source}")
+    return ("\n\n".join(out) + "\n") if out else ""
 
 
 def emit_source(graph: Graph, module_name: str = "model", title: str = "") -> tuple[str, dict]:
@@ -337,6 +371,7 @@ def emit_source(graph: Graph, module_name: str = "model", title: str = "") -> tu
         f"({len(graph.ops)} ops, {graph.n_params:,} parameters): numpy driving Numba kernels cached on disk.\n"
     )
     forward_code = cst.Module([forward]).code
+    hyps = hypotheses(graph)
     used = sorted(k for k in KERNEL_NAMES if f"{k}(" in forward_code)
     assert "'''" not in KERNELS and "\\" not in KERNELS  # embedded verbatim in a triple-quoted string
     header = cst.parse_module(
@@ -346,6 +381,7 @@ def emit_source(graph: Graph, module_name: str = "model", title: str = "") -> tu
         f"_k = _load_kernels()\n"
         + "".join(f"{k} = _k.{k}\n" for k in used)
         + f"_W = np.load(Path(__file__).with_name({module_name + '.npz'!r}))\n{consts}"
+        + (f"\n\nimport math\n\nimport numba\n\n\n{hyps}" if hyps else "")
     )
     module = cst.Module(body=[docstring(doc), *header.body, forward])
     return ruff_format(module.code), sidecar

@@ -167,6 +167,11 @@ class _Emitter:
             self.node("Concat", [self.node("Unsqueeze", [x, axis]) for x in ins], out, axis=-1)
         elif k == "where":
             self.node("Where", [ins[1], self.scalar(op.attr("value"), ins[0]), ins[0]], out)
+        elif k == "hypothesis":
+            raise OnnxBackendError(
+                f"onnx backend: op {op.name!r} is a Python hypothesis ({op.attr('function')}()), which ONNX cannot "
+                "hold; compile it with the python or numba backend"
+            )
         else:
             raise OnnxBackendError(f"onnx backend: no mapping for op kind {k!r} (op {op.name!r})")
 

@@ -89,6 +89,30 @@ def _key_mask(scores, mask):
 """,
 }
 HELPER_DEPS = {"gelu": ("erf",)}
+HYPOTHESIS_DECORATOR = """
+def hypothesis(fn):
+    \"\"\"Marks a hypothesis: a function written by hand that stands in for one part (acg import-code keeps it).\"\"\"
+    return fn
+"""
+
+
+def hypothesis_defs(graph: Graph) -> list[cst.BaseCompoundStatement]:
+    """The decorator and each hypothesis function the graph calls, checked again before it is written."""
+    from acg.ir.hypothesis import function_source
+
+    sources: dict[str, str] = {}
+    for op in graph.ops:
+        if op.kind == "hypothesis":
+            name, source = op.attr("function"), function_source(op.attr("source"), op.attr("function"))
+            if sources.setdefault(name, source) != source:
+                raise NotImplementedError(f"python backend: two different hypotheses are both named {name!r}")
+    if not sources:
+        return []
+    body = list(cst.parse_module(HYPOTHESIS_DECORATOR.lstrip("\n")).body)
+    for source in sources.values():
+        fn = cst.parse_module(source).body[0]
+        body.append(fn.with_changes(decorators=[cst.Decorator(cst.Name("hypothesis"))]))
+    return body
 
 
 PRECEDENCE = {"add": 1, "sub": 1, "mul": 2, "div": 2, "matmul": 2, "neg": 3}
@@ -170,6 +194,10 @@ def _spell(step: Step, inline: dict[str, tuple[cst.BaseExpression, int]] | None 
                 cst.Arg(literal(-1), keyword=cst.Name("axis")),
             ],
         )
+    if step.kind == "hypothesis":  # a user's checked function (acg.ir.hypothesis), defined in the module
+        args = [cst.Arg(inline[x][0] if x in inline else cst.Name(x)) for x in step.args]
+        call = cst.Call(cst.Name(at["function"]), args)
+        return expr("np.asarray({c}, dtype=np.{d})", c=call, d=cst.Name(at["dtype"]))
     template = TEMPLATES.get(step.kind)
     if template is None:
         raise NotImplementedError(f"python backend: no spelling for op kind {step.kind!r}")
@@ -322,6 +350,7 @@ def _emit(graph: Graph, program: Program, module_name: str, title: str) -> tuple
     body.extend(const_lines)
     for h in needed:
         body.extend(cst.parse_module(HELPERS[h].lstrip("\n")).body)
+    body.extend(hypothesis_defs(graph))
     labels = {k: v for k, v in graph.meta.get("labels", {}).items()}
     if graph.meta.get("family") == "acg-circuit":  # a circuit reads best as one function, top to bottom
         body.append(_single_forward(program, single_use, scalars, labels))

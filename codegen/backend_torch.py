@@ -114,6 +114,11 @@ def _spell(step: Step, ref) -> cst.BaseExpression:
             ],
         )
     template = TEMPLATES.get(step.kind)
+    if step.kind == "hypothesis":
+        raise TorchBackendError(
+            f"torch backend: {step.ident} is a Python hypothesis ({at['function']}()), not torch ops; "
+            "compile it with the python or numba backend"
+        )
     if template is None:
         raise TorchBackendError(f"torch backend: no spelling for op kind {step.kind!r}")
     fields = {k: cst.Name(v) if k == "dtype" else literal(v) for k, v in at.items() if "{" + k + "}" in template}

@@ -36,7 +36,7 @@ import libcst as cst
 import numpy as np
 from libcst.metadata import MetadataWrapper, PositionProvider
 
-from acg.codegen.backend_python import HELPERS, TEMPLATES
+from acg.codegen.backend_python import HELPERS, HYPOTHESIS_DECORATOR, TEMPLATES
 from acg.codegen.erf import NUMPY_SOURCE as NUMPY_ERF
 from acg.ir.errors import ACGError
 from acg.ir.graph import Graph, IRError, Op, Value, freeze_attrs
@@ -255,7 +255,7 @@ class _Importer:
             if isinstance(st, cst.FunctionDef):
                 if any(_decorator_name(d) == "hypothesis" for d in st.decorators):
                     self._hypothesis_def(st)
-                elif st.name.value in _HELPER_NAMES or st.name.value == "_erf":
+                elif st.name.value in _HELPER_NAMES or st.name.value in ("_erf", "hypothesis"):
                     self._helper(st)
                 elif st.name.value == "forward":
                     forward = st
@@ -283,7 +283,7 @@ class _Importer:
 
     def _helper(self, fn: cst.FunctionDef) -> None:
         name = fn.name.value
-        text = NUMPY_ERF if name == "_erf" else HELPERS[_HELPER_NAMES[name]]
+        text = {"_erf": NUMPY_ERF, "hypothesis": HYPOTHESIS_DECORATOR}.get(name) or HELPERS[_HELPER_NAMES[name]]
         want = [s for s in cst.parse_module(text.lstrip("\n")).body if isinstance(s, cst.FunctionDef)]
         want = [s for s in want if s.name.value == name]
         if not want or not _same(want[0].with_changes(leading_lines=[]), fn.with_changes(leading_lines=[]), None):
@@ -482,7 +482,14 @@ class _Importer:
         if isinstance(node, cst.Name):
             return self._read(node, env)
         if isinstance(node, cst.Call) and isinstance(node.func, cst.Name) and node.func.value in self.hypotheses:
-            return self._call_hypothesis(node, env, stmt)
+            return self._call_hypothesis(node, env, stmt, self.float_dtype)
+        binds: dict[str, cst.CSTNode] = {}
+        if _same(_pattern("np.asarray({c}, dtype=np.{d})"), node, binds):  # how the backend writes a hypothesis
+            call = binds["c"]
+            if isinstance(call, cst.Call) and isinstance(call.func, cst.Name) and call.func.value in self.hypotheses:
+                if binds["d"].value not in ("float32", "float64"):
+                    raise self.fail(node, "a hypothesis's value is float32 or float64")
+                return self._call_hypothesis(call, env, stmt, binds["d"].value)
         special = self._special(node, env, stmt)
         if special is not None:
             return special
@@ -521,7 +528,7 @@ class _Importer:
             return env["zeros"]
         raise self.fail(node, f"name {name!r} is not defined above")
 
-    def _call_hypothesis(self, node: cst.Call, env: dict[str, int], stmt: str | None) -> int:
+    def _call_hypothesis(self, node: cst.Call, env: dict[str, int], stmt: str | None, dtype: str) -> int:
         fname = node.func.value
         if any(a.keyword or a.star for a in node.args):
             raise self.fail(node, f"call {fname}() with plain names, in the order of its parameters")
@@ -537,7 +544,7 @@ class _Importer:
             stmt,
             source=self.hypotheses[fname],
             function=fname,
-            dtype=self.float_dtype,
+            dtype=dtype,
             tail=tail,
         )
 

@@ -16,9 +16,13 @@ untouched); a head's pattern is replaced for that head alone. Ablation is the sa
 
 The verdict: the share of the part's effect the hypothesis reproduces, `1 - KL(orig || hyp) / KL(orig || ablated)`
 at the answer positions (1: indistinguishable from the original; 0: no better than deleting the part; negative:
-worse). Beside it, the loss view `loss_recovered = (CE_ablated - CE_hyp) / (CE_ablated - CE_orig)` on the expected
-answers. Both come with per-task `task_acc`, `agreement` and `kl` of the spliced model against the original, and the
-prompts that changed most.
+worse). It is left out (None, with a note) where ablating the part moves the answers by less than `MIN_EFFECT`
+nats: a share of nothing is noise. Beside it, the loss view `loss_recovered = (CE_ablated - CE_hyp) / (CE_ablated -
+CE_orig)` on the expected answers, and the `local_verdict`, `1 - sum (hyp - part)^2 / sum part^2` over every
+position: how well the hypothesis reproduces the part's own values, whatever their downstream weight (a single
+feature of a wide dictionary often matters little alone: its meaning can be right while its behavioural effect is
+too small to measure). All come with per-task `task_acc`, `agreement` and `kl` of the spliced model against the
+original, and the prompts that changed most.
 """
 
 from __future__ import annotations
@@ -187,9 +191,9 @@ class _Splicer:
         p, layer = self.part, self.part.layer
         x = self.target
         if p.kind == "feature":
-            old = b.op("slice", x, axis=2, start=p.index, stop=p.index + 1, name=f"{p.name}_original".replace(".", "_"))
+            old = b.op("slice", x, axis=2, start=p.index, stop=p.index + 1, name=_names(p)[0])
         elif p.kind == "head":
-            old = b.op("slice", x, axis=1, start=p.index, stop=p.index + 1, name=f"{p.name}_original".replace(".", "_"))
+            old = b.op("slice", x, axis=1, start=p.index, stop=p.index + 1, name=_names(p)[0])
         else:
             old = x
         new = self._value(b, old)
@@ -236,7 +240,7 @@ class _Splicer:
             function=self.value[1],
             dtype=self.dtype,
             tail=tail,
-            name=f"{p.name}_hypothesis".replace(".", "_"),
+            name=_names(p)[1],
         )
         if p.kind == "feature":
             return b.op("reshape", h, shape=("batch", "seq", 1))
@@ -248,11 +252,25 @@ class _Splicer:
 # ------------------------------------------------------------------------------------------------------ verdict
 
 
-def runner(graph: Graph) -> Callable[[np.ndarray], np.ndarray]:
+def runner(graph: Graph, part: Part | None = None, acc: dict[str, float] | None = None):
+    """`tokens -> logits` through the interpreter; for a spliced graph, also accumulates in `acc` the squared error
+    of the hypothesis against the part's own value, and the part's squared value, over every position."""
+    original, hypothesis = _names(part) if part is not None else (None, None)
+
     def run(tokens: np.ndarray) -> np.ndarray:
-        return interpret.run(graph, tokens, dtype="float64")[graph.outputs[0]]
+        env = interpret.run(graph, tokens, dtype="float64", keep=acc is not None)
+        if acc is not None:
+            f = env[original].reshape(env[hypothesis].shape)
+            acc["sq_err"] = acc.get("sq_err", 0.0) + float(((env[hypothesis] - f) ** 2).sum())
+            acc["sq"] = acc.get("sq", 0.0) + float((f**2).sum())
+        return env[graph.outputs[0]]
 
     return run
+
+
+def _names(part: Part) -> tuple[str, str]:
+    stem = part.name.replace(".", "_")
+    return (f"mlp{part.layer}" if part.kind == "layer" else f"{stem}_original"), f"{stem}_hypothesis"
 
 
 def _ce(logits: np.ndarray, answers: np.ndarray) -> float:
@@ -279,7 +297,9 @@ def measure(
     for task, examples in data.items():
         if not examples:
             raise SpliceError(f"task {task!r} has no prompts")
-        lo, la, lh = (answer_logits(runner(g), examples) for g in (original, ablated, spliced))
+        local: dict[str, float] = {}
+        lo, la = answer_logits(runner(original), examples), answer_logits(runner(ablated), examples)
+        lh = answer_logits(runner(spliced, part, local), examples)
         answers = np.array([ex.answer_id for ex in examples])
         kl_h, kl_a = kl_per_prompt(lo, lh), kl_per_prompt(lo, la)
         ce = np.array([_ce(x, answers) for x in (lo, la, lh)])
@@ -295,6 +315,7 @@ def measure(
             "kl": float(kl_h.mean()),
             "kl_ablated": float(kl_a.mean()),
             "verdict": _verdict(kl_h.mean(), kl_a.mean()),
+            "local_verdict": _local(local),
             "changed": [
                 {
                     "prompt": decode(examples[i].ids),
@@ -311,20 +332,34 @@ def measure(
         totals["kl_ablated"] += float(kl_a.sum())
         totals["ce"] += ce * len(examples)
         totals["n"] += len(examples)
+        for k, v in local.items():
+            totals[k] = totals.get(k, 0.0) + v
     n = totals["n"]
     ce_o, ce_a, ce_h = totals["ce"] / n
     out["kl"] = totals["kl_hyp"] / n
     out["kl_ablated"] = totals["kl_ablated"] / n
     out["verdict"] = _verdict(out["kl"], out["kl_ablated"])
+    out["local_verdict"] = _local(totals)
     out["loss"] = {"original": ce_o, "ablated": ce_a, "spliced": ce_h}
-    out["loss_recovered"] = float((ce_a - ce_h) / (ce_a - ce_o)) if abs(ce_a - ce_o) > 1e-9 else None
+    out["loss_recovered"] = float((ce_a - ce_h) / (ce_a - ce_o)) if abs(ce_a - ce_o) >= MIN_EFFECT else None
     if out["verdict"] is None:
-        out["note"] = f"ablating {part.name} changes nothing measurable on this data, so there is nothing to reproduce"
+        out["note"] = (
+            f"ablating {part.name} moves the answers by {out['kl_ablated']:.1e} nats on this data, below the "
+            f"{MIN_EFFECT:g} needed for a behavioural share; local_verdict says how well the values match"
+        )
     return out
 
 
+MIN_EFFECT = 1e-3  # nats: below this, ablating the part barely moves the answers and a share of it is noise
+
+
 def _verdict(kl_hyp: float, kl_ablated: float) -> float | None:
-    return float(1.0 - kl_hyp / kl_ablated) if kl_ablated > 1e-9 else None
+    return float(1.0 - kl_hyp / kl_ablated) if kl_ablated >= MIN_EFFECT else None
+
+
+def _local(acc: dict[str, float]) -> float | None:
+    """1 - sum (hypothesis - part)^2 / sum part^2 over every position: the share of the part's values reproduced."""
+    return float(1.0 - acc["sq_err"] / acc["sq"]) if acc.get("sq", 0.0) > 0 else None
 
 
 __all__ = ["Part", "SpliceError", "load_hypothesis", "measure", "parse_part", "splice", "stub"]
