@@ -210,19 +210,29 @@ def roundtrip_cmd(
     tolerance: Annotated[float, typer.Option(help="circuit: task_acc may fall this far below the original")] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="circuit: prompts to attribute over")] = 2000,
     hf: Annotated[Path | None, typer.Option(help="also write a Hugging Face GPT-2 folder (ReLU dictionaries)")] = None,
+    ir: Annotated[
+        Path | None, typer.Option("--ir", help="an edited circuit (`acg import-code`) to fold into the weights")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
-    tokens seen, attention writes restricted to their span), or a task circuit (--task / --data); errors dropped."""
+    tokens seen, attention writes restricted to their span), a task circuit (--task / --data), or an edited circuit
+    with its edits folded into the dictionaries (--ir); errors dropped."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
     from acg.roundtrip.evaluate import accuracy, answer_logits
 
     torch_model, acg = _model_and_acg(model, acg_dir)
-    if sum(x is not None for x in (task, data)) + everything > 1:
-        raise ACGError("give at most one of --task, --data and --all")
+    if sum(x is not None for x in (task, data, ir)) + everything > 1:
+        raise ACGError("give at most one of --task, --data, --ir and --all")
     report_extra: dict[str, Any] = {}
-    if task is not None or data is not None:
+    if ir is not None:
+        from acg.ir import serialize
+        from acg.roundtrip.edits import fold
+
+        acg, sel, edits = fold(acg, serialize.load(ir))
+        report_extra = {"edits": edits, "ir": str(ir)}
+    elif task is not None or data is not None:
         fit_examples, eval_examples = _circuit_data(task, data, n_prompts, torch_model.cfg.d_vocab)
         reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
         circ = circuit_mod.extract(

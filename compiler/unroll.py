@@ -366,3 +366,10 @@ def unroll(
     if keep is None:
         keep = {layer: list(range(tc.n_features)) for layer, tc in enumerate(acg.transcoders)}
     return _Unroll(acg, keep, tokens, positions, heads, min_weight, max_terms, dtype).build()
+
+
+def candidate_nodes(acg: ACG, keep: dict[int, list[int]], dtype: str = "float64") -> list[Node]:
+    """Every node an unrolled circuit of `keep` may read (token, position, head, bias and kept feature nodes), in
+    creation order, each with its write and, for features, the virtual weights it reads (`deps`)."""
+    nodes, _ = _Unroll(acg, keep, None, None, None, 0.0, None, dtype).plan()
+    return nodes
