@@ -1003,7 +1003,18 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
     }
     circuit = unroll(acg, keep, min_weight=0.1, max_terms=6)
     path = codegen.compile(circuit, out / "circuit", "python", title=f"{model}: its 12 most used features per layer")
-    result["circuit"] = {"path": str(path / "model.py"), "n_features": sum(map(len, keep.values()))}
+    from acg.codegen.importer import import_code
+    from acg.ir.serialize import content_hash, graph_to_dict, tensor_bytes
+
+    imported, _ = import_code(path / "model.py")  # edit the file and `acg import-code` brings the edits back
+    same = content_hash(graph_to_dict(imported), tensor_bytes(imported)) == content_hash(
+        graph_to_dict(circuit), tensor_bytes(circuit)
+    )
+    result["circuit"] = {
+        "path": str(path / "model.py"),
+        "n_features": sum(map(len, keep.values())),
+        "imports_back_identical": same,
+    }
     result["distilled"] = _demo_roundtrip(torch_model, acg, out)
     return result
 
@@ -1095,7 +1106,10 @@ def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
         "exact ACG (error terms kept), float64, max_abs_err vs the original: "
         + ", ".join(f"{b} {x['max_abs_err']:.1e}" for b, x in r["exact"].items())
     )
-    err.print(f"a readable circuit of {r['circuit']['n_features']} features: {r['circuit']['path']}")
+    err.print(
+        f"a readable circuit of {r['circuit']['n_features']} features: {r['circuit']['path']} (imported back with "
+        f"`acg import-code`: {'the same IR, byte for byte' if r['circuit']['imports_back_identical'] else 'DIFFERS'})"
+    )
     d = r["distilled"]
     c = d["circuit"]
     table = Table(

@@ -21,6 +21,7 @@ def test_demo_writes_the_report(tmp_path, capsys):
     for fig in ("fig-layers", "fig-task-acc", "fig-asr", "fig-kl", "fig-monitor", "circuit"):
         assert f'id="{fig}"' in text
     assert "<details" in text and "Diff: original vs roundtrip code" in text
+    assert summary["acg"]["circuit"]["imports_back_identical"]
     rows = summary["acg"]["distilled"]["rows"]
     assert rows["roundtrip full"]["asr"]["token"] < 0.1  # the unseen trigger token is not captured
     for backend, r in summary["backends"].items():
