@@ -270,3 +270,15 @@ def test_bad_files_give_one_clear_error(circuit, tmp_path):
     (tmp_path / "npz" / "c" / "model.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CodeImportError, match="model.npz: not a readable .npz"):
         import_code(tmp_path / "npz" / "c" / "model.py")
+
+
+def test_a_head_score_edit_imports_and_computes_what_the_code_computes(circuit, tmp_path):
+    _, path, _ = circuit
+    source = (path / "model.py").read_text()
+    m = re.search(r"(L\dH\d)_score = \(\s*\(\s*(-?\d+\.\d+(?:e-?\d+)?) \*", source)
+    assert m, "no head score with pair terms"
+    head, w = m.groups()
+    file = _variant(path, tmp_path / "head", lambda s: s.replace(m.group(0), m.group(0).replace(w, "0.75"), 1))
+    g, report = import_code(file)
+    assert len(report.changes["changed"]) == 1 and report.changes["added"] and g.op(f"{head}_score")
+    _agrees_with_the_code(g, file.parent, seed=9)
