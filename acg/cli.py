@@ -1132,9 +1132,23 @@ def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------- entry
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM becomes an exception, so half-written outputs are removed on the way out (see acg.ir.atomic)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+
+        def stop(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; acg's own errors become one paragraph on stderr and exit status 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _exit_cleanly_on_sigterm()
     try:
         app(args=argv, prog_name="acg", standalone_mode=False)
     except ACGError as e:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from acg.ir.atomic import atomic_dir
+from acg.ir.atomic import atomic_dir, recover
 from acg.ir.errors import ACGError
 from acg.ir.graph import Graph
 from acg.ir.serialize import content_hash, graph_to_dict, tensor_bytes
@@ -71,7 +71,7 @@ def compile(
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    file = Path(path) / MANIFEST
+    file = recover(path) / MANIFEST
     try:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:

@@ -21,7 +21,7 @@ from safetensors.numpy import save as st_save
 
 from acg.compiler.transcoder import Transcoder
 from acg.compiler.transformer import TransformerConfig, expected_shapes
-from acg.ir.atomic import atomic_dir
+from acg.ir.atomic import atomic_dir, recover
 from acg.ir.errors import ACGError
 
 SCHEMA, VERSION = "acg.acg", 1
@@ -109,7 +109,7 @@ def _hash(body: dict, blob: bytes) -> str:
 
 
 def load(path: str | os.PathLike) -> ACG:
-    path = Path(path)
+    path = recover(path)
     jfile, tfile = path / "acg.json", path / "tensors.safetensors"
     if not path.is_dir():
         raise ACGFormatError(

@@ -162,7 +162,9 @@ def fit(
         },
         "tokens_per_second_harvest": acts.n_tokens / max(t_harvest, 1e-9),
     }
-    acg = ACG(cfg, weights, tuple(transcoders), usage, labels, stats, dict(meta or {}))
+    # timings describe this run, not the ACG: they stay out of it, so the same inputs and seed give the same bytes
+    kept = {k: v for k, v in stats.items() if k not in ("seconds", "tokens_per_second_harvest")}
+    acg = ACG(cfg, weights, tuple(transcoders), usage, labels, kept, dict(meta or {}))
     return acg, stats
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from acg.ir.atomic import atomic_dir
+from acg.ir.atomic import atomic_dir, recover
 from acg.ir.errors import ACGError
 
 NORMALIZATION_TYPES = ("LN", "LNPre", "RMS", "RMSPre", None)
@@ -333,7 +333,7 @@ def read_config(path: str | os.PathLike) -> TransformerConfig:
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Transformer:
     """Load a TransformerLens-layout folder; every tensor is checked against the config by name and shape."""
-    path = Path(path)
+    path = recover(path)
     cfg = read_config(path)
     file = path / WEIGHTS_FILE
     try:

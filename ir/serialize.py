@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from acg.ir.atomic import atomic_dir
+from acg.ir.atomic import atomic_dir, recover
 from acg.ir.graph import Graph, IRError, Op, Value, freeze_attrs
 from acg.ir.verify import verify
 
@@ -94,7 +94,7 @@ def save(graph: Graph, path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike) -> Graph:
     """Read and validate an IR folder: schema and version, every tensor present with its declared shape and dtype,
     no NaN/Inf unless the graph allows it, `verify`, then the content hash."""
-    path = Path(path)
+    path = recover(path)
     gfile, tfile = path / GRAPH_FILE, path / TENSORS_FILE
     if not path.is_dir():
         raise IRError(f"{path}: not an IR folder (expected a folder with {GRAPH_FILE} and {TENSORS_FILE})")
