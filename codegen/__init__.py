@@ -4,6 +4,7 @@ other. `compile` writes an artefact folder (atomically, with an `acg.json` manif
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -60,6 +61,7 @@ def compile(
         "inputs": inputs,
         "outputs": list(graph.outputs),
         "ir_hash": content_hash(graph_to_dict(graph), tensor_bytes(graph)),
+        "hashes": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
         "title": title or str(graph.meta.get("title", "")),
         **(meta or {}),
     }
@@ -88,6 +90,16 @@ def load(path: str | os.PathLike) -> Callable[..., np.ndarray]:
     path = Path(path)
     manifest = read_manifest(path)
     backend, module = manifest["backend"], manifest["module"]
+    for name, digest in manifest.get("hashes", {}).items():  # nothing runs unless it is what acg wrote
+        try:
+            data = (path / name).read_bytes()
+        except FileNotFoundError:
+            raise ArtefactError(f"{path / name}: missing (listed in {MANIFEST})") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ArtefactError(
+                f"{path / name}: content hash mismatch: changed after acg wrote it; recompile it, or import an "
+                "edited module with `acg import-code` (which reads it without running it)"
+            )
     if backend == "onnx":
         import onnxruntime as ort
 

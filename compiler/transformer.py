@@ -6,6 +6,7 @@ named and shaped as a `HookedTransformer` state dict, so checkpoints made elsewh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -299,7 +300,7 @@ class Transformer(nn.Module):
 
 # -------------------------------------------------------------------------------------------------------- checkpoints
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, META_FILE = "config.json", "model.safetensors", "meta.json"
 
 
 def expected_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -313,9 +314,30 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, metadata: Mappi
         (tmp / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if metadata is not None:
-            (tmp / "meta.json").write_text(json.dumps(dict(metadata), indent=2, sort_keys=True) + "\n")
+        meta = {**dict(metadata or {}), "content_hash": checkpoint_hash(tmp)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(path)
+
+
+def checkpoint_hash(path: Path) -> str:
+    """sha256 over config.json and model.safetensors, as written: recorded in meta.json, checked on load."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()
+
+
+def _check_hash(path: Path) -> None:
+    file = path / META_FILE
+    try:
+        recorded = json.loads(file.read_text()).get("content_hash")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return  # a checkpoint written by another tool: nothing recorded to check
+    if recorded is not None and recorded != checkpoint_hash(path):
+        raise ConfigError(
+            f"{path}: content hash mismatch: {CONFIG_FILE} or {WEIGHTS_FILE} changed after it was written "
+            f"(meta.json records {recorded[:12]}...)"
+        )
 
 
 def read_config(path: str | os.PathLike) -> TransformerConfig:
@@ -356,6 +378,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
         if not torch.isfinite(t).all():
             raise ConfigError(f"{file}: tensor {name!r} holds NaN or Inf values")
         state[name] = t.to(dtype)
+    _check_hash(path)  # after the specific checks, which say more about what is wrong
     model = Transformer(cfg).to(dtype)
     model.load_state_dict(state)  # tensors the layout does not use (attention masks, IGNORE) are left out above
     return model.eval()

@@ -5,6 +5,7 @@ run."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -58,10 +59,18 @@ def _tokens(seed: int, d_vocab: int = 60, n: int = 4, seq: int = 14) -> np.ndarr
     return np.random.default_rng(seed).integers(1, d_vocab - 1, (n, seq))
 
 
+def _run_edited(folder: Path, tokens: np.ndarray) -> np.ndarray:
+    """Run an edited module as plain Python (codegen.load refuses it: its hash no longer matches the manifest)."""
+    spec = importlib.util.spec_from_file_location(f"edited_{abs(hash(str(folder)))}", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.forward(tokens)
+
+
 def _agrees_with_the_code(graph, folder: Path, seed: int) -> None:
     """The imported IR computes what the (edited) module computes, run as plain Python."""
     tokens = _tokens(seed)
-    want = codegen.load(folder)(tokens)
+    want = _run_edited(folder, tokens)
     got = interpret.run(graph, tokens, dtype="float32")[graph.outputs[0]]
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
 
@@ -165,7 +174,7 @@ def test_deleting_a_feature_reads_zeros_downstream(circuit, tmp_path):
         path, tmp_path / "zero", lambda s: s.replace(line.group(0), f"\n    {feature} = zeros * 1.0\n", 1)
     )
     tokens = _tokens(5)
-    want = codegen.load(zeroed.parent)(tokens)
+    want = _run_edited(zeroed.parent, tokens)
     assert np.abs(interpret.run(g, tokens, dtype="float32")["logits"] - want).max() <= 1e-5
 
 
@@ -282,3 +291,10 @@ def test_a_head_score_edit_imports_and_computes_what_the_code_computes(circuit, 
     g, report = import_code(file)
     assert len(report.changes["changed"]) == 1 and report.changes["added"] and g.op(f"{head}_score")
     _agrees_with_the_code(g, file.parent, seed=9)
+
+
+def test_an_edited_module_is_not_run_by_codegen_load(circuit, tmp_path):
+    _, path, _ = circuit
+    file = _variant(path, tmp_path / "tampered", lambda s: s.replace("import math\n", "import math\nimport os\n", 1))
+    with pytest.raises(codegen.ArtefactError, match="content hash mismatch"):
+        codegen.load(file.parent)

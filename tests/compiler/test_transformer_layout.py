@@ -121,3 +121,15 @@ def test_corrupt_checkpoints_are_refused(tmp_path):
     save_checkpoint(model, ckpt)
     with pytest.raises(ConfigError, match="NaN"):
         load_checkpoint(ckpt)
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
+    model = Transformer(small_cfg()).init_weights(torch.Generator().manual_seed(0))
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    assert len(json.loads((ckpt / "meta.json").read_text())["content_hash"]) == 64
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in[0, 0] += 1.0
+    other = save_checkpoint(model, tmp_path / "other")
+    (ckpt / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())  # valid, but not this one
+    with pytest.raises(ConfigError, match="content hash mismatch"):
+        load_checkpoint(ckpt)
