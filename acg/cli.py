@@ -28,8 +28,21 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print one JSON object on
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="read pickled checkpoints (model.pt, pytorch_model.bin) with torch.load(weights_only=True); "
+            "only for files you trust",
+        ),
+    ] = False,
+) -> None:
+    from acg.compiler.safe import allow_pickle as allow
+
     _state["debug"] = debug
+    allow(allow_pickle)
 
 
 def emit(obj: dict[str, Any]) -> None:

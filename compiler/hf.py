@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from acg.compiler.safe import load_pickled, pickled_weights
 from acg.compiler.tlayout import ACT_OPS, const_reader, emit_attention, emit_mlp, emit_norm
 from acg.compiler.tlayout import to_ir as tl_to_ir
 from acg.compiler.transformer import ConfigError, TransformerConfig
@@ -45,8 +46,12 @@ def load_dir(path: str | os.PathLike):
     except ImportError:
         raise ConfigError(f"{path}: a Hugging Face folder needs `transformers` (pip install transformers)") from None
     path = Path(path)
+    state = None
     if not (path / "model.safetensors").exists():
-        raise ConfigError(f"{path}: no model.safetensors (acg loads safetensors only, never pickled weights)")
+        pickled = pickled_weights(path)
+        if pickled is None:
+            raise ConfigError(f"{path}: no model.safetensors (acg loads safetensors; pickles only with --allow-pickle)")
+        state = load_pickled(pickled)  # refused unless allowed; weights-only unpickler
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     archs = config.architectures or []
     if config.model_type == "gpt2":
@@ -55,6 +60,12 @@ def load_dir(path: str | os.PathLike):
         cls = BertModel
     else:
         raise ConfigError(f"{path}: model_type {config.model_type!r} is not supported; supported: gpt2, bert")
+    if state is not None:
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing:
+            raise ConfigError(f"{path}: the pickled weights lack {', '.join(missing[:5])}")
+        return model.eval()
     return cls.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from acg.compiler.safe import PickleRefused, load_pickled, pickled_weights
 from acg.ir.atomic import atomic_dir, recover
 from acg.ir.errors import ACGError
 
@@ -358,10 +359,13 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     path = recover(path)
     cfg = read_config(path)
     file = path / WEIGHTS_FILE
+    pickled = None if file.exists() else pickled_weights(path)
     try:
-        tensors = load_file(str(file))
+        tensors = load_pickled(pickled) if pickled is not None else load_file(str(file))
     except FileNotFoundError:
         raise ConfigError(f"{file}: not found") from None
+    except PickleRefused:
+        raise
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
         raise ConfigError(f"{file}: not a readable safetensors file ({e})") from None
     want = expected_shapes(cfg)
