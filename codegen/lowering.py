@@ -91,7 +91,6 @@ def plan(graph: Graph, names: NameTable | None = None) -> Program:
     for o in graph.outputs:
         if o in defined_in:
             read_later[defined_in[o]].add(o)
-    fn_names = NameTable()
     blocks = []
     for g, (scope, ops) in enumerate(groups):
         steps = []
@@ -106,7 +105,7 @@ def plan(graph: Graph, names: NameTable | None = None) -> Program:
             symbols |= _symbols(op)
             steps.append(Step(ident[op.name], op.kind, tuple(ident[i] for i in op.inputs), op.attr_dict, op.output, op))
         results = tuple(ident[op.name] for op in ops if op.name in read_later[g])
-        fn = fn_names(f"block{g}:{scope}", scope.replace(".", "_") or "top")
+        fn = names(f"block{g}:{scope}", scope.replace(".", "_") or "top")  # one table: never a value's name
         blocks.append(Block(fn, scope, tuple(params), tuple(steps), results, tuple(sorted(symbols))))
     outputs = tuple(ident[o] for o in graph.outputs)
     return Program(inputs, tuple(consts), tuple(blocks), outputs, graph, dict(ident))
