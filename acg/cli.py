@@ -38,11 +38,17 @@ def _root(
             "only for files you trust",
         ),
     ] = False,
+    no_memory_check: Annotated[
+        bool,
+        typer.Option("--no-memory-check", help="start fits and compilations even when the estimate exceeds memory"),
+    ] = False,
 ) -> None:
     from acg.compiler.safe import allow_pickle as allow
+    from acg.ir.resources import memory_check
 
     _state["debug"] = debug
     allow(allow_pickle)
+    memory_check(not no_memory_check)
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -696,6 +702,10 @@ def fit_cmd(
         if exact:
             raise ACGError("--exact and --dictionary exclude each other: exact mode uses the MLP's own neurons")
         imported, dict_format = load_dictionary(dictionary)
+    from acg.ir.resources import check, fit_estimate
+
+    estimate = check(fit_estimate(torch_model.cfg, spec, sum(map(len, seqs))))
+    err.print(f"estimate: {estimate.describe()}", highlight=False)
     meta = {"model": str(model), "corpus": corpus_desc, "title": str(model)}
     if dictionary is not None:
         meta["dictionary"] = {"path": str(dictionary), "format": dict_format}

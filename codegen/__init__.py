@@ -18,6 +18,7 @@ import numpy as np
 from acg.ir.atomic import atomic_dir, recover
 from acg.ir.errors import ACGError
 from acg.ir.graph import Graph
+from acg.ir.resources import check, compile_estimate
 from acg.ir.serialize import content_hash, graph_to_dict, tensor_bytes
 
 BACKENDS = ("python", "numba", "torch", "onnx")
@@ -52,7 +53,9 @@ def compile(
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Generate `backend`'s artefact for `graph` into `out_dir` (replaced only when complete)."""
-    files = _emitter(backend)(graph, module_name, title)
+    emit = _emitter(backend)
+    check(compile_estimate(graph, backend))
+    files = emit(graph, module_name, title)
     inputs = [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in graph.inputs]
     manifest = {
         "backend": backend,

@@ -25,6 +25,7 @@ from acg.compiler.transcoder import (
 )
 from acg.compiler.transformer import Transformer
 from acg.ir.errors import ACGError
+from acg.ir.resources import check, fit_estimate
 
 
 class FitError(ACGError):
@@ -65,6 +66,7 @@ def fit(
     `transcoders`: dictionaries trained elsewhere (`interop.load_dictionary`), used as they are instead of fitting;
     the usage statistics, labels and metrics are still computed on `corpus`."""
     torch.set_num_threads(spec.threads)
+    check(fit_estimate(model.cfg, spec, sum(len(seq) for seq in corpus)))  # refuse before a long run that cannot fit
     t0 = time.perf_counter()
     model = model.float().eval()
     acts = harvest(model, corpus, progress=progress)
