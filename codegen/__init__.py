@@ -81,10 +81,20 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:
         raise ArtefactError(f"{path}: not an acg artefact (no {MANIFEST}); make one with `acg compile`") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtefactError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtefactError(f"{file}: expected a JSON object, found {type(manifest).__name__}")
     if manifest.get("backend") not in BACKENDS:
-        raise ArtefactError(f"{file}: unknown backend {manifest.get('backend')!r}")
+        raise ArtefactError(f"{file}: unknown backend {manifest.get('backend')!r}; supported: {', '.join(BACKENDS)}")
+    module = manifest.get("module")
+    if not isinstance(module, str) or not module.isidentifier():
+        raise ArtefactError(f"{file}: field 'module' should be a module name, found {module!r}")
+    hashes = manifest.get("hashes", {})
+    if not isinstance(hashes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and Path(k).name == k for k, v in hashes.items()
+    ):
+        raise ArtefactError(f"{file}: field 'hashes' should map file names to sha256 digests")
     return manifest
 
 
@@ -108,7 +118,13 @@ def load(path: str | os.PathLike) -> Callable[..., np.ndarray]:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path / f"{module}.onnx"), opts, providers=["CPUExecutionProvider"])
+        onnx_file = path / f"{module}.onnx"
+        if not onnx_file.is_file():
+            raise ArtefactError(f"{onnx_file}: missing (the manifest names module {module!r})")
+        try:
+            session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own error types
+            raise ArtefactError(f"{onnx_file}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
         names = [i.name for i in session.get_inputs()]
 
         def run(tokens, *rest):
@@ -118,6 +134,8 @@ def load(path: str | os.PathLike) -> Callable[..., np.ndarray]:
 
         return run
     file = path / f"{module}.py"
+    if not file.is_file():
+        raise ArtefactError(f"{file}: missing (the manifest names module {module!r})")
     name = f"acg_artefact_{abs(hash(str(file.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:

@@ -119,7 +119,7 @@ def load(path: str | os.PathLike) -> ACG:
         doc = json.loads(jfile.read_text())
     except FileNotFoundError:
         raise ACGFormatError(f"{jfile}: missing") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ACGFormatError(f"{jfile}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ACGFormatError(f"{jfile}: not an acg ACG file (field 'schema' should be {SCHEMA!r})")
@@ -160,8 +160,11 @@ def load(path: str | os.PathLike) -> ACG:
         acg = ACG(
             cfg, weights, tuple(transcoders), usage, doc.get("labels", {}), doc.get("stats", {}), doc.get("meta", {})
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise ACGFormatError(f"{jfile}: malformed ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("config", "transcoders", "labels", "stats", "meta") if k not in doc]
+    if missing:
+        raise ACGFormatError(f"{jfile}: malformed (field {missing[0]!r} is missing)")
     body = {k: doc[k] for k in ("config", "transcoders", "labels", "stats", "meta")}
     if doc.get("content_hash") != _hash(body, blob):
         raise ACGFormatError(

@@ -119,15 +119,62 @@ def load(path: str | os.PathLike) -> Graph:
     except (SafetensorError, Exception) as e:
         raise IRError(f"{tfile}: not a readable safetensors file ({e})") from None
     tensors.pop("__empty__", None)
+    _check_shape_of(doc, gfile)
     try:
         graph = _graph_from_dict(doc, tensors, gfile, tfile)
-    except (KeyError, TypeError, ValueError) as e:
+        verify(graph, allow_nonfinite=bool(graph.meta.get("allow_nonfinite", False)))  # the specific errors first
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise IRError(f"{gfile}: malformed ({type(e).__name__}: {e})") from None
-    verify(graph, allow_nonfinite=bool(graph.meta.get("allow_nonfinite", False)))  # the specific errors first
     body = {k: doc[k] for k in ("inputs", "ops", "outputs", "tensors", "meta")}
     if doc.get("content_hash") != content_hash(body, blob):
         raise IRError(f"{path}: content hash mismatch: {GRAPH_FILE} or {TENSORS_FILE} was changed after it was written")
     return graph
+
+
+_DIM = (int, str)
+
+
+def _check_shape_of(doc: dict, gfile: Path) -> None:
+    """The document's structure, field by field, before anything is built from it (named in the error)."""
+
+    def need(ok: bool, field: str, want: str, got: Any) -> None:
+        if not ok:
+            raise IRError(f"{gfile}: field {field} should be {want}, found {type(got).__name__} {str(got)[:60]!r}")
+
+    def value(v: Any, field: str) -> None:
+        need(isinstance(v, dict), field, "an object", v)
+        need(isinstance(v.get("name"), str), f"{field}.name", "a string", v.get("name"))
+        shape = v.get("shape")
+        need(
+            isinstance(shape, list) and all(isinstance(d, _DIM) and not isinstance(d, bool) for d in shape),
+            f"{field}.shape",
+            "a list of ints and dim names",
+            shape,
+        )
+        need(isinstance(v.get("dtype"), str), f"{field}.dtype", "a string", v.get("dtype"))
+
+    for key, kind in (("inputs", list), ("ops", list), ("outputs", list), ("tensors", dict), ("meta", dict)):
+        need(isinstance(doc.get(key), kind), key, f"a {kind.__name__}", doc.get(key))
+    for i, v in enumerate(doc["inputs"]):
+        value(v, f"inputs[{i}]")
+    for i, op in enumerate(doc["ops"]):
+        value(op, f"ops[{i}]")
+        need(isinstance(op.get("kind"), str), f"ops[{i}].kind", "a string", op.get("kind"))
+        ins = op.get("inputs")
+        need(isinstance(ins, list) and all(isinstance(x, str) for x in ins), f"ops[{i}].inputs", "a list of names", ins)
+        need(isinstance(op.get("attrs", {}), dict), f"ops[{i}].attrs", "an object", op.get("attrs"))
+        need(isinstance(op.get("scope", ""), str), f"ops[{i}].scope", "a string", op.get("scope"))
+    need(all(isinstance(o, str) for o in doc["outputs"]), "outputs", "a list of names", doc["outputs"])
+    for name, spec in doc["tensors"].items():
+        need(isinstance(spec, dict), f"tensors.{name}", "an object", spec)
+        shape = spec.get("shape")
+        need(
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape),
+            f"tensors.{name}.shape",
+            "a list of ints",
+            shape,
+        )
+        need(isinstance(spec.get("dtype"), str), f"tensors.{name}.dtype", "a string", spec.get("dtype"))
 
 
 def _graph_from_dict(doc: dict, tensors: dict[str, np.ndarray], gfile: Path, tfile: Path) -> Graph:
