@@ -168,3 +168,12 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(base, tmp_path, capsys,
     assert re.search(pattern, " ".join(err.split())), err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left either
+
+
+def test_debug_shows_the_traceback(base, tmp_path, capsys):
+    root, ckpt = base
+    make, _ = CASES["truncated safetensors"]
+    argv = make(root, ckpt, tmp_path)
+    with pytest.raises(Exception, match="model.safetensors"):
+        main(["--debug", *argv])
+    assert not (tmp_path / "out").exists()
