@@ -102,10 +102,20 @@ def sweep(path: Path) -> list[Path]:
     return removed
 
 
+_HITS: dict[str, int] = {}
+
+
 def _failpoint(name: str) -> None:
-    """`ACG_FAILPOINT=NAME:SECONDS` pauses a writer there, so that tests can kill it at that point (a test hook)."""
+    """`ACG_FAILPOINT=NAME:SECONDS[:NTH]` pauses a writer there (at its NTH write, default the first), so that tests
+    can kill it at that point (a test hook)."""
     spec = os.environ.get("ACG_FAILPOINT", "")
-    if spec.partition(":")[0] == name:
+    point, _, rest = spec.partition(":")
+    if point != name:
+        return
+    _HITS[name] = _HITS.get(name, 0) + 1
+    nth = rest.partition(":")[2]
+    if _HITS[name] == int(nth or 1):
+        spec = f"{point}:{rest.partition(':')[0]}"
         mark = os.environ.get("ACG_FAILPOINT_MARK")
         if mark:
             Path(mark).write_text(str(os.getpid()))

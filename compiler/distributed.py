@@ -1,0 +1,240 @@
+"""Data-parallel transcoder training on `torch.distributed` (gloo on CPU, NCCL on GPU, launched with `torchrun`), from
+the sharded activation store, with checkpoints and exact resume.
+
+The data order belongs to `n_streams` logical streams (see `shards.py`); each process owns `n_streams / world` of
+them. A step's batch is one block of `batch_size / n_streams` rows from every stream; the loss is the mean of the
+streams' losses (BatchTopK taken within each stream's block), so the gradient does not depend on how many processes
+share the streams: DDP all-reduces the processes' gradients (each process weights its streams by world / n_streams,
+and DDP averages over the world). What else must agree across processes is made to:
+
+- the units the fit trains in (spread of inputs and targets, mean target) come from one pass over all shards, summed
+  across processes in float64 (`all_reduce`);
+- the first step's output scale, dead-feature resampling and the final JumpReLU calibration use stream 0's rows on
+  the process that owns it, and the new parameters are broadcast;
+- dead-feature counts are summed across processes before the resampling decision.
+
+So a 2-process run ends where a 1-process run with the same streams and seed ends, up to the order of floating-point
+sums (tested). Every `checkpoint_every` steps the dictionary, Adam's state, the dead-feature counts, the generator and
+every stream's position are written (atomically, by rank 0, the positions gathered from every process); a run
+restarted with the same arguments continues from the last checkpoint and ends exactly where an uninterrupted run
+ends.
+
+Per step each process sends and receives one all-reduce of the gradients: 2 x d_model x width + width + d_model (+ width
+thresholds) floats, 4 bytes each (for testbed-m, d_model 256 x width 2,048: about 4 MB a step); the rest is a few
+scalars, and a broadcast of the dictionary at each resampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from acg.compiler.shards import Stream, read_manifest, streams
+from acg.compiler.transcoder import FitConfig, TranscoderError, _Module, _resample
+from acg.ir.atomic import atomic_dir
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _broadcast(module: torch.nn.Module, src: int = 0) -> None:
+    if _world()[1] > 1:
+        for p in module.parameters():
+            dist.broadcast(p.data, src=src)
+
+
+def _moments(folder: Path, layer: int, files: list[str]) -> torch.Tensor:
+    """[n, sum x, sum x^2, sum y, sum y^2 (per dim)] over `files`, float64."""
+    from safetensors import safe_open
+
+    acc = None
+    for name in files:
+        with safe_open(str(folder / name), framework="np") as f:
+            x = f.get_tensor(f"in.L{layer}").astype(np.float64)
+            y = f.get_tensor(f"out.L{layer}").astype(np.float64)
+        part = np.concatenate([[len(x)], x.sum(0), (x * x).sum(0), y.sum(0), (y * y).sum(0)])
+        acc = part if acc is None else acc + part
+    return torch.as_tensor(acc)
+
+
+def train_layer(
+    folder: str | os.PathLike,
+    layer: int,
+    cfg: FitConfig,
+    *,
+    n_streams: int = 2,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    stop_after: int | None = None,
+) -> tuple[_Module, dict[str, Any]]:
+    """Fit layer `layer`'s transcoder from the store at `folder` (module docstring); every process calls this."""
+    folder = Path(folder)
+    rank, world = _world()
+    if n_streams % world:
+        raise TranscoderError(f"{n_streams} streams cannot be shared evenly by {world} processes")
+    if cfg.batch_size % n_streams:
+        raise TranscoderError(f"batch size {cfg.batch_size} is not a multiple of the {n_streams} streams")
+    if cfg.kind not in ("relu", "jumprelu"):
+        raise TranscoderError(f"transcoder kind {cfg.kind!r}; supported: relu, jumprelu")
+    manifest = read_manifest(folder)
+    d = manifest["d_model"]
+    mine = list(range(rank, n_streams, world))
+    own = streams(folder, layer, n_streams, cfg.seed, mine)
+    files = [s["file"] for s in manifest["shards"]]
+    # units: one pass over every shard, each process its streams' shards, summed in float64
+    my_files = [f for i in mine for f in files[i::n_streams]]
+    m = _sum(_moments(folder, layer, my_files))
+    n = float(m[0])
+    x_mean, y_mean64 = m[1 : 1 + d] / n, m[1 + 2 * d : 1 + 3 * d] / n
+    x_var = (m[1 + d : 1 + 2 * d] / n - x_mean**2).clamp_min(0).sum()
+    y_var_raw = (m[1 + 3 * d : 1 + 4 * d] / n - y_mean64**2).clamp_min(0).sum()
+    x_unit = float(x_var.sqrt()) / math.sqrt(d) or 1.0
+    y_unit = float(y_var_raw.sqrt()) / math.sqrt(d) or 1.0
+    y_mean = (y_mean64 / y_unit).float()
+    y_var = float(y_var_raw) / y_unit**2
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scale = math.sqrt(y_var / max(cfg.width, 1)) * 4
+    model = _Module(d, cfg.width, cfg.kind, cfg.init_threshold, gen, y_mean, scale)
+    topk = cfg.target_l0 if cfg.kind == "jumprelu" and cfg.target_l0 else None
+    block = cfg.batch_size // n_streams
+    lead = own[0] if 0 in mine else None  # stream 0: resampling and calibration rows, on the process that owns it
+
+    def units(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x / x_unit, y / y_unit
+
+    with torch.no_grad():  # the first step's output scale, from stream 0's first rows (peeked, not consumed)
+        ratio = torch.zeros(1, dtype=torch.float64)
+        if lead is not None:
+            saved = lead.state()
+            xb, yb = units(*lead.batch(min(4096, cfg.batch_size)))
+            lead.restore(saved)
+            f, _, _ = model(xb, cfg.bandwidth, topk)
+            ratio[0] = float((yb - y_mean).norm() / (f @ model.W_dec).norm().clamp_min(1e-12))
+        ratio = float(_sum(ratio))
+        model.W_dec.mul_(ratio)
+        scale *= ratio
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    fired = torch.zeros(cfg.width)
+    history: list[tuple[int, float, float]] = []
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and (ckpt / "state.pt").exists():
+        start = _restore(ckpt, model, opt, fired, gen, own, mine)
+        history = json.loads((ckpt / "history.json").read_text())
+    for step in range(start, cfg.steps):
+        if stop_after is not None and step >= stop_after:
+            break
+        lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        stats = torch.zeros(2, dtype=torch.float64)
+        first = None
+        for k, s in enumerate(own):
+            xb, yb = units(*s.batch(block))
+            last = k == len(own) - 1
+            sync = ddp.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            with sync:  # gradients accumulate over this process's streams; one all-reduce per step
+                f, recon, l0 = ddp(xb, cfg.bandwidth, topk)
+                mse = ((recon - yb) ** 2).sum(-1).mean() / y_var
+                sparsity = (
+                    torch.zeros(()) if topk is not None else cfg.l1_coeff * (f * model.W_dec.norm(dim=1)).sum(-1).mean()
+                )
+                ((mse + sparsity) * (world / n_streams)).backward()
+            fired += (f > 0).float().sum(0).detach()
+            stats += torch.tensor([float(mse.detach()), float(l0.detach())], dtype=torch.float64)
+            if first is None:
+                first = (xb, yb)
+        opt.step()
+        if (step + 1) % cfg.resample_every == 0:
+            total = _sum(fired.clone())
+            if step < cfg.resample_until * cfg.steps:
+                if lead is not None:
+                    _resample(model, total == 0, first[0], first[1], gen, scale)
+                _broadcast(model)
+            fired.zero_()
+        stats = _sum(stats) / n_streams
+        if step % 50 == 0:
+            history.append((step, float(stats[0]), float(stats[1])))
+        if ckpt is not None and (step + 1) % checkpoint_every == 0:
+            _save(ckpt, step + 1, model, opt, fired, gen, own, mine, history)
+    else:
+        if topk is not None:  # BatchTopK -> JumpReLU: the threshold at which target_l0 fire, on stream 0's rows
+            with torch.no_grad():
+                tau = torch.zeros(1, dtype=torch.float64)
+                if lead is not None:
+                    saved = lead.state()
+                    xb, _ = units(*lead.batch(min(16 * cfg.batch_size, int(n))))
+                    lead.restore(saved)
+                    model.calibrate(xb @ model.W_enc + model.b_enc, cfg.target_l0)
+                    tau[0] = model.tau
+                tau = float(_sum(tau))
+                model.log_threshold.fill_(math.log(tau))
+                model.tau, model.calibrated = tau, True
+        with torch.no_grad():
+            model.W_enc.div_(x_unit)
+            model.W_dec.mul_(y_unit)
+            model.b_dec.mul_(y_unit)
+    return model, {"history": history, "y_var": y_var * y_unit**2, "tokens": int(n), "world": world}
+
+
+def _save(ckpt: Path, step: int, model, opt, fired, gen, own: list[Stream], mine: list[int], history) -> None:
+    positions = {i: s.state() for i, s in zip(mine, own, strict=True)}
+    rank, world = _world()
+    total_fired = _sum(fired.clone())  # every process's counts (a collective: all call it)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, positions)
+        positions = {k: v for part in gathered for k, v in part.items()}
+    if rank == 0:
+        with atomic_dir(ckpt) as tmp:
+            torch.save(
+                {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "tau": model.tau,
+                    "calibrated": model.calibrated,
+                    "opt": opt.state_dict(),
+                    "fired": total_fired,
+                    "gen": gen.get_state(),
+                },
+                tmp / "state.pt",
+            )
+            (tmp / "streams.json").write_text(json.dumps({str(k): v for k, v in sorted(positions.items())}))
+            (tmp / "history.json").write_text(json.dumps(history))
+    if world > 1:
+        dist.barrier()
+
+
+def _restore(ckpt: Path, model, opt, fired, gen, own: list[Stream], mine: list[int]) -> int:
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # our own file: tensors and plain containers only
+    model.load_state_dict(state["model"])
+    model.tau, model.calibrated = state["tau"], state["calibrated"]
+    opt.load_state_dict(state["opt"])
+    fired.copy_(state["fired"] if _world()[0] == 0 else torch.zeros_like(fired))  # the sum lives on rank 0
+    gen.set_state(state["gen"])
+    positions = json.loads((ckpt / "streams.json").read_text())
+    for i, s in zip(mine, own, strict=True):
+        s.restore(positions[str(i)])
+    return int(state["step"])
+
+
+__all__ = ["train_layer"]

@@ -1,0 +1,122 @@
+"""Fitting beyond one process: a sharded activation store written by two workers, a transcoder trained by two gloo
+processes under torchrun that matches a one-process run on the same streams, and a run killed (SIGKILL) between
+checkpoints that resumes and ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_model
+
+from acg.compiler.shards import ShardError, merge, read_manifest, streams, write_part
+
+RUN = r"""
+import os, sys, torch
+import torch.distributed as dist
+from acg.compiler.distributed import train_layer
+from acg.compiler.transcoder import FitConfig
+torch.set_num_threads(1)
+folder, out, ckpt = sys.argv[1], sys.argv[2], (sys.argv[3] if sys.argv[3] != "-" else None)
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    dist.init_process_group("gloo")
+cfg = FitConfig(width=32, kind="jumprelu", target_l0=4, steps=120, batch_size=64, lr=2e-3, seed=3, resample_every=50)
+module, info = train_layer(folder, 0, cfg, n_streams=2, checkpoint=ckpt, checkpoint_every=20)
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = random_model(seed=5, d_vocab=13, n_ctx=10, act_fn="relu")
+    rng = np.random.default_rng(0)
+    corpus = [rng.integers(0, 13, rng.integers(3, 10)).tolist() for _ in range(400)]
+    for rank in range(2):  # two workers, disjoint slices (here one after the other)
+        write_part(model, corpus, root / "store", rank=rank, world=2, shard_tokens=300)
+    merge(root / "store", model, 2)
+    (root / "run.py").write_text(RUN)
+    return root, model, corpus
+
+
+def _train(root: Path, out: str, ckpt: str = "-", nproc: int = 1, env: dict | None = None) -> subprocess.Popen:
+    if nproc == 1:
+        cmd = [sys.executable, str(root / "run.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        cmd.append(str(root / "run.py"))
+    return subprocess.Popen(
+        [*cmd, str(root / "store"), str(root / out), ckpt],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _same(a: Path, b: Path, atol: float) -> None:
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert (x[k] - y[k]).abs().max().item() <= atol, k
+
+
+def test_the_store_covers_the_corpus_once_and_streams_are_seeded(store):
+    root, model, corpus = store
+    manifest = read_manifest(root / "store", model)
+    assert manifest["tokens"] == sum(map(len, corpus)) and manifest["world"] == 2
+    assert {s["file"].split("/")[0] for s in manifest["shards"]} == {"rank0", "rank1"}
+    a, b = streams(root / "store", 0, 2, seed=1, ids=[0])[0], streams(root / "store", 0, 2, seed=1, ids=[0])[0]
+    x1, _ = a.batch(500)  # crosses shard boundaries
+    x2, _ = b.batch(500)
+    assert torch.equal(x1, x2)
+    state = a.state()
+    next_a, _ = a.batch(64)
+    b.restore(state)
+    assert torch.equal(b.batch(64)[0], next_a)  # a position is all a stream needs to resume
+    other = random_model(seed=6, d_vocab=13, n_ctx=10, act_fn="relu")
+    with pytest.raises(ShardError, match="another model"):
+        read_manifest(root / "store", other)
+
+
+def test_two_gloo_processes_match_one_process(store):
+    root, _, _ = store
+    one = _train(root, "one.pt")
+    assert one.wait(timeout=600) == 0, one.stderr.read().decode()[-2000:]
+    two = _train(root, "two.pt", nproc=2)
+    assert two.wait(timeout=600) == 0, two.stderr.read().decode()[-2000:]
+    _same(root / "one.pt", root / "two.pt", atol=1e-5)
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(store):
+    root, _, _ = store
+    if not (root / "one.pt").exists():
+        assert _train(root, "one.pt").wait(timeout=600) == 0
+    ckpt = root / "ckpt"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    mark = root / "mark"
+    # pause at the third checkpoint (step 60), before it is committed: the last one on disk is step 40
+    proc = _train(
+        root, "resumed.pt", str(ckpt), env={"ACG_FAILPOINT": "before-commit:60:3", "ACG_FAILPOINT_MARK": str(mark)}
+    )
+    deadline = time.time() + 300
+    while not mark.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert torch.load(ckpt / "state.pt", weights_only=True)["step"] == 40
+    assert not (root / "resumed.pt").exists()
+    again = _train(root, "resumed.pt", str(ckpt))
+    assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-2000:]
+    _same(root / "one.pt", root / "resumed.pt", atol=0.0)  # exactly
