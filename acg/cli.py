@@ -672,6 +672,22 @@ def fit_cmd(
     target_l0: Annotated[float, typer.Option(help="jumprelu: active features per token per layer")] = 30.0,
     sparsity: Annotated[float | None, typer.Option(help="L0 (jumprelu) or L1 (relu) coefficient")] = None,
     seed: Annotated[int, typer.Option(help="seed of the fit")] = 0,
+    distributed: Annotated[
+        bool, typer.Option("--distributed", help="run under torchrun: sharded harvest, DDP or layer-parallel training")
+    ] = False,
+    store: Annotated[
+        Path | None, typer.Option(help="--distributed: the sharded activation store (default OUT.store)")
+    ] = None,
+    streams: Annotated[
+        int | None, typer.Option(help="--distributed: data streams (default: the world size, at least 2)")
+    ] = None,
+    parallel: Annotated[str, typer.Option(help="--distributed: data (DDP per layer) or layers (a layer per rank)")] = (
+        "data"
+    ),
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="--distributed: checkpoint folder; a restarted run resumes from it")
+    ] = None,
+    shard_tokens: Annotated[int, typer.Option(help="--distributed: tokens per activation shard")] = 65536,
     as_json: JsonFlag = False,
 ) -> None:
     """Fit an ACG: harvest activations, fit a transcoder per layer, record usage statistics and labels."""
@@ -709,7 +725,28 @@ def fit_cmd(
     meta = {"model": str(model), "corpus": corpus_desc, "title": str(model)}
     if dictionary is not None:
         meta["dictionary"] = {"path": str(dictionary), "format": dict_format}
-    acg, stats = fit(torch_model, seqs, spec, meta=meta, transcoders=imported)
+    if distributed:
+        from acg.compiler.distributed import fit_distributed, init_from_env
+
+        if exact or dictionary is not None:
+            raise ACGError("--distributed fits dictionaries: it excludes --exact and --dictionary")
+        rank, world = init_from_env()
+        done = fit_distributed(
+            torch_model,
+            seqs,
+            spec,
+            store=store or out.with_name(out.name + ".store"),
+            n_streams=streams,
+            parallel=parallel,
+            checkpoint=checkpoint,
+            shard_tokens=shard_tokens,
+            meta=meta,
+        )
+        if done is None:  # not rank 0: rank 0 writes the ACG and reports
+            return
+        acg, stats = done
+    else:
+        acg, stats = fit(torch_model, seqs, spec, meta=meta, transcoders=imported)
     report = {
         "model": str(model),
         "out": str(out),

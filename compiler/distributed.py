@@ -30,22 +30,136 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.numpy import save_file as st_save_file
 
 from acg.compiler.shards import Stream, read_manifest, streams
 from acg.compiler.transcoder import FitConfig, TranscoderError, _Module, _resample
 from acg.ir.atomic import atomic_dir
 
+_LOCAL: ContextVar[bool] = ContextVar("acg_local_training", default=False)
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Train as if alone (layer-parallel: each process fits whole layers of its own)."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    if not _LOCAL.get() and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group `torchrun` describes (gloo on CPU, NCCL where CUDA is); alone when not under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _world()
+
+
+def fit_distributed(
+    model,
+    corpus: list[list[int]],
+    spec,
+    *,
+    store: str | os.PathLike,
+    n_streams: int | None = None,
+    parallel: str = "data",
+    checkpoint: str | os.PathLike | None = None,
+    shard_tokens: int = 65536,
+    meta: dict | None = None,
+):
+    """Every process calls this: harvest its slice into the store (kept and reused if complete for this model), fit
+    each layer's transcoder data-parallel or layer-parallel, then rank 0 computes the usage statistics and labels on
+    the corpus (`fit` with the trained dictionaries) and returns the ACG; the other ranks return None."""
+    from acg.compiler.fit import fit
+    from acg.compiler.shards import ShardError, merge, write_part
+    from acg.compiler.transcoder import to_transcoder
+
+    rank, world = _world()
+    if parallel not in ("data", "layers"):
+        raise TranscoderError(f"--parallel {parallel!r}: data or layers")
+    if spec.exact:
+        raise TranscoderError("exact mode trains nothing: run it without --distributed")
+    n_streams = n_streams or max(2, world)
+    store = Path(store)
+    try:
+        read_manifest(store, model)
+    except ShardError:
+        write_part(model, corpus, store, rank=rank, world=world, shard_tokens=shard_tokens)
+        _barrier()
+        if rank == 0:
+            merge(store, model, world)
+        _barrier()
+    cfg = model.cfg
+    trained: dict[int, Any] = {}
+    for layer in range(cfg.n_layers):
+        fc = FitConfig(
+            width=spec.width or 8 * cfg.d_model,
+            kind=spec.kind,
+            l0_coeff=spec.l0_coeff,
+            target_l0=spec.target_l0,
+            l1_coeff=spec.l1_coeff,
+            steps=spec.steps,
+            batch_size=spec.batch_size - spec.batch_size % n_streams,
+            lr=spec.lr,
+            seed=spec.seed + layer,
+        )
+        ckpt = None if checkpoint is None else Path(checkpoint) / f"L{layer}"
+        if parallel == "data":
+            module, _ = train_layer(store, layer, fc, n_streams=n_streams, checkpoint=ckpt)
+            trained[layer] = to_transcoder(module, fc)
+        elif layer % world == rank:
+            with local():
+                module, _ = train_layer(store, layer, fc, n_streams=n_streams, checkpoint=ckpt)
+            tc = to_transcoder(module, fc)
+            with atomic_dir(store / f"layer{layer}") as tmp:
+                st_save_file({k: np.ascontiguousarray(v) for k, v in tc.tensors().items()}, str(tmp / "tc.safetensors"))
+            trained[layer] = tc
+    _barrier()
+    if rank != 0:
+        return None
+    if parallel == "layers":
+        from safetensors.numpy import load_file
+
+        from acg.compiler.transcoder import Transcoder
+
+        for layer in range(cfg.n_layers):
+            if layer not in trained:
+                t = load_file(str(store / f"layer{layer}" / "tc.safetensors"))
+                fit_meta = {"kind": spec.kind, "width": spec.width or 8 * cfg.d_model, "steps": spec.steps}
+                trained[layer] = Transcoder(
+                    t["W_enc"],
+                    t["b_enc"],
+                    t["W_dec"],
+                    t["b_dec"],
+                    spec.kind,
+                    t.get("threshold"),
+                    {"fit": {**fit_meta, "seed": spec.seed + layer}},
+                )
+    transcoders = [trained[layer] for layer in range(cfg.n_layers)]
+    info = {"world": world, "parallel": parallel, "streams": n_streams, "store": str(store)}
+    acg, stats = fit(model, corpus, spec, meta={**(meta or {}), "distributed": info}, transcoders=transcoders)
+    stats["distributed"] = info
+    return acg, stats
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        dist.barrier()
 
 
 def _sum(t: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,12 @@ that any number of workers can write disjoint slices of a corpus and any number 
 shuffled, seeded order while holding one shard at a time.
 
     folder/
-      manifest.json                  schema, model hash, config, layers, shard list with token counts, corpus slices
-      rank{r}/part.json              what worker r wrote (merged into manifest.json by `merge`)
-      rank{r}/shard{k:05d}.safetensors  tensors in.L{l}, out.L{l} (float32 [rows, d_model]), tokens, positions
+      manifest.json                  schema, model hash, config, layers, shard list (prompt range, token count)
+      parts/rank{r}.json             what worker r wrote (merged into manifest.json by `merge`)
+      shards/shard{k:05d}.safetensors   tensors in.L{l}, out.L{l} (float32 [rows, d_model]), tokens, positions
 
-Worker r of w harvests prompts r, r + w, r + 2w, ... (a strided slice, so lengths balance), in chunks of about
-`shard_tokens` tokens: memory stays bounded by one chunk whatever the corpus size.
+The corpus is cut, in order, into chunks of about `shard_tokens` tokens; shard k is chunk k, and worker r of w writes
+shards r, r + w, ...: the store is the same whatever the number of workers, and memory stays bounded by one chunk.
 
 Reading: the shards are dealt to `n_streams` logical streams (shard k to stream k mod n_streams); a stream walks its
 shards in a seeded random order each epoch and the rows of each shard in a seeded random order, and hands out fixed-size
@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
 from acg.compiler.harvest import check_corpus, harvest
-from acg.ir.atomic import atomic_dir, atomic_file
+from acg.ir.atomic import atomic_file
 from acg.ir.errors import ACGError
 
 SCHEMA, VERSION = "acg.shards", 1
@@ -51,50 +51,64 @@ def model_hash(model) -> str:
     return h.hexdigest()
 
 
+def chunks(corpus: list[list[int]], shard_tokens: int) -> list[list[int]]:
+    """The corpus (empty prompts left out) cut in order into chunks of about `shard_tokens` tokens: shard k holds
+    chunk k whoever writes it, so the store does not depend on the number of workers."""
+    out, chunk, size = [], [], 0
+    for i, seq in enumerate(corpus):
+        if not seq:
+            continue
+        chunk.append(i)
+        size += len(seq)
+        if size >= shard_tokens:
+            out.append(chunk)
+            chunk, size = [], 0
+    if chunk:
+        out.append(chunk)
+    return out
+
+
 def write_part(
     model, corpus: list[list[int]], folder: str | os.PathLike, *, rank: int = 0, world: int = 1, shard_tokens=65536
 ) -> dict[str, Any]:
-    """Harvest prompts rank, rank + world, ... of `corpus` into `folder/rank{rank}` (replaced atomically)."""
+    """Harvest shards rank, rank + world, ... of `corpus` into `folder/shards/` (each written atomically), and record
+    them in `folder/parts/rank{rank}.json`."""
     folder = Path(folder)
     cfg = model.cfg
     seqs = [list(s) for s in corpus]
     check_corpus([s for s in seqs if s], cfg.d_vocab, n_ctx=cfg.n_ctx)
-    mine = list(range(rank, len(seqs), world))
-    shards, chunk, size = [], [], 0
-    with atomic_dir(folder / f"rank{rank}") as tmp:
-
-        def flush() -> None:
-            acts = harvest(model, [seqs[i] for i in chunk])
-            tensors = {"tokens": acts.tokens, "positions": acts.positions}
-            for layer in range(cfg.n_layers):
-                tensors[f"in.L{layer}"] = np.asarray(acts.mlp_in[layer])
-                tensors[f"out.L{layer}"] = np.asarray(acts.mlp_out[layer])
-            name = f"shard{len(shards):05d}.safetensors"
-            (tmp / name).write_bytes(st_save(tensors))
-            shards.append({"file": f"rank{rank}/{name}", "tokens": int(acts.n_tokens), "prompts": len(chunk)})
-
-        for i in mine:
-            if not seqs[i]:
-                continue
-            chunk.append(i)
-            size += len(seqs[i])
-            if size >= shard_tokens:
-                flush()
-                chunk, size = [], 0
-        if chunk:
-            flush()
-        part = {"rank": rank, "world": world, "model_hash": model_hash(model), "shards": shards}
-        (tmp / "part.json").write_text(json.dumps(part, indent=1, sort_keys=True) + "\n")
+    shards = []
+    for k, chunk in enumerate(chunks(seqs, shard_tokens)):
+        if k % world != rank:
+            continue
+        acts = harvest(model, [seqs[i] for i in chunk])
+        tensors = {"tokens": acts.tokens, "positions": acts.positions}
+        for layer in range(cfg.n_layers):
+            tensors[f"in.L{layer}"] = np.asarray(acts.mlp_in[layer])
+            tensors[f"out.L{layer}"] = np.asarray(acts.mlp_out[layer])
+        name = f"shards/shard{k:05d}.safetensors"
+        with atomic_file(folder / name, "wb") as f:
+            f.write(st_save(tensors))
+        shards.append({"index": k, "file": name, "tokens": int(acts.n_tokens), "prompts": [chunk[0], chunk[-1] + 1]})
+    part = {
+        "rank": rank,
+        "world": world,
+        "model_hash": model_hash(model),
+        "shards": shards,
+        "shard_tokens": shard_tokens,
+    }
+    with atomic_file(folder / "parts" / f"rank{rank}.json") as f:
+        f.write(json.dumps(part, indent=1, sort_keys=True) + "\n")
     return part
 
 
 def merge(folder: str | os.PathLike, model, world: int) -> dict[str, Any]:
-    """Join the workers' parts into `manifest.json` (checking they all harvested this model)."""
+    """Join the workers' parts into `manifest.json` (checking they all harvested this model), shards in order."""
     folder = Path(folder)
     digest = model_hash(model)
     shards = []
     for rank in range(world):
-        file = folder / f"rank{rank}" / "part.json"
+        file = folder / "parts" / f"rank{rank}.json"
         try:
             part = json.loads(file.read_text())
         except FileNotFoundError:
@@ -102,6 +116,9 @@ def merge(folder: str | os.PathLike, model, world: int) -> dict[str, Any]:
         if part.get("model_hash") != digest:
             raise ShardError(f"{file}: harvested from another model (its model hash differs)")
         shards += part["shards"]
+    shards.sort(key=lambda s: s["index"])
+    if [s["index"] for s in shards] != list(range(len(shards))):
+        raise ShardError(f"{folder}: the parts do not cover shards 0..{len(shards) - 1} once each")
     manifest = {
         "schema": SCHEMA,
         "version": VERSION,
@@ -109,8 +126,7 @@ def merge(folder: str | os.PathLike, model, world: int) -> dict[str, Any]:
         "config": model.cfg.to_dict(),
         "layers": model.cfg.n_layers,
         "d_model": model.cfg.d_model,
-        "world": world,
-        "slices": [f"prompts {r}::{world}" for r in range(world)],
+        "workers": world,
         "shards": shards,
         "tokens": sum(s["tokens"] for s in shards),
     }

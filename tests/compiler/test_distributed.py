@@ -73,8 +73,12 @@ def _same(a: Path, b: Path, atol: float) -> None:
 def test_the_store_covers_the_corpus_once_and_streams_are_seeded(store):
     root, model, corpus = store
     manifest = read_manifest(root / "store", model)
-    assert manifest["tokens"] == sum(map(len, corpus)) and manifest["world"] == 2
-    assert {s["file"].split("/")[0] for s in manifest["shards"]} == {"rank0", "rank1"}
+    assert manifest["tokens"] == sum(map(len, corpus)) and manifest["workers"] == 2
+    assert [s["index"] for s in manifest["shards"]] == list(range(len(manifest["shards"])))
+    alone = write_part(model, corpus, root / "alone", shard_tokens=300)  # one worker writes the same shards
+    assert [s["tokens"] for s in alone["shards"]] == [s["tokens"] for s in manifest["shards"]]
+    for s in manifest["shards"]:
+        assert (root / "alone" / s["file"]).read_bytes() == (root / "store" / s["file"]).read_bytes()
     a, b = streams(root / "store", 0, 2, seed=1, ids=[0])[0], streams(root / "store", 0, 2, seed=1, ids=[0])[0]
     x1, _ = a.batch(500)  # crosses shard boundaries
     x2, _ = b.batch(500)
@@ -120,3 +124,39 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(store):
     again = _train(root, "resumed.pt", str(ckpt))
     assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-2000:]
     _same(root / "one.pt", root / "resumed.pt", atol=0.0)  # exactly
+
+
+def test_acg_fit_distributed_under_torchrun_data_and_layer_parallel(store, tmp_path):
+    """`acg fit --distributed` with 2 gloo processes, data-parallel and layer-parallel, against 1 process: the same
+    dictionaries (tolerance 1e-6; on this machine they are identical)."""
+    import json as _json
+
+    from acg.compiler import acg as acg_io
+    from acg.compiler.transformer import save_checkpoint
+
+    model = random_model(seed=5, d_vocab=13, n_ctx=10, act_fn="relu")
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(_json.dumps(rng.integers(0, 13, rng.integers(3, 10)).tolist()) + "\n" for _ in range(300))
+    )
+    args = ["fit", str(ckpt), "--corpus", str(corpus), "--distributed", "--width", "16", "--steps", "30"]
+    args += ["--e2e-steps", "0", "--target-l0", "3", "--streams", "2", "--shard-tokens", "400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "acg"]
+    runs = {
+        "one": [sys.executable, "-m", "acg", *args, "-o", str(tmp_path / "one")],
+        "data": [*launch, *args, "-o", str(tmp_path / "data")],
+        "layers": [*launch, *args, "--parallel", "layers", "-o", str(tmp_path / "layers")],
+    }
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    one = acg_io.load(tmp_path / "one")
+    for name in ("data", "layers"):
+        other = acg_io.load(tmp_path / name)
+        assert other.meta["distributed"]["world"] == 2 and other.meta["distributed"]["parallel"] == name
+        for a, b in zip(one.transcoders, other.transcoders, strict=True):
+            for k, v in a.tensors().items():
+                assert np.abs(v - b.tensors()[k]).max() <= 1e-6, (name, k)
