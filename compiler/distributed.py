@@ -197,6 +197,7 @@ def train_layer(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     stop_after: int | None = None,
+    progress=None,
 ) -> tuple[_Module, dict[str, Any]]:
     """Fit layer `layer`'s transcoder from the store at `folder` (module docstring); every process calls this."""
     folder = Path(folder)
@@ -286,6 +287,8 @@ def train_layer(
                 _broadcast(model)
             fired.zero_()
         stats = _sum(stats) / n_streams
+        if progress is not None:
+            progress(step, float(stats[0]), float(stats[1]))
         if step % 50 == 0:
             history.append((step, float(stats[0]), float(stats[1])))
         if ckpt is not None and (step + 1) % checkpoint_every == 0:
