@@ -107,17 +107,7 @@ def fit_distributed(
     cfg = model.cfg
     trained: dict[int, Any] = {}
     for layer in range(cfg.n_layers):
-        fc = FitConfig(
-            width=spec.width or 8 * cfg.d_model,
-            kind=spec.kind,
-            l0_coeff=spec.l0_coeff,
-            target_l0=spec.target_l0,
-            l1_coeff=spec.l1_coeff,
-            steps=spec.steps,
-            batch_size=spec.batch_size - spec.batch_size % n_streams,
-            lr=spec.lr,
-            seed=spec.seed + layer,
-        )
+        fc = _fit_config(spec, cfg, layer, n_streams)
         ckpt = None if checkpoint is None else Path(checkpoint) / f"L{layer}"
         if parallel == "data":
             module, _ = train_layer(store, layer, fc, n_streams=n_streams, checkpoint=ckpt)
@@ -130,31 +120,110 @@ def fit_distributed(
                 st_save_file({k: np.ascontiguousarray(v) for k, v in tc.tensors().items()}, str(tmp / "tc.safetensors"))
             trained[layer] = tc
     _barrier()
+    if parallel == "layers" and spec.e2e_steps:  # every process needs every layer for the end-to-end phase
+        trained = {layer: _load_layer(store, layer, spec, cfg) for layer in range(cfg.n_layers)}
+    if spec.e2e_steps:
+        trained = _end_to_end(model, corpus, spec, cfg, trained, store, n_streams)
     if rank != 0:
         return None
     if parallel == "layers":
-        from safetensors.numpy import load_file
-
-        from acg.compiler.transcoder import Transcoder
-
         for layer in range(cfg.n_layers):
             if layer not in trained:
-                t = load_file(str(store / f"layer{layer}" / "tc.safetensors"))
-                fit_meta = {"kind": spec.kind, "width": spec.width or 8 * cfg.d_model, "steps": spec.steps}
-                trained[layer] = Transcoder(
-                    t["W_enc"],
-                    t["b_enc"],
-                    t["W_dec"],
-                    t["b_dec"],
-                    spec.kind,
-                    t.get("threshold"),
-                    {"fit": {**fit_meta, "seed": spec.seed + layer}},
-                )
+                trained[layer] = _load_layer(store, layer, spec, cfg)
     transcoders = [trained[layer] for layer in range(cfg.n_layers)]
     info = {"world": world, "parallel": parallel, "streams": n_streams, "store": str(store)}
     acg, stats = fit(model, corpus, spec, meta={**(meta or {}), "distributed": info}, transcoders=transcoders)
     stats["distributed"] = info
     return acg, stats
+
+
+def _fit_config(spec, cfg, layer: int, n_streams: int) -> FitConfig:
+    return FitConfig(
+        width=spec.width or 8 * cfg.d_model,
+        kind=spec.kind,
+        l0_coeff=spec.l0_coeff,
+        target_l0=spec.target_l0,
+        l1_coeff=spec.l1_coeff,
+        steps=spec.steps,
+        batch_size=spec.batch_size - spec.batch_size % n_streams,
+        lr=spec.lr,
+        seed=spec.seed + layer,
+    )
+
+
+def _load_layer(store: Path, layer: int, spec, cfg):
+    from safetensors.numpy import load_file
+
+    from acg.compiler.transcoder import Transcoder
+
+    t = load_file(str(store / f"layer{layer}" / "tc.safetensors"))
+    fit_meta = {
+        "kind": spec.kind,
+        "width": spec.width or 8 * cfg.d_model,
+        "steps": spec.steps,
+        "seed": spec.seed + layer,
+    }
+    return Transcoder(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], spec.kind, t.get("threshold"), {"fit": fit_meta})
+
+
+def _end_to_end(model, corpus, spec, cfg, trained: dict, store: Path, n_streams: int) -> dict:
+    """The end-to-end fine-tuning with every process on its share of each batch (`finetune_end_to_end(group=...)`),
+    then each JumpReLU threshold recalibrated to the target on rows of the store (read by index, not all loaded)."""
+    from acg.compiler.transcoder import finetune_end_to_end, to_transcoder
+
+    configs = [_fit_config(spec, cfg, layer, n_streams) for layer in range(cfg.n_layers)]
+    modules = [_module_of(trained[layer], configs[layer]) for layer in range(cfg.n_layers)]
+    group = dist.group.WORLD if _world()[1] > 1 else None
+    finetune_end_to_end(
+        model,
+        modules,
+        [list(s) for s in corpus if len(s)],
+        configs[0],
+        spec.e2e_steps,
+        train_thresholds=spec.e2e_thresholds,
+        mse_weight=spec.e2e_mse_weight,
+        group=group,
+    )
+    if spec.kind == "jumprelu" and spec.target_l0 and not spec.e2e_thresholds:
+        for layer, (m, fc) in enumerate(zip(modules, configs, strict=True)):
+            gen = torch.Generator().manual_seed(fc.seed)
+            n = read_manifest(store)["tokens"]
+            idx = torch.randint(0, n, (min(16384, n),), generator=gen).numpy()
+            X = torch.as_tensor(_rows(store, layer, idx))
+            with torch.no_grad():
+                m.calibrate(X @ m.W_enc + m.b_enc, spec.target_l0)
+    return {layer: to_transcoder(m, fc) for layer, (m, fc) in enumerate(zip(modules, configs, strict=True))}
+
+
+def _module_of(tc, fc: FitConfig) -> _Module:
+    d, n = tc.W_enc.shape
+    m = _Module(d, n, fc.kind, fc.init_threshold, torch.Generator().manual_seed(0), torch.zeros(d), 1.0)
+    with torch.no_grad():
+        m.W_enc.copy_(torch.as_tensor(tc.W_enc))
+        m.b_enc.copy_(torch.as_tensor(tc.b_enc))
+        m.W_dec.copy_(torch.as_tensor(tc.W_dec))
+        m.b_dec.copy_(torch.as_tensor(tc.b_dec))
+        if fc.kind == "jumprelu":
+            tau = float(np.exp(np.log(np.asarray(tc.threshold)).mean()))
+            m.log_threshold.copy_(torch.as_tensor(np.log(tc.threshold)))
+            m.tau, m.calibrated = tau, True
+    return m
+
+
+def _rows(store: Path, layer: int, idx: np.ndarray) -> np.ndarray:
+    """Rows `idx` of layer `layer`'s MLP inputs, in corpus order across shards; one shard open at a time."""
+    from safetensors import safe_open
+
+    shards = read_manifest(store)["shards"]
+    starts = np.cumsum([0] + [s["tokens"] for s in shards])
+    out = np.empty((len(idx), read_manifest(store)["d_model"]), dtype=np.float32)
+    owner = np.searchsorted(starts, idx, side="right") - 1
+    for k in np.unique(owner):
+        where = np.flatnonzero(owner == k)
+        with safe_open(str(store / shards[k]["file"]), framework="np") as f:
+            x = f.get_tensor(f"in.L{layer}")
+        out[where] = x[idx[where] - starts[k]]
+    return out
 
 
 def _barrier() -> None:

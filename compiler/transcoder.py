@@ -320,12 +320,21 @@ def finetune_end_to_end(
     l0_coeff: float | None = None,
     mse_weight: float = 0.0,
     train_thresholds: bool = True,
+    group=None,
 ) -> dict:
     """Fine-tune all transcoders together so that the replacement model (every MLP its transcoder, errors dropped)
     matches the original's next-token distribution at each sequence's last position (the answer position): minimise
     KL(original || replacement) + the sparsity penalty (`l0_coeff`, default `cfg.l0_coeff`) + `mse_weight` times
     each transcoder's normalised MSE against its MLP on the replacement's own MLP inputs (which keeps the features
-    faithful to the MLP they stand for, not only to the logits). Deterministic under `cfg.seed`."""
+    faithful to the MLP they stand for, not only to the logits). Deterministic under `cfg.seed`.
+
+    With `group` (a `torch.distributed` process group), every process draws the same batches, computes the original
+    model's targets and MLP inputs on the whole batch (so threshold calibrations agree everywhere), runs the
+    replacement forward and backward on its own share of the rows, and the gradients are summed across processes,
+    each weighted by its share: the step is the one-process step, up to the order of floating-point sums."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
 
     gen = torch.Generator().manual_seed(cfg.seed + 7919)
     model = model.float().eval()
@@ -352,7 +361,14 @@ def finetune_end_to_end(
             if mse_weight:
                 with torch.no_grad():
                     want = self.mlp[0](x)
-                    var = ((want - want.mean((0, 1))) ** 2).sum(-1).mean()
+                    if world > 1:  # the spread of the whole batch's targets, not of this process's share
+                        flat = want.reshape(-1, want.shape[-1]).double()
+                        acc = torch.cat([flat.new_tensor([len(flat)]), flat.sum(0), (flat * flat).sum().reshape(1)])
+                        dist.all_reduce(acc, group=group)
+                        mean = acc[1:-1] / acc[0]
+                        var = (acc[-1] / acc[0] - (mean * mean).sum()).float()
+                    else:
+                        var = ((want - want.mean((0, 1))) ** 2).sum(-1).mean()
                 mses.append(((out - want) ** 2).sum(-1).mean() / var)
             return out
 
@@ -385,16 +401,21 @@ def finetune_end_to_end(
             with torch.no_grad():
                 target = model(toks)[:, -1].log_softmax(-1)
             capturing[0] = False
+            share = slice(rank, None, world)  # this process's rows (all of them alone)
+            weight = len(range(len(toks))[share]) / len(toks)
             for block, m, orig in zip(model.blocks, modules, originals, strict=True):
                 block.mlp = _Swap(m, orig)
             l0s.clear()
             mses.clear()
-            logp = model(toks)[:, -1].log_softmax(-1)
-            kl = (target.exp() * (target - logp)).sum(-1).mean()
+            logp = model(toks[share])[:, -1].log_softmax(-1)
+            part = target[share]
+            kl = (part.exp() * (part - logp)).sum(-1).mean()
             l0 = torch.stack(l0s).mean()
             loss = kl + l0_coeff * l0 if cfg.kind == "jumprelu" else kl
             if mses:
                 loss = loss + mse_weight * torch.stack(mses).mean()
+            if world > 1:
+                loss = loss * weight
             if cfg.kind == "jumprelu" and cfg.target_l0 and step % 50 == 49:
                 with torch.no_grad():
                     for i, m in enumerate(modules):  # keep each layer at its target sparsity as the dictionaries move
@@ -404,6 +425,11 @@ def finetune_end_to_end(
                             m.calibrate(pre, cfg.target_l0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:  # the gradient of the whole batch's mean loss: the shares' weighted gradients, summed
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad, group=group)
             opt.step()
             if step % 25 == 0:
                 history.append((step, kl.item(), l0.item()))

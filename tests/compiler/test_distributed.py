@@ -127,8 +127,9 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(store):
 
 
 def test_acg_fit_distributed_under_torchrun_data_and_layer_parallel(store, tmp_path):
-    """`acg fit --distributed` with 2 gloo processes, data-parallel and layer-parallel, against 1 process: the same
-    dictionaries (tolerance 1e-6; on this machine they are identical)."""
+    """`acg fit --distributed` with 2 gloo processes, data-parallel and layer-parallel, end-to-end fine-tuning
+    included, against 1 process: the same dictionaries up to the order of floating-point sums (tolerance 1e-5;
+    measured about 1e-7)."""
     import json as _json
 
     from acg.compiler import acg as acg_io
@@ -142,7 +143,7 @@ def test_acg_fit_distributed_under_torchrun_data_and_layer_parallel(store, tmp_p
         "".join(_json.dumps(rng.integers(0, 13, rng.integers(3, 10)).tolist()) + "\n" for _ in range(300))
     )
     args = ["fit", str(ckpt), "--corpus", str(corpus), "--distributed", "--width", "16", "--steps", "30"]
-    args += ["--e2e-steps", "0", "--target-l0", "3", "--streams", "2", "--shard-tokens", "400"]
+    args += ["--e2e-steps", "10", "--target-l0", "3", "--streams", "2", "--shard-tokens", "400"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "acg"]
     runs = {
@@ -159,4 +160,4 @@ def test_acg_fit_distributed_under_torchrun_data_and_layer_parallel(store, tmp_p
         assert other.meta["distributed"]["world"] == 2 and other.meta["distributed"]["parallel"] == name
         for a, b in zip(one.transcoders, other.transcoders, strict=True):
             for k, v in a.tensors().items():
-                assert np.abs(v - b.tensors()[k]).max() <= 1e-6, (name, k)
+                assert np.abs(v - b.tensors()[k]).max() <= 1e-5, (name, k)
