@@ -14,8 +14,12 @@ and DDP averages over the world). What else must agree across processes is made 
 - dead-feature counts are summed across processes before the resampling decision.
 
 So a 2-process run ends where a 1-process run with the same streams and seed ends, up to the order of floating-point
-sums (tested). Every `checkpoint_every` steps the dictionary, Adam's state, the dead-feature counts, the generator and
-every stream's position are written (atomically, by rank 0, the positions gathered from every process); a run
+sums (tested). `fit_distributed` runs the whole fit this way: the sharded harvest, each layer data- or layer-parallel,
+the end-to-end fine-tuning (each process its share of every batch), and the ACG's statistics from the store (counts
+and error sums all-reduced; pair statistics and labels, both bounded, on rank 0).
+
+Every `checkpoint_every` steps the dictionary, Adam's state, the dead-feature counts, the generator and every
+stream's position are written (atomically, by rank 0, the positions gathered from every process); a run
 restarted with the same arguments continues from the last checkpoint and ends exactly where an uninterrupted run
 ends.
 
@@ -30,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -85,7 +90,6 @@ def fit_distributed(
     """Every process calls this: harvest its slice into the store (kept and reused if complete for this model), fit
     each layer's transcoder data-parallel or layer-parallel, then rank 0 computes the usage statistics and labels on
     the corpus (`fit` with the trained dictionaries) and returns the ACG; the other ranks return None."""
-    from acg.compiler.fit import fit
     from acg.compiler.shards import ShardError, merge, write_part
     from acg.compiler.transcoder import to_transcoder
 
@@ -96,6 +100,7 @@ def fit_distributed(
         raise TranscoderError("exact mode trains nothing: run it without --distributed")
     n_streams = n_streams or max(2, world)
     store = Path(store)
+    t0 = time.perf_counter()
     try:
         read_manifest(store, model)
     except ShardError:
@@ -104,6 +109,7 @@ def fit_distributed(
         if rank == 0:
             merge(store, model, world)
         _barrier()
+    t_harvest = time.perf_counter() - t0
     cfg = model.cfg
     trained: dict[int, Any] = {}
     for layer in range(cfg.n_layers):
@@ -124,17 +130,137 @@ def fit_distributed(
         trained = {layer: _load_layer(store, layer, spec, cfg) for layer in range(cfg.n_layers)}
     if spec.e2e_steps:
         trained = _end_to_end(model, corpus, spec, cfg, trained, store, n_streams)
-    if rank != 0:
-        return None
     if parallel == "layers":
         for layer in range(cfg.n_layers):
             if layer not in trained:
                 trained[layer] = _load_layer(store, layer, spec, cfg)
     transcoders = [trained[layer] for layer in range(cfg.n_layers)]
     info = {"world": world, "parallel": parallel, "streams": n_streams, "store": str(store)}
-    acg, stats = fit(model, corpus, spec, meta={**(meta or {}), "distributed": info}, transcoders=transcoders)
-    stats["distributed"] = info
+    done = _assemble(model, corpus, spec, transcoders, store, {**(meta or {}), "distributed": info})
+    if done is None:
+        return None
+    acg, stats = done
+    total = time.perf_counter() - t0
+    stats["seconds"] = {"harvest": t_harvest, "total": total}
+    stats["tokens_per_second_harvest"] = stats["n_tokens"] / max(t_harvest, 1e-9)
     return acg, stats
+
+
+def _store_statistics(store: Path, cfg, transcoders) -> dict[str, np.ndarray]:
+    """Counts and error sums over every token of the store, each process over its shards, summed (float64)."""
+    from safetensors import safe_open
+
+    rank, world = _world()
+    shards = read_manifest(store)["shards"]
+    d = cfg.d_model
+    acc: dict[str, np.ndarray] = {"tok": np.zeros(cfg.d_vocab), "pos": np.zeros(cfg.n_ctx), "n": np.zeros(1)}
+    for layer, tc in enumerate(transcoders):
+        n_f = tc.n_features
+        acc |= {f"count{layer}": np.zeros(n_f), f"mass{layer}": np.zeros(n_f)}
+        acc |= {f"err{layer}": np.zeros(1), f"ysum{layer}": np.zeros(d), f"ysq{layer}": np.zeros(1)}
+    for shard in shards[rank::world]:
+        with safe_open(str(store / shard["file"]), framework="np") as f:
+            toks, pos = f.get_tensor("tokens"), f.get_tensor("positions")
+            acc["tok"] += np.bincount(toks, minlength=cfg.d_vocab)
+            acc["pos"] += np.bincount(pos, minlength=cfg.n_ctx)
+            acc["n"] += len(toks)
+            for layer, tc in enumerate(transcoders):
+                x = f.get_tensor(f"in.L{layer}").astype(np.float64)
+                y = f.get_tensor(f"out.L{layer}").astype(np.float64)
+                for start in range(0, len(x), 8192):
+                    feats = tc.encode(x[start : start + 8192])
+                    acc[f"count{layer}"] += (feats != 0).sum(0)
+                    acc[f"mass{layer}"] += np.abs(feats).sum(0)
+                    acc[f"err{layer}"] += ((tc.decode(feats) - y[start : start + 8192]) ** 2).sum()
+                acc[f"ysum{layer}"] += y.sum(0)
+                acc[f"ysq{layer}"] += (y * y).sum()
+    if world > 1:
+        for k in sorted(acc):
+            t = torch.as_tensor(acc[k])
+            dist.all_reduce(t)
+            acc[k] = t.numpy()
+    return acc
+
+
+def _first_tokens(store: Path, cfg, limit: int):
+    """The store's first `limit` tokens as `Activations` (for labels: bounded, in corpus order)."""
+    from safetensors import safe_open
+
+    from acg.compiler.harvest import Activations
+
+    parts: dict[str, list[np.ndarray]] = {"tokens": [], "positions": []}
+    ins: list[list[np.ndarray]] = [[] for _ in range(cfg.n_layers)]
+    outs: list[list[np.ndarray]] = [[] for _ in range(cfg.n_layers)]
+    have = 0
+    for shard in read_manifest(store)["shards"]:
+        if have >= limit:
+            break
+        with safe_open(str(store / shard["file"]), framework="np") as f:
+            for k in parts:
+                parts[k].append(f.get_tensor(k))
+            for layer in range(cfg.n_layers):
+                ins[layer].append(f.get_tensor(f"in.L{layer}"))
+                outs[layer].append(f.get_tensor(f"out.L{layer}"))
+        have += shard["tokens"]
+    positions = np.concatenate(parts["positions"])[:limit]
+    prompt = np.cumsum(positions == 0) - 1  # a prompt starts wherever the position is 0
+    return Activations(
+        [np.concatenate(x)[:limit] for x in ins],
+        [np.concatenate(y)[:limit] for y in outs],
+        np.concatenate(parts["tokens"])[:limit],
+        positions,
+        prompt,
+        [],
+    )
+
+
+def _assemble(model, corpus, spec, transcoders, store: Path, meta: dict):
+    """Rank 0's ACG from the store's statistics (computed by every process, so call this on every process): the
+    per-layer metrics, counts and masses over every token; labels from the first tokens; QK pair statistics on the
+    first `usage_prompts` prompts (bounded whatever the corpus) -- no second harvest of the corpus."""
+    from dataclasses import asdict
+
+    from acg.compiler.acg import ACG
+    from acg.compiler.labels import label_features
+    from acg.compiler.lower import lower
+    from acg.compiler.usage import _reads, group_sizes, pair_statistics, qk_sources
+
+    cfg = model.cfg
+    acc = _store_statistics(store, cfg, transcoders)
+    if _world()[0] != 0:
+        return None
+    n = float(acc["n"][0])
+    usage = {"tok_count": acc["tok"].astype(np.float32), "pos_count": acc["pos"].astype(np.float32)}
+    layers = []
+    for layer, tc in enumerate(transcoders):
+        usage[f"feat_count.L{layer}"] = acc[f"count{layer}"].astype(np.float32)
+        usage[f"feat_mass.L{layer}"] = acc[f"mass{layer}"].astype(np.float32)
+        mean = acc[f"ysum{layer}"] / n
+        var = float(acc[f"ysq{layer}"][0] / n - mean @ mean)
+        layers.append(
+            {
+                "layer": layer,
+                "nmse": float(acc[f"err{layer}"][0] / n / max(var, 1e-30)),
+                "l0": float(acc[f"count{layer}"].sum() / n),
+                "dead_fraction": float((acc[f"count{layer}"] == 0).mean()),
+                "n_features": tc.n_features,
+            }
+        )
+    weights = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    exact = lower(ACG(cfg, weights, tuple(transcoders)), keep_errors=True, dtype="float32")
+    prompts = [list(s) for s in corpus if len(s)]
+    usage.update(pair_statistics(exact, cfg, transcoders, prompts[: spec.usage_prompts], spec.pair_budget))
+    sizes = group_sizes(cfg, transcoders)
+    layout = {
+        "qk_sources": {
+            str(layer): qk_sources(cfg, transcoders, layer, spec.pair_budget) for layer in range(cfg.n_layers)
+        },
+        "read_sources": {tag: [[g, sizes[g]] for g in groups] for tag, groups in _reads(exact).items()},
+    }
+    labels = label_features(model, transcoders, _first_tokens(store, cfg, 60_000))
+    stats = {**layout, "layers": layers, "n_prompts": len(prompts), "n_tokens": int(n), "spec": asdict(spec)}
+    acg = ACG(cfg, weights, tuple(transcoders), usage, labels, stats, meta)
+    return acg, {**stats, "distributed": meta["distributed"]}
 
 
 def _fit_config(spec, cfg, layer: int, n_streams: int) -> FitConfig:

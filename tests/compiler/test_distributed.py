@@ -161,3 +161,25 @@ def test_acg_fit_distributed_under_torchrun_data_and_layer_parallel(store, tmp_p
         for a, b in zip(one.transcoders, other.transcoders, strict=True):
             for k, v in a.tensors().items():
                 assert np.abs(v - b.tensors()[k]).max() <= 1e-5, (name, k)
+
+
+def test_statistics_from_the_store_are_those_of_a_harvest(store):
+    """Rank 0 builds the ACG from the store's statistics (no second harvest): the same usage counts, layer metrics,
+    labels and pair statistics as `fit` computes from a harvest, for the same dictionaries."""
+    from acg.compiler.distributed import _assemble, train_layer
+    from acg.compiler.fit import FitSpec, fit
+    from acg.compiler.transcoder import FitConfig, to_transcoder
+
+    root, model, corpus = store
+    spec = FitSpec(width=16, steps=20, e2e_steps=0, target_l0=3, usage_prompts=50)
+    cfg = FitConfig(width=16, kind="jumprelu", target_l0=3, steps=20, batch_size=64, seed=1)
+    tcs = [to_transcoder(train_layer(root / "store", layer, cfg, n_streams=2)[0], cfg) for layer in range(2)]
+    ours, _ = _assemble(model, corpus, spec, tcs, root / "store", {"distributed": {}})
+    theirs, _ = fit(model, corpus, spec, transcoders=tcs, progress=False)
+    assert ours.usage.keys() == theirs.usage.keys()
+    for k in ours.usage:
+        np.testing.assert_allclose(ours.usage[k], theirs.usage[k], rtol=1e-5, atol=1e-4, err_msg=k)
+    for a, b in zip(ours.stats["layers"], theirs.stats["layers"], strict=True):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 * max(1, abs(b[k])) for k in a), (a, b)
+    assert ours.labels == theirs.labels
+    assert ours.stats["n_tokens"] == theirs.stats["n_tokens"]
