@@ -9,6 +9,8 @@ shuffled, seeded order while holding one shard at a time.
 
 The corpus is cut, in order, into chunks of about `shard_tokens` tokens; shard k is chunk k, and worker r of w writes
 shards r, r + w, ...: the store is the same whatever the number of workers, and memory stays bounded by one chunk.
+Each shard is written atomically and records the model's hash and its prompt range, so a stopped harvest resumes:
+shards already written for this model and these prompts are kept, the rest are harvested.
 
 Reading: the shards are dealt to `n_streams` logical streams (shard k to stream k mod n_streams); a stream walks its
 shards in a seeded random order each epoch and the rows of each shard in a seeded random order, and hands out fixed-size
@@ -78,17 +80,23 @@ def write_part(
     seqs = [list(s) for s in corpus]
     check_corpus([s for s in seqs if s], cfg.d_vocab, n_ctx=cfg.n_ctx)
     shards = []
+    digest = model_hash(model)
     for k, chunk in enumerate(chunks(seqs, shard_tokens)):
         if k % world != rank:
+            continue
+        name = f"shards/shard{k:05d}.safetensors"
+        done = _written(folder / name, digest, chunk)
+        if done is not None:  # written (atomically) by an earlier run that was stopped: harvesting resumes after it
+            shards.append({"index": k, "file": name, "tokens": done, "prompts": [chunk[0], chunk[-1] + 1]})
             continue
         acts = harvest(model, [seqs[i] for i in chunk])
         tensors = {"tokens": acts.tokens, "positions": acts.positions}
         for layer in range(cfg.n_layers):
             tensors[f"in.L{layer}"] = np.asarray(acts.mlp_in[layer])
             tensors[f"out.L{layer}"] = np.asarray(acts.mlp_out[layer])
-        name = f"shards/shard{k:05d}.safetensors"
         with atomic_file(folder / name, "wb") as f:
-            f.write(st_save(tensors))
+            # one metadata key: safetensors writes several in no fixed order, and the store must be byte-stable
+            f.write(st_save(tensors, metadata={"acg": _stamp(digest, chunk)}))
         shards.append({"index": k, "file": name, "tokens": int(acts.n_tokens), "prompts": [chunk[0], chunk[-1] + 1]})
     part = {
         "rank": rank,
@@ -100,6 +108,23 @@ def write_part(
     with atomic_file(folder / "parts" / f"rank{rank}.json") as f:
         f.write(json.dumps(part, indent=1, sort_keys=True) + "\n")
     return part
+
+
+def _stamp(digest: str, chunk: list[int]) -> str:
+    return json.dumps({"model_hash": digest, "prompts": [chunk[0], chunk[-1] + 1]}, sort_keys=True)
+
+
+def _written(file: Path, digest: str, chunk: list[int]) -> int | None:
+    """The token count of a shard an earlier run wrote for this model and these prompts, else None."""
+    if not file.exists():
+        return None
+    try:
+        with safe_open(str(file), framework="np") as f:
+            if (f.metadata() or {}).get("acg") != _stamp(digest, chunk):
+                return None
+            return int(f.get_slice("tokens").get_shape()[0])
+    except Exception:  # unreadable: harvest it again
+        return None
 
 
 def merge(folder: str | os.PathLike, model, world: int) -> dict[str, Any]:

@@ -79,6 +79,12 @@ def test_the_store_covers_the_corpus_once_and_streams_are_seeded(store):
     assert [s["tokens"] for s in alone["shards"]] == [s["tokens"] for s in manifest["shards"]]
     for s in manifest["shards"]:
         assert (root / "alone" / s["file"]).read_bytes() == (root / "store" / s["file"]).read_bytes()
+    # a stopped harvest resumes: written shards are kept (same bytes, same mtime), a missing one is harvested again
+    first, last = root / "alone" / alone["shards"][0]["file"], root / "alone" / alone["shards"][-1]["file"]
+    stamp = first.stat().st_mtime_ns
+    last.unlink()
+    again = write_part(model, corpus, root / "alone", shard_tokens=300)
+    assert again == alone and first.stat().st_mtime_ns == stamp and last.exists()
     a, b = streams(root / "store", 0, 2, seed=1, ids=[0])[0], streams(root / "store", 0, 2, seed=1, ids=[0])[0]
     x1, _ = a.batch(500)  # crosses shard boundaries
     x2, _ = b.batch(500)
