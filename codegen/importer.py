@@ -657,6 +657,7 @@ class _Importer:
         names: dict[int, str] = {}
         taken: set[str] = set()
         never = set(self.base_ops)  # fresh names never reuse a name the base had: a new op reads as new
+        counters: dict[str, int] = {}
         for i, d in enumerate(self.drafts):
             if d.kind == "input":
                 names[i] = d.attrs["value"].name
@@ -693,8 +694,7 @@ class _Importer:
                     by_tensor.setdefault(d.tensor, names[i])
                     continue
             hint = d.ident or ("c" if d.kind == "const" else d.kind)
-            names[i] = _fresh(hint, taken | never)
-            taken.add(names[i])
+            names[i] = _fresh(hint, taken, never, counters)
             if d.kind == "const":
                 by_tensor[d.tensor] = names[i]
         return names
@@ -847,12 +847,16 @@ def _with_defaults(attrs: tuple) -> dict:
     return {"keepdims": False, **dict(attrs)}
 
 
-def _fresh(hint: str, taken: set[str]) -> str:
+def _fresh(hint: str, taken: set[str], never: set[str] = frozenset(), counters: dict | None = None) -> str:
+    """A name from `hint` in neither set (added to `taken`); `counters` resumes each hint's search where it stopped."""
     base = re.sub(r"[^0-9a-zA-Z_]+", "_", hint).strip("_") or "v"
-    name, n = base, 1
-    while name in taken:
+    counters = {} if counters is None else counters
+    n = counters.get(base, 1)
+    name = base if n == 1 else f"{base}_{n}"
+    while name in taken or name in never:
         n += 1
         name = f"{base}_{n}"
+    counters[base] = n
     taken.add(name)
     return name
 
