@@ -264,17 +264,9 @@ def _assemble(model, corpus, spec, transcoders, store: Path, meta: dict):
 
 
 def _fit_config(spec, cfg, layer: int, n_streams: int) -> FitConfig:
-    return FitConfig(
-        width=spec.width or 8 * cfg.d_model,
-        kind=spec.kind,
-        l0_coeff=spec.l0_coeff,
-        target_l0=spec.target_l0,
-        l1_coeff=spec.l1_coeff,
-        steps=spec.steps,
-        batch_size=spec.batch_size - spec.batch_size % n_streams,
-        lr=spec.lr,
-        seed=spec.seed + layer,
-    )
+    from acg.compiler.fit import layer_config
+
+    return layer_config(spec, cfg, layer, batch_size=spec.batch_size - spec.batch_size % n_streams)
 
 
 def _load_layer(store: Path, layer: int, spec, cfg):

@@ -94,17 +94,7 @@ def fit(
     else:
         modules, configs = [], []
         for layer in range(cfg.n_layers):
-            fc = FitConfig(
-                width=spec.width or 8 * cfg.d_model,
-                kind=spec.kind,
-                l0_coeff=spec.l0_coeff,
-                target_l0=spec.target_l0,
-                l1_coeff=spec.l1_coeff,
-                steps=spec.steps,
-                batch_size=spec.batch_size,
-                lr=spec.lr,
-                seed=spec.seed + layer,
-            )
+            fc = layer_config(spec, cfg, layer)
             with Progress(f"transcoder L{layer}", fc.steps, progress) as bar:
                 module, _ = fit_module(
                     acts.mlp_in[layer],
@@ -168,6 +158,21 @@ def fit(
     kept = {k: v for k, v in stats.items() if k not in ("seconds", "tokens_per_second_harvest")}
     acg = ACG(cfg, weights, tuple(transcoders), usage, labels, kept, dict(meta or {}))
     return acg, stats
+
+
+def layer_config(spec: FitSpec, cfg, layer: int, batch_size: int | None = None) -> FitConfig:
+    """Layer `layer`'s transcoder fit, from the whole fit's spec (seeded per layer)."""
+    return FitConfig(
+        width=spec.width or 8 * cfg.d_model,
+        kind=spec.kind,
+        l0_coeff=spec.l0_coeff,
+        target_l0=spec.target_l0,
+        l1_coeff=spec.l1_coeff,
+        steps=spec.steps,
+        batch_size=spec.batch_size if batch_size is None else batch_size,
+        lr=spec.lr,
+        seed=spec.seed + layer,
+    )
 
 
 def _check_dictionary(transcoders: list[Transcoder], cfg) -> list[Transcoder]:
