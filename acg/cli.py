@@ -357,23 +357,48 @@ def compile_cmd(
     max_terms: Annotated[
         int | None, typer.Option(help="circuits: keep at most N terms (the largest) in any sum")
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="with --acg: distil this task's circuit, features then edges (a testbed task or group)"),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="with --acg: distil the circuit of a JSONL of (prompt, answer) pairs")
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="task circuits: task_acc may fall this far below the original")
+    ] = 0.01,
+    n_prompts: Annotated[int, typer.Option(help="task circuits: prompts to attribute over")] = 2000,
     save_ir: Annotated[Path | None, typer.Option(help="also write the IR folder here")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Compile a model exactly (the dense IR), or its ACG (the replacement model; exact with --keep-errors), or a
-    circuit of chosen features unrolled into one named value per feature, into a backend's artefact."""
+    circuit unrolled into one named value per feature (chosen features, or a task's circuit distilled feature by
+    feature and then edge by edge), into a backend's artefact."""
     from acg import codegen
     from acg.compiler.frontend import load
     from acg.ir import serialize
 
     start = time.perf_counter()
+    circuit_report: dict[str, Any] = {}
+    distil = task is not None or data is not None
     if acg_dir is None:
-        if keep_errors or features is not None or top is not None or max_terms is not None or min_weight:
+        if keep_errors or features is not None or top is not None or max_terms is not None or min_weight or distil:
             raise ACGError(
-                "--keep-errors, --features, --top, --min-weight and --max-terms apply to an ACG: pass --acg ACG_DIR"
+                "--keep-errors, --features, --top, --min-weight, --max-terms, --task and --data apply to an ACG: "
+                "pass --acg ACG_DIR"
             )
         graph = load(model, dtype).graph
         what = "dense"
+    elif distil:
+        if keep_errors or features is not None or top is not None or max_terms is not None or min_weight:
+            raise ACGError(
+                "--task / --data choose a circuit's features and edges by attribution: drop --keep-errors, "
+                "--features, --top, --min-weight and --max-terms"
+            )
+        if task is not None and data is not None:
+            raise ACGError("give either --task or --data, not both")
+        graph, circuit_report = _task_circuit(model, acg_dir, dtype, task, data, tolerance, n_prompts)
+        what = "acg-task-circuit"
     else:
         graph, what = _acg_graph(model, acg_dir, dtype, keep_errors, features, top, min_weight, max_terms)
     if save_ir is not None:
@@ -389,13 +414,42 @@ def compile_cmd(
         "n_ops": len(graph.ops),
         "n_params": graph.n_params,
         "seconds": round(time.perf_counter() - start, 3),
+        **circuit_report,
     }
     if as_json:
         emit(result)
-    else:
+        return
+    err.print(f"wrote {path} ({what}, {backend}, {dtype}, {result['n_ops']} ops, {result['n_params']:,} parameters)")
+    if circuit_report:
+        c, e = circuit_report["circuit"], circuit_report["edges"]
         err.print(
-            f"wrote {path} ({what}, {backend}, {dtype}, {result['n_ops']} ops, {result['n_params']:,} parameters)"
+            f"circuit: {c['k']} features ({c['fraction']:.1%}), {e['n_edges']:,} of {e['n_edges_of']:,} edges "
+            f"({e['fraction']:.1%}; per layer {e['n_edges_per_layer']}); task_acc "
+            + ", ".join(f"{t} {v:.3f} (orig {e['reference'][t]:.3f})" for t, v in e["task_acc"].items())
+            + ("" if e["target_met"] and c["target_met"] else f" - the target (within {tolerance}) was NOT met")
         )
+
+
+def _task_circuit(model: str, acg_dir: Path, dtype: str, task, data, tolerance: float, n_prompts: int):
+    """(the unrolled IR of a task's circuit: features by attribution, then edges by attribution; a report)."""
+    import numpy as np
+
+    from acg.roundtrip import circuit as circuit_mod
+    from acg.roundtrip import edges as edges_mod
+    from acg.roundtrip.evaluate import accuracy, answer_logits
+
+    torch_model, acg = _model_and_acg(model, acg_dir)
+    fit_examples, eval_examples = _circuit_data(task, data, n_prompts, torch_model.cfg.d_vocab)
+    reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
+    circ = circuit_mod.extract(torch_model, acg, fit_examples, eval_examples, reference, tolerance)
+    sel = circ.selection
+    keep = {layer: idx.tolist() for layer, idx in enumerate(sel.features)}
+    tokens, positions = np.flatnonzero(sel.tokens).tolist(), np.flatnonzero(sel.positions).tolist()
+    found = edges_mod.extract_edges(
+        acg, keep, fit_examples, eval_examples, reference, tolerance, tokens, positions, dtype=dtype
+    )
+    report = {"circuit": circ.report, "curve": circ.curve, "edges": found.report, "edge_curve": found.curve}
+    return found.graph, report
 
 
 @app.command("import-code")

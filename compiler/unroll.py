@@ -51,11 +51,38 @@ class Head:
     g: np.ndarray  # (n,) key-only score weights
 
 
+def head_name(hd: Head) -> str:
+    """The name a head's score terms go by in an edge set: `L{layer}H{h}`."""
+    return f"L{hd.layer}H{hd.h}"
+
+
+def stage_of(n: Node) -> tuple[int, str]:
+    """(layer, "attn" | "mlp") of the stage that computes `n`; (-1, "embed") for token and position nodes."""
+    if n.kind in ("tok", "pos"):
+        return -1, "embed"
+    if n.kind == "head":
+        return n.head[0], "attn"
+    if n.kind == "feat":
+        return int(n.name[1:].split("_")[0]), "mlp"
+    _, layer, where = n.name.split("_")  # bias_L{layer}_{attn|mlp}
+    return int(layer[1:]), where
+
+
 class _Unroll:
     def __init__(
-        self, acg: ACG, keep: dict[int, list[int]], tokens, positions, heads, min_weight: float, max_terms, dtype: str
+        self,
+        acg: ACG,
+        keep: dict[int, list[int]],
+        tokens,
+        positions,
+        heads,
+        min_weight: float,
+        max_terms,
+        dtype: str,
+        edges: frozenset[tuple[str, ...]] | None = None,
     ):
         self.acg, self.cfg, self.w = acg, acg.cfg, acg.weights
+        self.edges = edges
         self.keep = {layer: sorted(set(v)) for layer, v in keep.items()}
         self.min_weight, self.max_terms, self.dtype = min_weight, max_terms, dtype
         self.center = self.cfg.normalization_type in ("LN", "LNPre")
@@ -76,6 +103,10 @@ class _Unroll:
             )
         )
         self.head_set = heads
+        self.chosen = {
+            **({} if tokens is None else {"tokens": self.token_ids}),
+            **({} if positions is None else {"positions": self.positions}),
+        }
 
     def ln(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
         kind, d = self.cfg.normalization_type, self.cfg.d_model
@@ -145,6 +176,12 @@ class _Unroll:
         )
         return kept if self.max_terms is None else kept[: self.max_terms]
 
+    def allowed(self, target: str, weights: dict[str, float]) -> dict[str, float]:
+        """The terms of `target`'s sum that the edge set keeps (all of them without one)."""
+        if self.edges is None:
+            return weights
+        return {k: v for k, v in weights.items() if (target, k) in self.edges}
+
     def needed(self, nodes: list[Node], heads: list[Head]) -> set[str]:
         """Backwards from the kept features: the terms each kept sum keeps (`pick`), and the nodes they read. Fills
         `self.terms` (feature -> its pre-activation's terms) and `self.scores` (head -> its pair and key terms)."""
@@ -157,20 +194,25 @@ class _Unroll:
             if n.name not in need:
                 continue
             if n.kind == "feat":
-                self.terms[n.name] = self.pick(n.deps)
+                self.terms[n.name] = self.pick(self.allowed(n.name, n.deps))
                 need.update(k for k, _ in self.terms[n.name])
             elif n.kind == "head":
                 need.add(n.source)
                 if n.head not in self.scores:
                     hd = head_of[n.head]
+                    name = head_name(hd)
                     rows, cols = np.nonzero(hd.T)
-                    pairs = {f"{r},{c}": float(hd.T[r, c]) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)}
+                    pairs = {
+                        f"{r},{c}": float(hd.T[r, c])
+                        for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
+                        if self.edges is None or (name, hd.nodes[r], hd.nodes[c]) in self.edges
+                    }
                     picked = []
                     for key, v in self.pick(pairs):
                         r, c = map(int, key.split(","))
                         picked.append((hd.nodes[r], hd.nodes[c], v))
                         need.update((hd.nodes[r], hd.nodes[c]))
-                    g = self.pick(dict(zip(hd.nodes, hd.g.tolist(), strict=True)))
+                    g = self.pick(self.allowed(name, dict(zip(hd.nodes, hd.g.tolist(), strict=True))))
                     need.update(k for k, _ in g)
                     self.scores[n.head] = (picked, g)
         return {name for name in need if name in by_name}
@@ -204,24 +246,16 @@ class _Unroll:
                     continue
                 live.append(n)
                 labels[n.name] = n.label
-        stage_nodes = [n for n in nodes if n.name in need]
-        cursor = len(live)
+        stages: dict[tuple[int, str], list[Node]] = {}
+        for n in nodes:
+            if n.name in need:
+                stages.setdefault(stage_of(n), []).append(n)
         for layer in range(cfg.n_layers):
             p = f"blocks.{layer}"
             with b.scope(f"{p}.attn"):
                 s = self.scale(live, f"L{layer}_attn")
                 patterns: dict[int, str] = {}
-                while (
-                    cursor < len(stage_nodes)
-                    and stage_nodes[cursor].kind in ("head", "bias")
-                    and (
-                        stage_nodes[cursor].head is not None
-                        and stage_nodes[cursor].head[0] == layer
-                        or stage_nodes[cursor].name == f"bias_L{layer}_attn"
-                    )
-                ):
-                    n = stage_nodes[cursor]
-                    cursor += 1
+                for n in stages.get((layer, "attn"), []):
                     if n.kind == "bias":
                         b.op("add", zeros, self.scalar(1.0), name=n.name)
                     else:
@@ -239,22 +273,13 @@ class _Unroll:
             with b.scope(f"{p}.mlp"):
                 s = self.scale(live, f"L{layer}_mlp")
                 w2, b2 = self.ln(f"{p}.ln2")
-                while (
-                    cursor < len(stage_nodes)
-                    and stage_nodes[cursor].kind in ("feat", "bias")
-                    and (
-                        stage_nodes[cursor].name.startswith(f"f{layer}_")
-                        or stage_nodes[cursor].name == f"bias_L{layer}_mlp"
-                    )
-                ):
-                    n = stage_nodes[cursor]
-                    cursor += 1
+                for n in stages.get((layer, "mlp"), []):
                     if n.kind == "bias":
                         b.op("add", zeros, self.scalar(1.0), name=n.name)
                     else:
                         i = int(n.name.split("_")[1])
                         pre = self.wsum(self.terms[n.name])
-                        pre = self.scalar(0.0) if pre is None else pre
+                        pre = zeros if pre is None else pre  # [batch, seq] even with no terms
                         if s is not None:
                             pre = b.op("mul", s, pre)
                         c = float(b2 @ tc.W_enc[:, i] + tc.b_enc[i])
@@ -281,6 +306,8 @@ class _Unroll:
             "kept": {str(k): v for k, v in self.keep.items()},
             "min_weight": self.min_weight,
             "max_terms": self.max_terms,
+            **self.chosen,
+            **({} if self.edges is None else {"edges": sorted(list(e) for e in self.edges)}),
             "n_nodes": len(live),
         }
         return b.build([logits], meta=meta)
@@ -301,6 +328,8 @@ class _Unroll:
         if self.cfg.normalization_type is None:
             return None
         b = self.b
+        if not live:  # an empty stream: its scale is 1 / sqrt(eps) everywhere
+            return b.op("add", self.zeros, self.scalar(1.0 / np.sqrt(float(self.cfg.eps))), name=f"s_{tag}")
         x = b.op(
             "matmul",
             self.stack(live),
@@ -357,15 +386,18 @@ def unroll(
     heads: set[tuple[int, int]] | None = None,
     min_weight: float = 0.0,
     max_terms: int | None = None,
+    edges: frozenset[tuple[str, ...]] | None = None,
     dtype: str = "float32",
 ) -> Graph:
     """The unrolled IR of `acg` restricted to `keep` (layer -> feature indices; default every feature), the token
     features `tokens` and position features `positions` (default: those seen in the fitting corpus), and `heads`
     (default all), with weights below `min_weight` x the largest in their sum left out, and at most `max_terms` terms
-    (the largest) in any sum: a feature's pre-activation, a head's pair scores, a head's key scores."""
+    (the largest) in any sum: a feature's pre-activation, a head's pair scores, a head's key scores. With `edges`, only
+    the terms it names stay: `(feature, node)` for a feature's pre-activation, `(head, node)` for a head's key scores
+    and `(head, query node, key node)` for its pair scores, heads named `L{layer}H{h}` (`roundtrip/edges.py`)."""
     if keep is None:
         keep = {layer: list(range(tc.n_features)) for layer, tc in enumerate(acg.transcoders)}
-    return _Unroll(acg, keep, tokens, positions, heads, min_weight, max_terms, dtype).build()
+    return _Unroll(acg, keep, tokens, positions, heads, min_weight, max_terms, dtype, edges).build()
 
 
 def candidate_nodes(acg: ACG, keep: dict[int, list[int]], dtype: str = "float64") -> list[Node]:

@@ -158,7 +158,17 @@ def fold(acg: ACG, edited: Graph) -> tuple[ACG, Selection, dict[str, Any]]:
         raise RoundtripError("the edited circuit was made from another model than this ACG's (configs differ)")
     keep = {int(k): list(v) for k, v in meta["kept"].items()}
     dtype = next((op.output.dtype for op in edited.ops if op.output.dtype.startswith("float")), "float32")
-    base = unroll(acg, keep, min_weight=meta.get("min_weight", 0.0), max_terms=meta.get("max_terms"), dtype=dtype)
+    edges = frozenset(tuple(e) for e in meta["edges"]) if "edges" in meta else None
+    base = unroll(
+        acg,
+        keep,
+        tokens=meta.get("tokens"),
+        positions=meta.get("positions"),
+        min_weight=meta.get("min_weight", 0.0),
+        max_terms=meta.get("max_terms"),
+        edges=edges,
+        dtype=dtype,
+    )
     nodes = candidate_nodes(acg, keep, dtype)
     norm = acg.cfg.normalization_type
     center = norm in ("LN", "LNPre")

@@ -87,6 +87,32 @@ def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path)
     assert json.loads(out)["circuit"]["k"] >= 1
 
 
+def test_compile_a_task_circuit_features_then_edges(capsys, setup, tmp_path):
+    from acg import codegen
+    from acg.ir import interpret, serialize
+
+    root, ckpt = setup
+    args = ["compile", ckpt, "--acg", root / "acg", "--task", "code", "--n-prompts", "120", "-o", tmp_path / "py"]
+    code, out, err = cli(capsys, *args, "--save-ir", tmp_path / "ir", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    edges = result["edges"]
+    assert result["graph"] == "acg-task-circuit" and result["curve"] and result["edge_curve"]
+    assert 0 < edges["n_edges"] <= edges["n_edges_of"]
+    assert sum(edges["n_edges_per_layer"].values()) == edges["n_edges"]
+    assert edges["n_features"] == {str(k): v for k, v in enumerate(result["circuit"]["n_features"])}
+    graph = serialize.load(tmp_path / "ir")
+    assert len(graph.meta["edges"]) == edges["n_edges"] and graph.meta["tokens"]
+    tokens = np.random.default_rng(3).integers(1, vocab.D_VOCAB - 1, (3, 9))
+    want = interpret.run(graph, tokens, "float32")["logits"]
+    got = codegen.load(tmp_path / "py")(tokens)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    code, _, err = cli(
+        capsys, "compile", ckpt, "--acg", root / "acg", "--task", "code", "--top", "3", "-o", tmp_path / "x"
+    )
+    assert code == 2 and "drop --keep-errors" in err and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize(
     "line,message",
     [
