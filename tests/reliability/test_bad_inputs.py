@@ -177,3 +177,10 @@ def test_debug_shows_the_traceback(base, tmp_path, capsys):
     with pytest.raises(Exception, match="model.safetensors"):
         main(["--debug", *argv])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--bogus", "zoo", "list"], ["zoo", "list", "--bogus"], ["compile"], ["nosuch"]])
+def test_a_mistyped_command_line_is_a_usage_message_not_a_traceback(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Usage: acg" in err and "Error:" in err
