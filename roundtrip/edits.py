@@ -313,24 +313,51 @@ def _named(op: Op) -> bool:
 
 
 def _signature(graph: Graph, ops: dict[str, Op], name: str, memo: dict[str, str], deleted: set[str], top=False) -> str:
+    """What `name` computes, down to named values and constants (by content); `top` expands `name` itself even when
+    named. Iterative: a circuit's sums are chains of adds thousands long."""
+
+    def leaf(n: str) -> str | None:
+        if n in deleted:
+            return "n:zeros"
+        op = ops.get(n)
+        if op is None:
+            return f"in:{n}"
+        if op.kind == "const":
+            t = np.ascontiguousarray(graph.tensors[op.attr("tensor")])
+            return f"c:{t.dtype}{t.shape}:{hashlib.sha1(t.tobytes()).hexdigest()}"
+        return f"n:{n}" if _named(op) else None
+
+    def composite(op: Op) -> str:
+        return f"{op.kind}{op.attrs}({','.join(memo[x] for x in op.inputs)})"
+
+    def resolve(n: str) -> str:
+        stack = [n]
+        while stack:
+            cur = stack[-1]
+            if cur in memo:
+                stack.pop()
+                continue
+            sig = leaf(cur)
+            if sig is None:
+                pending = [x for x in ops[cur].inputs if x not in memo]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                sig = composite(ops[cur])
+            memo[cur] = sig
+            stack.pop()
+        return memo[n]
+
+    if not top:
+        return resolve(name)
     if name in deleted:
         return "n:zeros"
-    if not top and name in memo:
-        return memo[name]
     op = ops.get(name)
-    if op is None:
-        sig = f"in:{name}"
-    elif op.kind == "const":
-        t = np.ascontiguousarray(graph.tensors[op.attr("tensor")])
-        sig = f"c:{t.dtype}{t.shape}:{hashlib.sha1(t.tobytes()).hexdigest()}"
-    elif _named(op) and not top:
-        sig = f"n:{name}"
-    else:
-        args = ",".join(_signature(graph, ops, x, memo, deleted) for x in op.inputs)
-        sig = f"{op.kind}{op.attrs}({args})"
-    if not top:
-        memo[name] = sig
-    return sig
+    if op is None or op.kind == "const":
+        return leaf(name)
+    for x in op.inputs:
+        resolve(x)
+    return composite(op)
 
 
 __all__ = ["fold"]

@@ -173,3 +173,17 @@ def test_the_search_finds_the_planted_edges():
     for ex in data[:4]:
         logits = interpret.run(out.graph, np.array([ex.ids]))["logits"][0, -1]
         assert int(np.argmax(logits)) == ex.answer_id
+
+
+def test_an_edge_circuit_folds_back_with_nothing_edited():
+    """The IR records its edges, tokens and positions, so the round trip of edits rebuilds the same circuit."""
+    from acg.roundtrip.edits import fold
+
+    _, acg, corpus = _random_acg("LN", 84, "jumprelu")
+    keep = {0: [0, 1, 2], 1: [3, 4]}
+    scores = edges_mod.edge_attribution(_net(acg, keep), [Ex(corpus[i], 1) for i in range(6)])
+    top = frozenset(sorted(scores, key=lambda e: (-scores[e], e))[: len(scores) // 3])
+    graph = unroll(acg, keep, tokens=[0, 1, 2, 3, 4], positions=list(range(6)), edges=top)
+    assert graph.meta["tokens"] == [0, 1, 2, 3, 4] and graph.meta["positions"] == list(range(6))
+    _, _, report = fold(acg, graph)
+    assert report["edited_features"] == []
