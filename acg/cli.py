@@ -446,7 +446,7 @@ def _task_circuit(model: str, acg_dir: Path, dtype: str, task, data, tolerance: 
     keep = {layer: idx.tolist() for layer, idx in enumerate(sel.features)}
     tokens, positions = np.flatnonzero(sel.tokens).tolist(), np.flatnonzero(sel.positions).tolist()
     found = edges_mod.extract_edges(
-        acg, keep, fit_examples, eval_examples, reference, tolerance, tokens, positions, dtype=dtype
+        acg, keep, fit_examples, eval_examples, reference, tolerance, tokens, positions, dtype=dtype, progress=True
     )
     report = {"circuit": circ.report, "curve": circ.curve, "edges": found.report, "edge_curve": found.curve}
     return found.graph, report

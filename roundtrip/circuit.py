@@ -10,6 +10,8 @@ Selection ranks all features of all layers together by score and keeps the top k
 `task_acc` of the pruned replacement model against the fraction kept, and k is the smallest on a grid (refined by
 bisection) whose `task_acc` is within `tolerance` of the reference on every task of the set. Tokens kept are those
 the task's prompts use; positions, all those they reach; attention writes are restricted to the kept span.
+The edges between the kept features are pruned the same way on the unrolled circuit (`roundtrip/edges.py`): a dense
+checkpoint cannot leave out a single edge, an unrolled circuit (IR, code) can.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import torch
 
 from acg.compiler.acg import ACG
 from acg.compiler.lower import centre
+from acg.compiler.progress import Progress
 from acg.compiler.transcoder import ACTIVATIONS
 from acg.compiler.unroll import Head, Node, _Unroll, stage_of, unroll
 from acg.ir.graph import Graph
@@ -194,7 +195,9 @@ class CircuitNet(torch.nn.Module):
         return torch.softmax(score, -1)
 
 
-def edge_attribution(net: CircuitNet, examples: Sequence[Example], batch: int = 64) -> dict[Edge, float]:
+def edge_attribution(
+    net: CircuitNet, examples: Sequence[Example], batch: int = 64, progress: bool = False
+) -> dict[Edge, float]:
     """Every edge of `net` -> the mean over `examples` of |its gradient x activation attribution| (module docstring)."""
     feat = {layer: torch.zeros_like(W) for layer, W in net.feature_w.items()}
     pair = {head: torch.zeros_like(T) for head, T in net.pair_w.items()}
@@ -202,9 +205,11 @@ def edge_attribution(net: CircuitNet, examples: Sequence[Example], batch: int = 
     by_len: dict[int, list[Example]] = {}
     for ex in examples:
         by_len.setdefault(len(ex.ids), []).append(ex)
+    bar = Progress("edge attribution", len(examples), progress)
     for group in by_len.values():
         for start in range(0, len(group), batch):
             chunk = group[start : start + batch]
+            bar.advance(len(chunk))
             logits = net(torch.tensor([ex.ids for ex in chunk]), record=True)[:, -1]
             answers = torch.tensor([ex.answer_id for ex in chunk])
             (logits.gather(1, answers[:, None]).squeeze(1) - logits.mean(-1)).sum().backward()
@@ -222,6 +227,7 @@ def edge_attribution(net: CircuitNet, examples: Sequence[Example], batch: int = 
                         continue
                     pair[head] += ((Ns.transpose(1, 2) @ G @ Ns) * T).abs().sum(0)
                     key[head] += (torch.einsum("bj,bjn->bn", G.sum(1), Ns) * net.key_w[head]).abs().sum(0)
+    bar.close()
     n = max(1, len(examples))
     names = [node.name for node in net.live]
     feats_of = {
@@ -269,18 +275,22 @@ def extract_edges(
     positions: list[int] | None = None,
     bisect_steps: int = 6,
     dtype: str = "float32",
+    progress: bool = False,
 ) -> EdgeCircuit:
     """The smallest top-k edge set of the circuit of `keep` whose `task_acc` stays within `tolerance` of `reference`
     on every task in `eval_examples` (module docstring). Where no k meets it, every edge stays, `target_met` False."""
     base = _Unroll(acg, keep, tokens, positions, None, 0.0, None, "float64")
     nodes, heads = base.plan()
-    scores = edge_attribution(CircuitNet(base, nodes, heads), fit_examples)
+    scores = edge_attribution(CircuitNet(base, nodes, heads), fit_examples, progress=progress)
     ranked = sorted(scores, key=lambda e: (-scores[e], e))
     total = len(ranked)
     cache: dict[int, dict[str, float]] = {}
+    ks = sorted({min(total, 2**i) for i in range(max(1, total).bit_length() + 1)} | {total})
+    bar = Progress("edge search", len(ks) + bisect_steps, progress)
 
     def measure(k: int) -> dict[str, float]:
         if k not in cache:
+            bar.advance(text=f"{k:,} of {total:,} edges")
             u = _Unroll(acg, keep, tokens, positions, None, 0.0, None, "float64", frozenset(ranked[:k]))
             net = CircuitNet(u, nodes, heads)
             cache[k] = {t: accuracy(answer_logits(net, exs), exs) for t, exs in eval_examples.items()}
@@ -290,7 +300,6 @@ def extract_edges(
         acc = measure(k)
         return all(acc[t] >= reference[t] - tolerance for t in eval_examples)
 
-    ks = sorted({min(total, 2**i) for i in range(max(1, total).bit_length() + 1)} | {total})
     good = next((k for k in ks if ok(k)), None)
     target_met = good is not None
     if good is None:
@@ -305,6 +314,7 @@ def extract_edges(
                 good = mid
             else:
                 lo = mid
+    bar.close()
     kept = frozenset(ranked[:good])
     graph = unroll(acg, keep, tokens=tokens, positions=positions, edges=kept, dtype=dtype)
     per_layer: dict[str, int] = {}
