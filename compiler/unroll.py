@@ -176,25 +176,34 @@ class _Unroll:
         )
         return kept if self.max_terms is None else kept[: self.max_terms]
 
-    def allowed(self, target: str, weights: dict[str, float]) -> dict[str, float]:
+    def allowed(self, edges, target: str, weights: dict[str, float]) -> dict[str, float]:
         """The terms of `target`'s sum that the edge set keeps (all of them without one)."""
-        if self.edges is None:
+        if edges is None:
             return weights
-        return {k: v for k, v in weights.items() if (target, k) in self.edges}
+        return {k: v for k, v in weights.items() if (target, k) in edges}
 
     def needed(self, nodes: list[Node], heads: list[Head]) -> set[str]:
         """Backwards from the kept features: the terms each kept sum keeps (`pick`), and the nodes they read. Fills
-        `self.terms` (feature -> its pre-activation's terms) and `self.scores` (head -> its pair and key terms)."""
+        `self.terms` (feature -> its pre-activation's terms) and `self.scores` (head -> its pair and key terms).
+        With an edge set, the nodes are those of the circuit without it (its residual stream, hence its layer-norm
+        scales and what reaches the logits, stay) and only the terms are left out."""
+        if self.edges is None:
+            return self._walk(nodes, heads, None, set())
+        stream = self._walk(nodes, heads, None, set())
+        self._walk(nodes, heads, self.edges, stream)
+        return stream
+
+    def _walk(self, nodes: list[Node], heads: list[Head], edges, start: set[str]) -> set[str]:
         by_name = {n.name: n for n in nodes}
         head_of = {(hd.layer, hd.h): hd for hd in heads}
-        need = {n.name for n in nodes if n.kind in ("feat", "bias")}
+        need = {n.name for n in nodes if n.kind in ("feat", "bias")} | start
         self.terms: dict[str, list[tuple[str, float]]] = {}
         self.scores: dict[tuple[int, int], tuple[list[tuple[str, str, float]], list[tuple[str, float]]]] = {}
         for n in reversed(nodes):
             if n.name not in need:
                 continue
             if n.kind == "feat":
-                self.terms[n.name] = self.pick(self.allowed(n.name, n.deps))
+                self.terms[n.name] = self.pick(self.allowed(edges, n.name, n.deps))
                 need.update(k for k, _ in self.terms[n.name])
             elif n.kind == "head":
                 need.add(n.source)
@@ -205,14 +214,14 @@ class _Unroll:
                     pairs = {
                         f"{r},{c}": float(hd.T[r, c])
                         for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
-                        if self.edges is None or (name, hd.nodes[r], hd.nodes[c]) in self.edges
+                        if edges is None or (name, hd.nodes[r], hd.nodes[c]) in edges
                     }
                     picked = []
                     for key, v in self.pick(pairs):
                         r, c = map(int, key.split(","))
                         picked.append((hd.nodes[r], hd.nodes[c], v))
                         need.update((hd.nodes[r], hd.nodes[c]))
-                    g = self.pick(self.allowed(name, dict(zip(hd.nodes, hd.g.tolist(), strict=True))))
+                    g = self.pick(self.allowed(edges, name, dict(zip(hd.nodes, hd.g.tolist(), strict=True))))
                     need.update(k for k, _ in g)
                     self.scores[n.head] = (picked, g)
         return {name for name in need if name in by_name}
@@ -370,7 +379,9 @@ class _Unroll:
             key = b.op("reshape", key, shape=("batch", 1, "seq"))
             score = key if score is None else b.op("add", score, key)
         anchor = b.op("reshape", self.zeros, shape=("batch", "seq", 1))
-        score = anchor if score is None else b.op("add", score, anchor)  # [batch, query, key] in every case
+        if score is None:  # no terms left: equal scores, [batch, query, key] still
+            score = b.op("reshape", self.zeros, shape=("batch", 1, "seq"))
+        score = b.op("add", score, anchor)  # [batch, query, key] in every case
         score = b.op("add", score, self.scalar(0.0), name=f"L{hd.layer}H{hd.h}_score")
         if self.cfg.attention_dir == "causal":
             score = b.op("causal_mask", score)

@@ -13,10 +13,10 @@ logit change from deleting the edge (tested); elsewhere the first-order estimate
 prompts of |its attribution|.
 
 Selection ranks every edge of every sum together and keeps the top k; the faithfulness curve gives `task_acc` of the
-circuit restricted to those edges (nodes no kept edge reads leave the circuit, and with them their share of the
-layer-norm scales) against the fraction of edges kept, and k is the smallest on a geometric grid, refined by
-bisection, whose `task_acc` is within `tolerance` of the reference on every task. What reads the logits is not
-pruned: every live node keeps its write to the unembedding (its effect there is what feature selection scored).
+circuit with only those edges against the fraction of edges kept, and k is the smallest on a geometric grid, refined
+by bisection, whose `task_acc` is within `tolerance` of the reference on every task. Leaving an edge out removes a
+term from a sum, never a node from the circuit: the residual stream (so the layer-norm scales) and every node's write
+to the logits stay those of the feature circuit (what feature selection scored).
 """
 
 from __future__ import annotations

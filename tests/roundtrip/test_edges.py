@@ -168,8 +168,10 @@ def test_the_search_finds_the_planted_edges():
     assert out.target_met and out.edges == {("f0_0", "tok_1"), ("f0_1", "tok_2")}
     assert out.report["n_edges_per_layer"] == {"L0.mlp": 2} and out.report["task_acc"] == {"t": 1.0}
     assert next(p for p in out.curve if p["k"] == 1)["task_acc"]["t"] == 0.5
-    # the emitted IR is that circuit: it answers every prompt, and token 0 is no longer read
-    assert "tok_0" not in out.graph.meta["labels"]
+    # the emitted IR is that circuit: it answers every prompt; token 0 stays in the stream, read by no feature
+    assert "tok_0" in out.graph.meta["labels"]
+    reads = {x for op in out.graph.ops if op.scope == "blocks.0.mlp" for x in op.inputs}
+    assert "tok_1" in reads and "tok_2" in reads and "tok_0" not in reads
     for ex in data[:4]:
         logits = interpret.run(out.graph, np.array([ex.ids]))["logits"][0, -1]
         assert int(np.argmax(logits)) == ex.answer_id
