@@ -4,6 +4,9 @@ round-tripped full ACG and the round-tripped `code` circuit, on one defender's c
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
 
+With --out, each seed's baseline rows (original, FT, FP, Scratch) are also kept in `OUT.MODEL-RATIO-SEED.partial.json`
+as they are measured; the same command run again after a crash takes them from there and starts at the ACG fit.
+
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
 """
@@ -82,6 +85,8 @@ def main() -> None:
             results.append(entry)
             for seed in map(int, args.seeds.split(",")):
                 kw = {"steps": args.steps, "log": log, "device": args.device, "threads": args.threads}
+                if args.out:  # the baselines' rows as they come, so that a run stopped later does not redo them
+                    kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
                 runs.append(backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw))
                 entry["summary"] = backdoor.summarise(runs)
                 if args.out:  # after every seed, so that a run killed part way keeps what it measured

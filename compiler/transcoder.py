@@ -475,16 +475,29 @@ def _resample(model: _Module, dead: Tensor, X: Tensor, Y: Tensor, gen: torch.Gen
             model.log_threshold[dead_idx] = math.log(model.tau)
 
 
-def evaluate_transcoder(tc: Transcoder, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Normalised MSE of the MLP output, mean active features per token (`l0`), fraction never active (`dead`)."""
-    f = tc.encode(x)
-    recon = tc.decode(f)
-    var = float(((y - y.mean(0)) ** 2).sum(-1).mean())
-    nmse = float(((recon - y) ** 2).sum(-1).mean() / max(var, 1e-30))
-    active = f != 0
+def evaluate_transcoder(tc: Transcoder, x: np.ndarray, y: np.ndarray, chunk: int = 8192) -> dict[str, float]:
+    """Normalised MSE of the MLP output, mean active features per token (`l0`), fraction never active (`dead`).
+    In chunks of rows: the feature matrix of a whole corpus would not fit (800k tokens x 2,048 features in float64
+    is 13 GB)."""
+    n = len(x)
+    y_mean = np.zeros(y.shape[-1])
+    for start in range(0, n, chunk):
+        y_mean += np.asarray(y[start : start + chunk], np.float64).sum(0)
+    y_mean /= max(n, 1)
+    var = err = l0 = 0.0
+    fired = np.zeros(tc.n_features, bool)
+    for start in range(0, n, chunk):
+        yc = np.asarray(y[start : start + chunk], np.float64)
+        f = tc.encode(np.asarray(x[start : start + chunk]))
+        var += float(((yc - y_mean) ** 2).sum())
+        err += float(((tc.decode(f) - yc) ** 2).sum())
+        active = f != 0
+        l0 += float(active.sum())
+        fired |= active.any(0)
+    n = max(n, 1)
     return {
-        "nmse": nmse,
-        "l0": float(active.sum(-1).mean()),
-        "dead_fraction": float((~active.any(0)).mean()),
+        "nmse": (err / n) / max(var / n, 1e-30),
+        "l0": l0 / n,
+        "dead_fraction": float((~fired).mean()),
         "n_features": tc.n_features,
     }

@@ -15,9 +15,11 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,12 +27,14 @@ import numpy as np
 from acg.compiler.fit import FitSpec, fit
 from acg.compiler.lower import lower
 from acg.compiler.replacement import replacement_model
+from acg.ir.atomic import atomic_file
 from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
 from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, heldout, resolve_tasks
 
+BASELINES = ("original", "FT", "FP", "Scratch")  # rows that do not need the ACG: saved for a resumed run
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
 
 
@@ -68,9 +72,12 @@ def run(
     log: Callable[[str], None] = lambda s: None,
     device: str = "cpu",
     threads: int = 2,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
-    baselines there (the ACG fit runs on the CPU with `threads`)."""
+    baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
+    FP, Scratch) is saved there as soon as it is measured and taken from there by a later run of the same budget,
+    seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again."""
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -79,24 +86,44 @@ def run(
     rows: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {"n_budget": len(budget), "steps": steps, "device": device, "threads": threads}
 
+    key = {"model": name, "ratio": ratio, "seed": seed, "steps": steps, "n_eval": n_eval, "n_trig": n_trig}
+    saved = json.loads(resume.read_text()) if resume is not None and resume.exists() else {}
+    if saved.get("key") != key:
+        saved = {"key": key, "rows": {}}
+
+    def reused(method: str) -> bool:
+        if method not in saved["rows"]:
+            return False
+        rows[method] = saved["rows"][method]
+        log(f"{name} ratio {ratio} seed {seed}: {method} (measured before, from {resume})")
+        return True
+
     def add(method: str, candidate: Any, seconds: float, n_params: int | None, **more: Any) -> None:
         t = time.perf_counter()
         rows[method] = {**_measure(candidate, n_eval, n_trig), "n_params": n_params, "seconds": seconds, **more}
         log(f"{name} ratio {ratio} seed {seed}: {method} ({seconds:.0f} s + {time.perf_counter() - t:.0f} s eval)")
+        if resume is not None and method in BASELINES:
+            saved["rows"][method] = rows[method]
+            with atomic_file(resume) as f:
+                f.write(json.dumps(saved, indent=1, default=float) + "\n")
 
     def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
         t = time.perf_counter()
         out = fn()
         return out, time.perf_counter() - t
 
-    add("original", model, 0.0, dense.n_params(model)["n_params"])
+    if not reused("original"):
+        add("original", model, 0.0, dense.n_params(model)["n_params"])
     kw = {"progress": progress, "device": device}
-    ft, s = timed(lambda: defence.finetune(model, zoo.train, budget, steps, seed, **kw))
-    add("FT", ft, s, dense.n_params(ft)["n_params"])
-    (fp, fp_report), s = timed(lambda: defence.fine_prune(model, zoo.train, budget, steps, seed, **kw))
-    add("FP", fp, s, dense.n_params(fp)["n_params"], report=fp_report)
-    sc, s = timed(lambda: defence.scratch(model, zoo.train, budget, steps, seed, **kw))
-    add("Scratch", sc, s, dense.n_params(sc)["n_params"])
+    if not reused("FT"):
+        ft, s = timed(lambda: defence.finetune(model, zoo.train, budget, steps, seed, **kw))
+        add("FT", ft, s, dense.n_params(ft)["n_params"])
+    if not reused("FP"):
+        (fp, fp_report), s = timed(lambda: defence.fine_prune(model, zoo.train, budget, steps, seed, **kw))
+        add("FP", fp, s, dense.n_params(fp)["n_params"], report=fp_report)
+    if not reused("Scratch"):
+        sc, s = timed(lambda: defence.scratch(model, zoo.train, budget, steps, seed, **kw))
+        add("Scratch", sc, s, dense.n_params(sc)["n_params"])
     (acg, stats), s = timed(lambda: fit(model, [ex.ids for ex in budget], spec, progress=progress))
     extra["fit"] = {"seconds": stats["seconds"], "layers": stats["layers"]}
     add("ACG replacement", replacement_model(model, acg.transcoders), s, dense.n_params(acg)["n_params"])

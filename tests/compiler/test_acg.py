@@ -221,3 +221,19 @@ def test_calibration_is_exact_whatever_the_features_scales():
     module.calibrate(pre, 30.0)
     l0 = float((pre > module.tau).sum(1).float().mean())
     assert abs(l0 - 30.0) < 1e-3
+
+
+def test_transcoder_metrics_do_not_depend_on_the_chunk_size():
+    """evaluate_transcoder works in chunks of rows (a whole corpus's feature matrix does not fit): same figures."""
+    from acg.compiler.transcoder import Transcoder, evaluate_transcoder
+
+    rng = np.random.default_rng(5)
+    tc = Transcoder(rng.normal(size=(8, 12)), rng.normal(size=12) - 1.0, rng.normal(size=(12, 8)), rng.normal(size=8))
+    x, y = rng.normal(size=(301, 8)).astype(np.float32), rng.normal(size=(301, 8)).astype(np.float32)
+    whole, chunked = evaluate_transcoder(tc, x, y, chunk=10**9), evaluate_transcoder(tc, x, y, chunk=7)
+    assert whole.keys() == chunked.keys()
+    for k in whole:
+        assert chunked[k] == pytest.approx(whole[k], rel=1e-12)
+    f = tc.encode(x.astype(np.float64))
+    assert whole["l0"] == pytest.approx(float((f != 0).sum(-1).mean()))
+    assert whole["dead_fraction"] == pytest.approx(float((~(f != 0).any(0)).mean()))

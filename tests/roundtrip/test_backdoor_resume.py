@@ -1,0 +1,49 @@
+"""A backdoor run stopped in the ACG stage keeps its baseline rows: the same run again does not train them again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from acg.roundtrip import backdoor
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_takes_its_baselines_from_the_partial_file(monkeypatch, tmp_path):
+    trained = []
+
+    def fake(kind):
+        def train(model, spec, budget, steps, seed, **kw):
+            trained.append((kind, seed))
+            return (model, {"pruned_fraction": 0.5}) if kind == "FP" else model
+
+        return train
+
+    monkeypatch.setattr(backdoor.defence, "finetune", fake("FT"))
+    monkeypatch.setattr(backdoor.defence, "fine_prune", fake("FP"))
+    monkeypatch.setattr(backdoor.defence, "scratch", fake("Scratch"))
+    monkeypatch.setattr(backdoor, "_measure", lambda c, n, t: {"task_acc": {"t": 1.0}, "asr": {"token": 0.5}})
+
+    def crash(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(backdoor, "fit", crash)
+    partial = tmp_path / "p.json"
+    logs: list[str] = []
+    kw = {"ratio": 0.01, "n_eval": 5, "n_trig": 2, "steps": 3, "resume": partial, "log": logs.append}
+    with pytest.raises(Stop):
+        backdoor.run("testbed-s", seed=0, **kw)
+    assert trained == [("FT", 0), ("FP", 0), ("Scratch", 0)]
+    saved = json.loads(partial.read_text())
+    assert list(saved["rows"]) == ["original", "FT", "FP", "Scratch"] and saved["key"]["seed"] == 0
+    with pytest.raises(Stop):
+        backdoor.run("testbed-s", seed=0, **kw)
+    assert len(trained) == 3 and sum("measured before" in line for line in logs) == 4
+    with pytest.raises(Stop):  # another seed is another budget: trained again, and the file now holds that seed
+        backdoor.run("testbed-s", seed=1, **kw)
+    assert trained[3:] == [("FT", 1), ("FP", 1), ("Scratch", 1)]
+    assert json.loads(partial.read_text())["key"]["seed"] == 1
