@@ -16,7 +16,7 @@ checkpoint cannot leave out a single edge, an unrolled circuit (IR, code) can.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,24 @@ def select_top(acg: ACG, scores: list[np.ndarray], k: int, tokens: np.ndarray, p
     return Selection(feats, tokens, positions, restrict_attention=True, source="circuit")
 
 
+def smallest_passing(ks: Sequence[int], ok: Callable[[int], bool], bisect_steps: int) -> int | None:
+    """The smallest k of the sorted grid `ks` with `ok(k)`, refined by at most `bisect_steps` bisections between it
+    and the grid point below (faithfulness is taken as monotone in k); None where no k on the grid passes."""
+    good = next((k for k in ks if ok(k)), None)
+    if good is None:
+        return None
+    lo = max([k for k in ks if k < good], default=0)
+    for _ in range(bisect_steps):
+        if good - lo <= 1:
+            break
+        mid = (lo + good) // 2
+        if ok(mid):
+            good = mid
+        else:
+            lo = mid
+    return good
+
+
 def extract(
     model: Transformer,
     acg: ACG,
@@ -135,20 +153,9 @@ def extract(
         return all(acc[t] >= reference[t] - tolerance for t in eval_examples)
 
     ks = sorted({max(1, round(f * total)) for f in grid})
-    good = next((k for k in ks if ok(k)), None)
+    good = smallest_passing(ks, ok, bisect_steps)
     target_met = good is not None
-    if good is None:
-        good = total
-    else:
-        lo = max([k for k in ks if k < good], default=0)
-        for _ in range(bisect_steps):
-            if good - lo <= 1:
-                break
-            mid = (lo + good) // 2
-            if ok(mid):
-                good = mid
-            else:
-                lo = mid
+    good = total if good is None else good
     curve = [{"k": k, "fraction": k / total, "task_acc": cache[k]} for k in sorted(cache)]
     sel = select_top(acg, scores, good, tokens, positions)
     sel = Selection(sel.features, sel.tokens, sel.positions, True, name, {"k": good, "tolerance": tolerance})

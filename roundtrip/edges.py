@@ -34,6 +34,7 @@ from acg.compiler.progress import Progress
 from acg.compiler.transcoder import ACTIVATIONS
 from acg.compiler.unroll import Head, Node, _Unroll, stage_of, unroll
 from acg.ir.graph import Graph
+from acg.roundtrip.circuit import smallest_passing
 from acg.roundtrip.evaluate import accuracy, answer_logits
 from acg.zoo.tasks import Example
 
@@ -300,20 +301,9 @@ def extract_edges(
         acc = measure(k)
         return all(acc[t] >= reference[t] - tolerance for t in eval_examples)
 
-    good = next((k for k in ks if ok(k)), None)
+    good = smallest_passing(ks, ok, bisect_steps)
     target_met = good is not None
-    if good is None:
-        good = total
-    else:
-        lo = max([k for k in ks if k < good], default=0)
-        for _ in range(bisect_steps):
-            if good - lo <= 1:
-                break
-            mid = (lo + good) // 2
-            if ok(mid):
-                good = mid
-            else:
-                lo = mid
+    good = total if good is None else good
     bar.close()
     kept = frozenset(ranked[:good])
     graph = unroll(acg, keep, tokens=tokens, positions=positions, edges=kept, dtype=dtype)
