@@ -403,6 +403,11 @@ def compile_cmd(
         graph, what = _acg_graph(model, acg_dir, dtype, keep_errors, features, top, min_weight, max_terms)
     if save_ir is not None:
         serialize.save(graph, save_ir)
+    from acg.ir.resources import compile_estimate
+
+    estimate = compile_estimate(graph, backend)
+    if estimate.seconds >= 60:  # say so before a long generation (a large circuit: ~2 ms per op in source backends)
+        err.print(f"estimate: {estimate.describe()} ({len(graph.ops):,} ops)", highlight=False)
     path = codegen.compile(graph, out, backend, title=str(model))
     result = {
         "model": str(model),
