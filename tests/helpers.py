@@ -39,3 +39,17 @@ def random_tokens(cfg: TransformerConfig, batch: int = 3, seq: int | None = None
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def planted_one_layer(cfg, W_E, W_U, W_enc, b_enc, W_dec):
+    """A one-layer model whose MLP is the given ReLU neurons (everything else zero) and the ACG with that MLP as its
+    dictionary: circuits known by construction."""
+    from acg.compiler.acg import ACG
+    from acg.compiler.transcoder import Transcoder
+
+    model = Transformer(cfg)
+    w = {k: np.zeros(tuple(p.shape)) for k, p in model.state_dict().items()}
+    w.update({"embed.W_E": W_E, "unembed.W_U": W_U})
+    w.update({"blocks.0.mlp.W_in": W_enc, "blocks.0.mlp.b_in": b_enc, "blocks.0.mlp.W_out": W_dec})
+    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in w.items()})
+    return model.eval(), ACG(cfg, w, (Transcoder(W_enc, b_enc, W_dec, np.zeros(cfg.d_model), "relu"),))

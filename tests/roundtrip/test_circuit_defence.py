@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from helpers import random_model
+from helpers import planted_one_layer, random_model
 
 from acg.compiler.acg import ACG
 from acg.compiler.fit import FitSpec, fit
-from acg.compiler.transcoder import Transcoder
 from acg.compiler.transformer import Transformer, TransformerConfig
 from acg.roundtrip import circuit, defence, dense
 from acg.zoo.tasks import is_clean
@@ -49,13 +48,7 @@ def _planted() -> tuple[Transformer, ACG]:
     W_dec[2:, 6] = 1.0
     W_U = np.zeros((d, V))
     W_U[3, 3] = W_U[4, 4] = 1.0
-    model = Transformer(cfg)
-    w = {k: np.zeros(tuple(p.shape)) for k, p in model.state_dict().items()}
-    w.update({"embed.W_E": W_E, "unembed.W_U": W_U})
-    w.update({"blocks.0.mlp.W_in": W_enc, "blocks.0.mlp.b_in": b_enc, "blocks.0.mlp.W_out": W_dec})
-    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in w.items()})
-    acg = ACG(cfg, w, (Transcoder(W_enc, b_enc, W_dec, np.zeros(d), "relu"),))
-    return model.eval(), acg
+    return planted_one_layer(cfg, W_E, W_U, W_enc, b_enc, W_dec)
 
 
 def test_extraction_finds_the_planted_circuit():
