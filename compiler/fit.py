@@ -7,11 +7,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from acg.compiler.acg import ACG
-from acg.compiler.harvest import Activations, harvest
+from acg.compiler.harvest import harvest
 from acg.compiler.progress import Progress
 from acg.compiler.transcoder import (
     FitConfig,
@@ -187,6 +186,3 @@ def _check_dictionary(transcoders: list[Transcoder], cfg) -> list[Transcoder]:
             )
     return transcoders
 
-
-def mlp_features(transcoders, acts: Activations, layer: int) -> np.ndarray:
-    return transcoders[layer].encode(np.asarray(acts.mlp_in[layer], dtype=np.float64))
