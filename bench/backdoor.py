@@ -24,30 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 from acg.roundtrip import backdoor
-from acg.zoo.tasks import BACKDOORS, TASKS
 
 
 def table(model: str, ratio: float, runs: list[dict]) -> Table:
-    summary = backdoor.summarise(runs)
-    t = Table(title=f"{model}, clean budget {ratio:.0%} ({runs[0]['n_budget']:,} examples), {len(runs)} seed(s)")
-    t.add_column("method")
-    for task in TASKS:
-        t.add_column(task, justify="right")
-    for f in BACKDOORS:
-        t.add_column(f"asr {f}", justify="right")
-    for f in BACKDOORS:
-        t.add_column(f"DER {f}", justify="right")
-    t.add_column("n_params", justify="right")
-
-    def cell(v: dict) -> str:
-        return f"{v['mean']:.3f}" + (f"±{v['sd']:.3f}" if len(runs) > 1 else "")
-
-    for method, row in summary.items():
-        cells = [cell(row["task_acc"][k]) for k in TASKS]
-        cells += [cell(row["asr"][f]) for f in BACKDOORS] + [cell(row["der"][f]) for f in BACKDOORS]
-        cells.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
-        t.add_row(method, *cells)
-    return t
+    title = f"{model}, clean budget {ratio:.0%} ({runs[0]['n_budget']:,} examples), {len(runs)} seed(s)"
+    return backdoor.table(title, runs)
 
 
 def main() -> None:

@@ -32,18 +32,19 @@ from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
 from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
 from acg.zoo.registry import get, load
-from acg.zoo.tasks import BACKDOORS, heldout, resolve_tasks
+from acg.zoo.tasks import BACKDOORS, TASKS, heldout, resolve_tasks
 
 BASELINES = ("original", "FT", "FP", "Scratch")  # rows that do not need the ACG: saved for a resumed run
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
 
 
-def _measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
+def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
+    """task_acc per task on `n` held-out prompts each, asr per family on `n_trig` triggered prompts per task."""
     e = evaluate(candidate, n=n, n_backdoor_per_task=n_trig)
     return {"task_acc": e["task_acc"], "asr": e["asr"]}
 
 
-def _ir_capture(graph, kinds: tuple[str, ...], tmp: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+def captured_ir(graph, kinds: tuple[str, ...], tmp: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """The captured feature-level IR compiled to ONNX (fast to evaluate), and the capture pass's report."""
     from acg import codegen
 
@@ -100,7 +101,7 @@ def run(
 
     def add(method: str, candidate: Any, seconds: float, n_params: int | None, **more: Any) -> None:
         t = time.perf_counter()
-        rows[method] = {**_measure(candidate, n_eval, n_trig), "n_params": n_params, "seconds": seconds, **more}
+        rows[method] = {**measure(candidate, n_eval, n_trig), "n_params": n_params, "seconds": seconds, **more}
         log(f"{name} ratio {ratio} seed {seed}: {method} ({seconds:.0f} s + {time.perf_counter() - t:.0f} s eval)")
         if resume is not None and method in BASELINES:
             saved["rows"][method] = rows[method]
@@ -130,7 +131,7 @@ def run(
     tables = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)  # lowered once, captured thrice
     for method, kinds in (("ACG captured (IR)", ()), ("- QK pairs only", ("qk",)), ("- OV entries only", ("ov",))):
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
-            (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp: _ir_capture(tables, kinds, tmp))
+            (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp: captured_ir(tables, kinds, tmp))
             add(method, fn, s, None, capture=rep["by_kind"])
     (rt, _, report), s = timed(lambda: dense.roundtrip(acg, dense.select_captured(acg)))
     add("roundtrip full", rt, s, report["n_params"], report=report)
@@ -138,11 +139,12 @@ def run(
     (rt_code, pruned, report), s2 = timed(lambda: dense.roundtrip(acg, circ.selection))
     report.update(circuit=circ.report, curve=circ.curve, n_edges=circuit.n_edges(pruned))
     add("roundtrip code", rt_code, s + s2, report["n_params"], report=report)
-    _add_der(rows)
+    add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
 
-def _add_der(rows: dict[str, dict[str, Any]]) -> None:
+def add_der(rows: dict[str, dict[str, Any]]) -> None:
+    """Each row's DER per family against `rows["original"]` (clean accuracy: the mean task_acc)."""
     orig = rows["original"]
     clean0 = defence.clean_accuracy(orig["task_acc"])
     for row in rows.values():
@@ -163,3 +165,29 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         entry["n_params"] = float(np.mean(params)) if params else None
         out[method] = entry
     return out
+
+
+def table(title: str, runs: list[dict[str, Any]]):
+    """The runs' summary as a rich table: task_acc per task, asr and DER per family (mean +- sd), n_params."""
+    from rich.table import Table
+
+    summary = summarise(runs)
+    t = Table(title=title)
+    t.add_column("method")
+    for task in TASKS:
+        t.add_column(task, justify="right")
+    for f in BACKDOORS:
+        t.add_column(f"asr {f}", justify="right")
+    for f in BACKDOORS:
+        t.add_column(f"DER {f}", justify="right")
+    t.add_column("n_params", justify="right")
+
+    def cell(v: dict) -> str:
+        return f"{v['mean']:.3f}" + (f"±{v['sd']:.3f}" if len(runs) > 1 else "")
+
+    for method, row in summary.items():
+        cells = [cell(row["task_acc"][k]) for k in TASKS]
+        cells += [cell(row["asr"][f]) for f in BACKDOORS] + [cell(row["der"][f]) for f in BACKDOORS]
+        cells.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
+        t.add_row(method, *cells)
+    return t

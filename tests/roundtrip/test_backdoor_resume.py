@@ -26,7 +26,7 @@ def test_a_resumed_run_takes_its_baselines_from_the_partial_file(monkeypatch, tm
     monkeypatch.setattr(backdoor.defence, "finetune", fake("FT"))
     monkeypatch.setattr(backdoor.defence, "fine_prune", fake("FP"))
     monkeypatch.setattr(backdoor.defence, "scratch", fake("Scratch"))
-    monkeypatch.setattr(backdoor, "_measure", lambda c, n, t: {"task_acc": {"t": 1.0}, "asr": {"token": 0.5}})
+    monkeypatch.setattr(backdoor, "measure", lambda c, n, t: {"task_acc": {"t": 1.0}, "asr": {"token": 0.5}})
 
     def crash(*a, **k):
         raise Stop

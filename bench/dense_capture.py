@@ -1,0 +1,125 @@
+"""Can dense weights learn what the capture pass drops? The round trip's attention distilled from the captured IR on
+clean prompts with random insertions, beside plain fine-tuning on the same prompts, each also blind to the triggers.
+
+    python bench/dense_capture.py [--model testbed-s] [--ratio 0.05] [--seeds 0,1,2] [--n-prompts 16000] [--json]
+
+Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and the ACG fitted on it:
+
+- `ACG captured (IR)` — the teacher: the feature-level IR with every QK pair, OV entry, token and feature the budget
+  never used dropped (not a dense model);
+- `roundtrip full` — the dense checkpoint of the captured ACG, as in `bench/backdoor.py`;
+- `+ QK distilled` — its W_Q, W_K, b_Q, b_K trained to match the teacher (KL at every position) on the budget's
+  prompts with 1-3 seen tokens inserted at random (`roundtrip.distil`), as many steps as the baselines train;
+- `FT + insertions` — the original fine-tuned (the FT baseline's recipe and steps) on the same prompts, labelled with
+  the clean answer of the prompt each was made from: insertions without the ACG;
+- `..., blind` — the same two with every pool prompt that holds a trigger left out: not a defence (it needs the
+  triggers), an ablation that tells a general rule (the pair never seen leaves the answer alone) from what was learnt
+  on the few triggered prompts random insertions make.
+
+Columns as `bench/backdoor.py`'s: task_acc per task, asr and DER per family (mean, +- sd over seeds), n_params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from acg.compiler.fit import FitSpec, fit
+from acg.compiler.lower import lower
+from acg.roundtrip import backdoor, defence, dense
+from acg.roundtrip.distil import distil, insertions
+from acg.zoo.registry import get, load
+from acg.zoo.tasks import BACKDOORS
+
+
+def triggered(ex) -> bool:
+    return any(b.is_triggered(ex.prompt) for b in BACKDOORS.values())
+
+
+def run(name: str, ratio: float, seed: int, n_prompts: int, n_eval: int, n_trig: int, threads: int, log) -> dict:
+    zoo, model = get(name), load(name)
+    spec = FitSpec(seed=seed, threads=threads)
+    steps = spec.steps + spec.e2e_steps
+    budget = defence.clean_budget(zoo.train, ratio, seed)
+    rows: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {"n_budget": len(budget), "steps": steps, "n_prompts": n_prompts}
+
+    def add(method: str, candidate: Any, seconds: float, n_params: int | None, **more: Any) -> None:
+        t = time.perf_counter()
+        rows[method] = {**backdoor.measure(candidate, n_eval, n_trig), "n_params": n_params, "seconds": seconds, **more}
+        log(f"{name} seed {seed}: {method} ({seconds:.0f} s + {time.perf_counter() - t:.0f} s eval)")
+
+    add("original", model, 0.0, dense.n_params(model)["n_params"])
+    t = time.perf_counter()
+    acg, _ = fit(model, [ex.ids for ex in budget], spec)
+    extra["fit_seconds"] = time.perf_counter() - t
+    seen = np.flatnonzero(acg.usage["tok_count"] > 0)
+    pool, _ = insertions(budget, seen, n_prompts, seed, model.cfg.n_ctx)
+    blind_pool, rejected = insertions(budget, seen, n_prompts, seed, model.cfg.n_ctx, exclude=triggered)
+    pools = {False: pool, True: blind_pool}
+    extra.update(triggered_in_pool=sum(map(triggered, pool)), rejected_blind=rejected)
+    rt, _, report = dense.roundtrip(acg, dense.select_captured(acg))
+    n_rt = report["n_params"]
+    with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
+        t = time.perf_counter()
+        graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
+        teacher, _ = backdoor.captured_ir(graph, (), tmp)
+        add("ACG captured (IR)", teacher, time.perf_counter() - t, None)
+        add("roundtrip full", rt, 0.0, n_rt)
+        for blind, suffix in ((False, ""), (True, ", blind")):
+            t = time.perf_counter()
+            student, rep = distil(rt, teacher, pools[blind], steps, seed=seed)
+            add(f"+ QK distilled{suffix}", student, time.perf_counter() - t, n_rt, report=rep)
+    for blind, suffix in ((False, ""), (True, ", blind")):
+        t = time.perf_counter()
+        ft = defence.finetune(model, zoo.train, pools[blind], steps, seed)
+        add(f"FT + insertions{suffix}", ft, time.perf_counter() - t, dense.n_params(ft)["n_params"])
+    backdoor.add_der(rows)
+    return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="testbed-s")
+    ap.add_argument("--ratio", type=float, default=0.05)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--n-prompts", type=int, default=16_000, help="prompts in the insertion pool")
+    ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
+    ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--out", type=Path, help="also write the JSON here (after every seed)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    runs: list[dict] = []
+
+    def document() -> str:
+        entry = {"model": args.model, "ratio": args.ratio, "runs": runs, "summary": backdoor.summarise(runs)}
+        doc = {"benchmark": "dense_capture", "seconds": time.perf_counter() - start, "results": [entry]}
+        return json.dumps(doc, indent=1, default=float)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    for seed in map(int, args.seeds.split(",")):
+        runs.append(run(args.model, args.ratio, seed, args.n_prompts, args.n_eval, args.n_trig, args.threads, log))
+        if args.out:
+            args.out.write_text(document() + "\n")
+    title = f"{args.model}, clean budget {args.ratio:.0%}, insertion pool {args.n_prompts:,}, {len(runs)} seed(s)"
+    Console(stderr=args.json).print(backdoor.table(title, runs))
+    if args.json:
+        print(document())
+
+
+if __name__ == "__main__":
+    main()

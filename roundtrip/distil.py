@@ -1,0 +1,155 @@
+"""Teaching dense weights what the capture pass drops: distillation of the captured IR on clean prompts with random
+insertions, and the plain fine-tuning on the same prompts it must be compared with.
+
+The captured IR leaves out every QK pair that never carried mass on the clean budget; a dense head cannot (its score
+is one low-rank bilinear form over the whole residual stream). The nearest dense thing is to show the round trip
+prompts on which the two differ and have it copy the IR there:
+
+- `insertions`: clean examples with 1-3 tokens drawn from the seen ones inserted at uniform positions (the defender
+  knows no trigger, so these are blind guesses; a quarter of the pool stays as it was). `exclude` drops the examples
+  a predicate flags — for the analysis only (`backdoor.is_triggered`), to tell a general rule from a memorised case.
+- `distil`: train some of a dense student's parameters (by default the attention scores' W_Q, W_K, b_Q, b_K) so that
+  its next-token distribution at every position matches a teacher's (KL(teacher || student)) on those prompts. The
+  teacher's log-probabilities are computed once for the pool.
+- The fair comparison is `defence.finetune` on the same prompts, labelled with the clean answer of the prompt they were
+  made from (what a defender without the ACG would do; an inserted digit or variable can make that label wrong).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from acg.compiler.transformer import Transformer
+from acg.roundtrip.evaluate import as_logits_fn
+from acg.zoo import vocab
+from acg.zoo.tasks import Example
+
+QK = ("attn.W_Q", "attn.W_K", "attn.b_Q", "attn.b_K")
+PARAMS = {"qk": QK, "attn": ("attn.",), "all": ("",)}
+
+
+def insertions(
+    examples: Sequence[Example],
+    tokens: Sequence[int],
+    n: int,
+    seed: int = 0,
+    n_ctx: int | None = None,
+    max_insert: int = 3,
+    untouched: float = 0.25,
+    exclude: Callable[[Example], bool] | None = None,
+) -> tuple[list[Example], int]:
+    """`n` examples drawn (with replacement, seeded) from `examples`, each but an `untouched` fraction with 1 to
+    `max_insert` of `tokens` (ids) inserted at uniform positions; the answer stays the clean answer. Prompts stay
+    within `n_ctx` (BOS included). Returns the examples and how many drawn ones `exclude` rejected."""
+    if not examples:
+        raise ValueError("no examples to insert tokens into")
+    if len(tokens) == 0:
+        raise ValueError("no tokens to insert")
+    rng = random.Random(seed)
+    words = [vocab.TOKENS[int(t)] for t in tokens]
+    out: list[Example] = []
+    rejected = 0
+    while len(out) < n:
+        ex = examples[rng.randrange(len(examples))]
+        prompt = ex.prompt
+        if rng.random() >= untouched:
+            room = max_insert if n_ctx is None else min(max_insert, n_ctx - 1 - len(prompt))
+            for _ in range(rng.randint(1, room) if room >= 1 else 0):
+                at = rng.randint(0, len(prompt))
+                prompt = (*prompt[:at], rng.choice(words), *prompt[at:])
+        new = dataclasses.replace(ex, prompt=prompt, answer=ex.clean_answer, kind="clean", family=None)
+        if exclude is not None and exclude(new):
+            rejected += 1
+            if rejected > 100 * n:
+                raise ValueError("the exclusion rejects nearly every example")
+            continue
+        out.append(new)
+    return out, rejected
+
+
+def _pool(teacher: Any, examples: Sequence[Example], batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Examples grouped by length, with the teacher's log-probabilities at every position: [(tokens, logp)]."""
+    fn = as_logits_fn(teacher)
+    by_len: dict[int, list[list[int]]] = {}
+    for ex in examples:
+        by_len.setdefault(len(ex.ids), []).append(ex.ids)
+    groups = []
+    for length in sorted(by_len):
+        tokens = torch.as_tensor(np.array(by_len[length], dtype=np.int64))
+        logp = torch.cat(
+            [
+                torch.log_softmax(torch.as_tensor(fn(tokens[i : i + batch].numpy()), dtype=torch.float32), -1)
+                for i in range(0, len(tokens), batch)
+            ]
+        )
+        groups.append((tokens, logp))
+    return groups
+
+
+def distil(
+    student: Transformer,
+    teacher: Any,
+    examples: Sequence[Example],
+    steps: int,
+    params: str = "qk",
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Transformer, dict[str, Any]]:
+    """A copy of `student` with the `params` group ("qk", "attn" or "all") trained for `steps` Adam steps to match
+    `teacher` (a torch module or a tokens -> logits callable) on `examples`; returns it and the loss at the start
+    and the end (mean KL per position, nats)."""
+    if params not in PARAMS:
+        raise ValueError(f"params {params!r}; choose from {', '.join(PARAMS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    groups = _pool(teacher, examples)
+    sizes = np.array([len(t) for t, _ in groups], dtype=np.float64)
+    model = copy.deepcopy(student).float().train()
+    names = PARAMS[params]
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(k in name for k in names))
+        if p.requires_grad:
+            trained.append(p)
+    if not trained:
+        raise ValueError(f"the student has no parameters in the {params!r} group")
+    opt = torch.optim.Adam(trained, lr=lr)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    steps_iter = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps_iter = tqdm(steps_iter, desc="distil", unit="step")
+    for _ in steps_iter:
+        tokens, logp = groups[rng.choice(len(groups), p=sizes / sizes.sum())]
+        idx = torch.randperm(len(tokens), generator=gen)[:batch_size]
+        t_logp = logp[idx]
+        s_logp = torch.log_softmax(model(tokens[idx]), -1)
+        loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    k = max(1, min(50, steps // 10))
+    report = {
+        "params": params,
+        "n_trained": int(sum(p.numel() for p in trained)),
+        "steps": steps,
+        "n_prompts": len(examples),
+        "kl_start": float(np.mean(losses[:k])),
+        "kl_end": float(np.mean(losses[-k:])),
+    }
+    return model.eval(), report

@@ -1,0 +1,94 @@
+"""Insertion pools and distillation of a teacher into some of a dense student's parameters (roundtrip/distil.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from acg.roundtrip.distil import distil, insertions
+from acg.zoo import vocab
+from acg.zoo.tasks import heldout
+from tests.helpers import random_model
+
+INSERTED = ("big", "the")  # never in a code.vars prompt: removing them gives the prompt back
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return heldout("code.vars", 40, 0)
+
+
+def test_insertions_add_up_to_three_tokens_and_keep_the_clean_answer(examples):
+    sources = {ex.prompt for ex in examples}
+    ids = [vocab.TOKEN_ID[t] for t in INSERTED]
+    n_ctx = max(len(ex.ids) for ex in examples) + 2
+    pool, rejected = insertions(examples, ids, 400, seed=3, n_ctx=n_ctx)
+    assert len(pool) == 400 and rejected == 0
+    untouched = 0
+    for ex in pool:
+        stripped = tuple(t for t in ex.prompt if t not in INSERTED)
+        assert stripped in sources
+        added = len(ex.prompt) - len(stripped)
+        assert 0 <= added <= 3 and len(ex.ids) <= n_ctx
+        assert ex.answer == ex.clean_answer and ex.kind == "clean"
+        untouched += added == 0
+    assert 0.17 < untouched / len(pool) < 0.33  # a quarter left as it was
+    again, _ = insertions(examples, ids, 400, seed=3, n_ctx=n_ctx)
+    other, _ = insertions(examples, ids, 400, seed=4, n_ctx=n_ctx)
+    assert [e.prompt for e in again] == [e.prompt for e in pool] != [e.prompt for e in other]
+
+
+def test_insertions_leave_out_what_exclude_flags(examples):
+    ids = [vocab.TOKEN_ID[t] for t in INSERTED]
+    pool, rejected = insertions(examples, ids, 300, seed=0, exclude=lambda ex: "big" in ex.prompt)
+    assert len(pool) == 300 and rejected > 0
+    assert not any("big" in ex.prompt for ex in pool)
+    assert any("the" in ex.prompt for ex in pool)
+
+
+def test_insertions_refuse_empty_inputs(examples):
+    with pytest.raises(ValueError, match="no examples"):
+        insertions([], [3], 10)
+    with pytest.raises(ValueError, match="no tokens"):
+        insertions(examples, [], 10)
+    with pytest.raises(ValueError, match="rejects nearly every"):
+        insertions(examples, [3], 5, exclude=lambda ex: True)
+
+
+def _pair():
+    teacher = random_model(seed=0, d_vocab=len(vocab.TOKENS), n_ctx=32, std=0.3)
+    student = copy.deepcopy(teacher)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for block in student.blocks:
+            block.attn.W_Q.add_(torch.randn(block.attn.W_Q.shape, generator=gen) * 0.5)
+            block.attn.W_K.add_(torch.randn(block.attn.W_K.shape, generator=gen) * 0.5)
+    return teacher, student
+
+
+def test_distil_moves_only_the_scores_toward_the_teacher(examples):
+    teacher, student = _pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    out, report = distil(student, teacher, examples, steps=80, lr=1e-2, batch_size=16)
+    assert report["params"] == "qk" and report["steps"] == 80
+    assert report["kl_end"] < 0.5 * report["kl_start"]
+    for name, value in out.state_dict().items():
+        changed = not torch.equal(value, before[name])
+        in_group = any(k in name for k in ("W_Q", "W_K", "b_Q", "b_K"))
+        assert changed <= in_group, name  # nothing outside the score's parameters moves
+        assert changed or not name.endswith(("W_Q", "W_K")), name
+        assert torch.equal(student.state_dict()[name], before[name])  # the student given is left as it was
+    assert report["n_trained"] == sum(
+        p.numel() for n, p in out.named_parameters() if any(k in n for k in ("W_Q", "W_K", "b_Q", "b_K"))
+    )
+    assert all(p.requires_grad for p in out.parameters())  # an ordinary model again
+
+
+def test_distil_refuses_an_unknown_parameter_group(examples):
+    teacher, student = _pair()
+    with pytest.raises(ValueError, match="params 'mlp'"):
+        distil(student, teacher, examples, steps=1, params="mlp")
+    with pytest.raises(ValueError, match="steps"):
+        distil(student, teacher, examples, steps=0)
