@@ -70,6 +70,7 @@ def test_the_estimate_counts_what_the_fit_holds(inputs):
     real = sum(a.nbytes for a in acts.mlp_in) + sum(a.nbytes for a in acts.mlp_out)
     est = fit_estimate(model.cfg, FitSpec(), acts.n_tokens)
     assert est.parts["harvested activations"] == real
+    assert est.parts["one layer's training tensors"] == 2 * real / model.cfg.n_layers  # rescaled X, Y + temporaries
     bigger = fit_estimate(model.cfg, FitSpec(width=512), 10 * acts.n_tokens)
     assert bigger.bytes > est.bytes and bigger.seconds > est.seconds
     with pytest.raises(ResourceError, match="the fit: about"):
