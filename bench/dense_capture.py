@@ -1,5 +1,6 @@
 """Can dense weights learn what the capture pass drops? The round trip's attention distilled from the captured IR on
-clean prompts with random insertions, beside plain fine-tuning on the same prompts, each also blind to the triggers.
+clean prompts with random insertions, beside plain fine-tuning on the same prompts, each also blind to the triggers,
+and the two combined.
 
     python bench/dense_capture.py [--model testbed-s] [--ratio 0.05] [--seeds 0,1,2] [--n-prompts 16000] [--json]
 
@@ -12,9 +13,11 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
   prompts with 1-3 seen tokens inserted at random (`roundtrip.distil`), as many steps as the baselines train;
 - `FT + insertions` — the original fine-tuned (the FT baseline's recipe and steps) on the same prompts, labelled with
   the clean answer of the prompt each was made from: insertions without the ACG;
-- `..., blind` — the same two with every pool prompt that holds a trigger left out: not a defence (it needs the
-  triggers), an ablation that tells a general rule (the pair never seen leaves the answer alone) from what was learnt
-  on the few triggered prompts random insertions make.
+- `roundtrip full + FT on insertions` — both: the round trip (which leaves out what the budget never used: tokens,
+  features) fine-tuned like `FT + insertions`;
+- `+ QK distilled, blind`, `FT + insertions, blind` — those two with every pool prompt that holds a trigger left
+  out: not a defence (it needs the triggers), an ablation that tells a general rule (the pair never seen leaves the
+  answer alone) from what was learnt on the few triggered prompts random insertions make.
 
 Columns as `bench/backdoor.py`'s: task_acc per task, asr and DER per family (mean, +- sd over seeds), n_params.
 """
@@ -83,6 +86,9 @@ def run(name: str, ratio: float, seed: int, n_prompts: int, n_eval: int, n_trig:
         t = time.perf_counter()
         ft = defence.finetune(model, zoo.train, pools[blind], steps, seed)
         add(f"FT + insertions{suffix}", ft, time.perf_counter() - t, dense.n_params(ft)["n_params"])
+    t = time.perf_counter()
+    both = defence.finetune(rt, zoo.train, pool, steps, seed)
+    add("roundtrip full + FT on insertions", both, time.perf_counter() - t, n_rt)
     backdoor.add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
