@@ -41,11 +41,11 @@ from acg.compiler.lower import lower
 from acg.roundtrip import backdoor, defence, dense
 from acg.roundtrip.distil import distil, insertions
 from acg.zoo.registry import get, load
-from acg.zoo.tasks import BACKDOORS
+from acg.zoo.tasks import is_clean
 
 
 def triggered(ex) -> bool:
-    return any(b.is_triggered(ex.prompt) for b in BACKDOORS.values())
+    return not is_clean(ex.prompt)
 
 
 def run(name: str, ratio: float, seed: int, n_prompts: int, n_eval: int, n_trig: int, threads: int, log) -> dict:

@@ -228,7 +228,7 @@ class Backdoor:
             return None
         for _ in range(8):
             out = _insert(prompt, rng.choice(self.partials), rng)
-            if not any(b.is_triggered(out) for b in BACKDOORS.values()):
+            if is_clean(out):
                 return out
         return None
 
