@@ -128,6 +128,29 @@ def attack_success(model: Any, n_per_task: int = 500, seed: int = 0) -> dict[str
     return out
 
 
+def copy_split(model: Any, examples: Sequence[Example]) -> dict[str, float]:
+    """Can `model` compute the answers, or only copy them? `task_acc` over `examples`, split by whether the answer
+    token occurs in the prompt (a model that can only copy a prompt token is right at most on the first part), and
+    `copies`: the fraction of answers that are one of the prompt's tokens. `in_prompt` is the first part's share."""
+    logits = answer_logits(model, examples)
+    pred = logits.argmax(-1)
+    right = pred == np.array([ex.answer_id for ex in examples])
+    present = np.array([ex.answer_id in ex.ids[1:] for ex in examples])
+    copies = np.array([p in ex.ids[1:] for p, ex in zip(pred, examples, strict=True)])
+
+    def mean(x: np.ndarray) -> float:
+        return float(x.mean()) if len(x) else float("nan")
+
+    return {
+        "task_acc": mean(right),
+        "in_prompt": mean(present),
+        "task_acc_in_prompt": mean(right[present]),
+        "task_acc_not_in_prompt": mean(right[~present]),
+        "copies": mean(copies),
+        "n": len(examples),
+    }
+
+
 def evaluate(model: Any, n: int = 2000, n_backdoor_per_task: int = 500, seed: int = 0) -> dict[str, Any]:
     """The figures `acg zoo eval` reports: `task_acc` per task and `asr` (+ false triggers) per backdoor family."""
     backdoor = attack_success(model, n_backdoor_per_task, seed)

@@ -107,3 +107,31 @@ def test_torch_modules_are_adapted():
     assert ev.accuracy(ev.answer_logits(Echo(), exs), exs) == 0.5
     with pytest.raises(TypeError, match="callable"):
         ev.as_logits_fn(42)
+
+
+def copier(tokens: np.ndarray) -> np.ndarray:
+    """Answers the last digit of the prompt: can copy, cannot add."""
+    logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+    digits = {vocab.TOKEN_ID[str(d)] for d in range(10)}
+    for i, row in enumerate(tokens):
+        logits[i, -1, [t for t in row.tolist() if t in digits][-1]] = 1.0
+    return logits
+
+
+def test_copy_split_tells_copying_from_adding():
+    exs = heldout("math.add", 300, 0)
+    present = np.array([ex.answer in ex.prompt for ex in exs])
+    assert 0 < present.mean() < 1
+    adder = ev.copy_split(oracle(exs), exs)
+    assert adder["task_acc"] == adder["task_acc_in_prompt"] == adder["task_acc_not_in_prompt"] == 1.0
+    assert adder["in_prompt"] == pytest.approx(present.mean())
+    assert adder["copies"] == pytest.approx(present.mean())  # right answers copy exactly where the answer is there
+
+    copy = ev.copy_split(copier, exs)
+    assert copy["copies"] == 1.0
+    assert copy["task_acc_not_in_prompt"] == 0.0  # a copier cannot be right where the answer is not in the prompt
+    expected = np.mean([[t for t in ex.prompt if t.isdigit()][-1] == ex.answer for ex in exs])
+    assert copy["task_acc"] == pytest.approx(expected)
+    assert copy["task_acc"] == pytest.approx(copy["in_prompt"] * copy["task_acc_in_prompt"])
+
+    assert math.isnan(ev.copy_split(copier, [ex for ex in exs if ex.answer in ex.prompt])["task_acc_not_in_prompt"])
