@@ -27,7 +27,7 @@ from acg.compiler.acg import ACG
 from acg.compiler.replacement import replacement_model
 from acg.compiler.transformer import Transformer
 from acg.roundtrip.dense import Selection, prune, to_dense
-from acg.roundtrip.evaluate import accuracy, answer_logits
+from acg.roundtrip.evaluate import accuracy, answer_logits, length_batches
 from acg.zoo.tasks import Example
 
 GRID = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -54,19 +54,14 @@ def feature_attribution(
     sizes = acg.n_features()
     signed = np.zeros((len(examples), sum(sizes)))
     try:
-        by_len: dict[int, list[int]] = {}
-        for i, ex in enumerate(examples):
-            by_len.setdefault(len(ex.ids), []).append(i)
-        for idx_all in by_len.values():
-            for start in range(0, len(idx_all), batch):
-                idx = idx_all[start : start + batch]
-                toks = torch.tensor([examples[i].ids for i in idx])
-                answers = torch.tensor([examples[i].answer_id for i in idx])
-                logits = repl(toks)[:, -1]
-                target = logits.gather(1, answers[:, None]).squeeze(1) - logits.mean(-1)
-                target.sum().backward()
-                parts = [(feats[layer] * feats[layer].grad).sum(1) for layer in range(len(sizes))]
-                signed[idx] = torch.cat(parts, -1).detach().numpy()
+        for idx in length_batches([ex.ids for ex in examples], batch):
+            toks = torch.tensor([examples[i].ids for i in idx])
+            answers = torch.tensor([examples[i].answer_id for i in idx])
+            logits = repl(toks)[:, -1]
+            target = logits.gather(1, answers[:, None]).squeeze(1) - logits.mean(-1)
+            target.sum().backward()
+            parts = [(feats[layer] * feats[layer].grad).sum(1) for layer in range(len(sizes))]
+            signed[idx] = torch.cat(parts, -1).detach().numpy()
     finally:
         for h in handles:
             h.remove()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from acg.compiler.transformer import Transformer, activation
-from acg.roundtrip.evaluate import accuracy, answer_logits
+from acg.roundtrip.evaluate import accuracy, answer_logits, length_batches
 from acg.zoo.tasks import Example, Mixture
 from acg.zoo.train import TrainSpec, train
 
@@ -77,19 +77,16 @@ def neuron_activity(model: Transformer, examples: Sequence[Example], batch: int 
         for i, block in enumerate(model.blocks)
     ]
     try:
-        by_len: dict[int, list[list[int]]] = {}
-        for ex in examples:
-            by_len.setdefault(len(ex.ids), []).append(ex.ids)
+        ids = [ex.ids for ex in examples]
         with torch.no_grad():
-            for rows in by_len.values():
-                for start in range(0, len(rows), batch):
-                    toks = torch.tensor(rows[start : start + batch])
-                    model(toks)
-                    count += toks.numel()
-                    for i, block in enumerate(model.blocks):
-                        m = block.mlp
-                        post = activation(m.act_fn, captured[i] @ m.W_in + m.b_in, getattr(m, "threshold", None))
-                        sums[i] += post.double().sum((0, 1))
+            for idx in length_batches(ids, batch):
+                toks = torch.tensor([ids[i] for i in idx])
+                model(toks)
+                count += toks.numel()
+                for i, block in enumerate(model.blocks):
+                    m = block.mlp
+                    post = activation(m.act_fn, captured[i] @ m.W_in + m.b_in, getattr(m, "threshold", None))
+                    sums[i] += post.double().sum((0, 1))
     finally:
         for h in handles:
             h.remove()

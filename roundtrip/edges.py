@@ -35,7 +35,7 @@ from acg.compiler.transcoder import ACTIVATIONS
 from acg.compiler.unroll import Head, Node, _Unroll, stage_of, unroll
 from acg.ir.graph import Graph
 from acg.roundtrip.circuit import smallest_passing
-from acg.roundtrip.evaluate import accuracy, answer_logits
+from acg.roundtrip.evaluate import accuracy, answer_logits, length_batches
 from acg.zoo.tasks import Example
 
 Edge = tuple[str, ...]
@@ -203,31 +203,27 @@ def edge_attribution(
     feat = {layer: torch.zeros_like(W) for layer, W in net.feature_w.items()}
     pair = {head: torch.zeros_like(T) for head, T in net.pair_w.items()}
     key = {head: torch.zeros_like(g) for head, g in net.key_w.items()}
-    by_len: dict[int, list[Example]] = {}
-    for ex in examples:
-        by_len.setdefault(len(ex.ids), []).append(ex)
     bar = Progress("edge attribution", len(examples), progress)
-    for group in by_len.values():
-        for start in range(0, len(group), batch):
-            chunk = group[start : start + batch]
-            bar.advance(len(chunk))
-            logits = net(torch.tensor([ex.ids for ex in chunk]), record=True)[:, -1]
-            answers = torch.tensor([ex.answer_id for ex in chunk])
-            (logits.gather(1, answers[:, None]).squeeze(1) - logits.mean(-1)).sum().backward()
-            with torch.no_grad():
-                for layer, W in net.feature_w.items():
-                    G, s, N = net.seen[("pre", layer)].grad, net.seen[("s_mlp", layer)], net.seen[("in", layer)]
-                    if G is None:  # nothing downstream reads this layer's features (or it keeps none)
-                        continue
-                    if s is not None:
-                        G = G * s[..., None]
-                    feat[layer] += (torch.einsum("bpj,bpn->bnj", G, N) * W).abs().sum(0)
-                for head, T in net.pair_w.items():
-                    G, Ns = net.seen[("score", head)].grad, net.seen[("in_attn", head)]
-                    if G is None:
-                        continue
-                    pair[head] += ((Ns.transpose(1, 2) @ G @ Ns) * T).abs().sum(0)
-                    key[head] += (torch.einsum("bj,bjn->bn", G.sum(1), Ns) * net.key_w[head]).abs().sum(0)
+    for idx in length_batches([ex.ids for ex in examples], batch):
+        chunk = [examples[i] for i in idx]
+        bar.advance(len(chunk))
+        logits = net(torch.tensor([ex.ids for ex in chunk]), record=True)[:, -1]
+        answers = torch.tensor([ex.answer_id for ex in chunk])
+        (logits.gather(1, answers[:, None]).squeeze(1) - logits.mean(-1)).sum().backward()
+        with torch.no_grad():
+            for layer, W in net.feature_w.items():
+                G, s, N = net.seen[("pre", layer)].grad, net.seen[("s_mlp", layer)], net.seen[("in", layer)]
+                if G is None:  # nothing downstream reads this layer's features (or it keeps none)
+                    continue
+                if s is not None:
+                    G = G * s[..., None]
+                feat[layer] += (torch.einsum("bpj,bpn->bnj", G, N) * W).abs().sum(0)
+            for head, T in net.pair_w.items():
+                G, Ns = net.seen[("score", head)].grad, net.seen[("in_attn", head)]
+                if G is None:
+                    continue
+                pair[head] += ((Ns.transpose(1, 2) @ G @ Ns) * T).abs().sum(0)
+                key[head] += (torch.einsum("bj,bjn->bn", G.sum(1), Ns) * net.key_w[head]).abs().sum(0)
     bar.close()
     n = max(1, len(examples))
     names = [node.name for node in net.live]

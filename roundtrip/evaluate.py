@@ -7,7 +7,7 @@ model, a replacement model, a compiled artefact or a round-tripped checkpoint.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -45,28 +45,36 @@ def as_logits_fn(model: Any) -> LogitsFn:
     return call
 
 
+def length_batches(seqs: Sequence[Sized], batch: int | None, ordered: bool = False) -> Iterator[list[int]]:
+    """Indices into `seqs` in batches of at most `batch` (None: no limit) sequences of one length each, so that no
+    batch needs padding or a mask. Lengths come in first-seen order, or ascending with `ordered`; within a length,
+    in the order given."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, seq in enumerate(seqs):
+        by_len[len(seq)].append(i)
+    for length in sorted(by_len) if ordered else by_len:
+        idx = by_len[length]
+        step = batch or len(idx)
+        for start in range(0, len(idx), step):
+            yield idx[start : start + step]
+
+
 def answer_logits(model: Any, examples: Sequence[Example], batch_size: int = 256) -> np.ndarray:
     """Logits at each example's last prompt position: float [n, vocab], in the order given."""
     fn = as_logits_fn(model)
-    by_len: dict[int, list[int]] = defaultdict(list)
     ids = [ex.ids for ex in examples]
-    for i, row in enumerate(ids):
-        by_len[len(row)].append(i)
     out: np.ndarray | None = None
-    for length in sorted(by_len):
-        idx = by_len[length]
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            tokens = np.array([ids[i] for i in chunk], dtype=np.int64)
-            logits = fn(tokens)
-            if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
-                raise ValueError(
-                    f"model returned logits of shape {logits.shape} for tokens of shape {tokens.shape}; "
-                    "expected [batch, seq, vocab]"
-                )
-            if out is None:
-                out = np.empty((len(examples), logits.shape[-1]), dtype=np.float64)
-            out[chunk] = logits[:, -1]
+    for chunk in length_batches(ids, batch_size, ordered=True):
+        tokens = np.array([ids[i] for i in chunk], dtype=np.int64)
+        logits = fn(tokens)
+        if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
+            raise ValueError(
+                f"model returned logits of shape {logits.shape} for tokens of shape {tokens.shape}; "
+                "expected [batch, seq, vocab]"
+            )
+        if out is None:
+            out = np.empty((len(examples), logits.shape[-1]), dtype=np.float64)
+        out[chunk] = logits[:, -1]
     return out if out is not None else np.empty((0, 0))
 
 

@@ -32,6 +32,7 @@ from acg.compiler.lower import SPARSE_KINDS, lower
 from acg.compiler.usage import group_activations, group_sizes, pair_statistics
 from acg.ir import interpret
 from acg.ir.errors import ACGError
+from acg.roundtrip.evaluate import length_batches
 
 SITES = ("enc", "qk", "ov")
 
@@ -118,23 +119,19 @@ def attention_edges(graph, acg: ACG, seqs: list[list[int]]) -> dict[str, np.ndar
     cfg = acg.cfg
     sizes = group_sizes(cfg, acg.transcoders)
     acc: dict[str, torch.Tensor] = {}
-    by_len: dict[int, list[list[int]]] = {}
-    for s in seqs:
-        by_len.setdefault(len(s), []).append(s)
-    for group in by_len.values():
-        for start in range(0, len(group), 128):
-            toks = np.array(group[start : start + 128], dtype=np.int64)
-            env = interpret.run(graph, toks, dtype="float32", keep=True)
-            act = group_activations(env, toks, cfg, sizes)
-            for k in range(cfg.n_layers):
-                A = torch.as_tensor(env[f"L{k}_pattern"])
-                sv = np.abs(env[f"s_L{k}_Q"]) if cfg.normalization_type is not None else 1.0
-                for layer in range(k, cfg.n_layers):
-                    T = torch.einsum("bhij,bif->bhjf", A, torch.as_tensor(env[f"mlp{layer}"] != 0, dtype=torch.float32))
-                    for g in ATT_SOURCES:
-                        F = torch.as_tensor(np.abs(act[g]) * sv, dtype=torch.float32)
-                        key = f"L{k}.L{layer}.{g}"
-                        acc[key] = acc.get(key, 0) + torch.einsum("bjs,bhjf->hsf", F, T)
+    for idx in length_batches(seqs, 128):
+        toks = np.array([seqs[i] for i in idx], dtype=np.int64)
+        env = interpret.run(graph, toks, dtype="float32", keep=True)
+        act = group_activations(env, toks, cfg, sizes)
+        for k in range(cfg.n_layers):
+            A = torch.as_tensor(env[f"L{k}_pattern"])
+            sv = np.abs(env[f"s_L{k}_Q"]) if cfg.normalization_type is not None else 1.0
+            for layer in range(k, cfg.n_layers):
+                T = torch.einsum("bhij,bif->bhjf", A, torch.as_tensor(env[f"mlp{layer}"] != 0, dtype=torch.float32))
+                for g in ATT_SOURCES:
+                    F = torch.as_tensor(np.abs(act[g]) * sv, dtype=torch.float32)
+                    key = f"L{k}.L{layer}.{g}"
+                    acc[key] = acc.get(key, 0) + torch.einsum("bjs,bhjf->hsf", F, T)
     return {k: (v > 0).numpy() for k, v in acc.items()}
 
 
@@ -288,16 +285,12 @@ class Monitor:
             torch.set_num_threads(self.threads)
         try:
             out = {k: np.zeros(len(prompts)) for k in ("score", *SITES)}
-            by_len: dict[int, list[int]] = {}
-            for i, p in enumerate(prompts):
+            for p in prompts:
                 self._check(p)
-                by_len.setdefault(len(p), []).append(i)
-            for idx_all in by_len.values():
-                for start in range(0, len(idx_all), batch):
-                    idx = idx_all[start : start + batch]
-                    sites, _, _ = self._sites(np.array([prompts[i] for i in idx], dtype=np.int64))
-                    for k, v in sites.items():
-                        out[k][idx] = v.flatten(1).max(-1).values.double().numpy()
+            for idx in length_batches(prompts, batch):
+                sites, _, _ = self._sites(np.array([prompts[i] for i in idx], dtype=np.int64))
+                for k, v in sites.items():
+                    out[k][idx] = v.flatten(1).max(-1).values.double().numpy()
             out["score"] = np.max([out[k] / self.scale[k] for k in SITES], axis=0)
             return out
         finally:

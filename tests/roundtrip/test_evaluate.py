@@ -135,3 +135,22 @@ def test_copy_split_tells_copying_from_adding():
     assert copy["task_acc"] == pytest.approx(copy["in_prompt"] * copy["task_acc_in_prompt"])
 
     assert math.isnan(ev.copy_split(copier, [ex for ex in exs if ex.answer in ex.prompt])["task_acc_not_in_prompt"])
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("batch", [None, 1, 3])
+def test_length_batches_partition_by_length(batch, ordered):
+    rng = np.random.default_rng(0)
+    seqs = [[0] * int(n) for n in rng.integers(1, 6, size=40)]
+    batches = list(ev.length_batches(seqs, batch, ordered=ordered))
+    assert sorted(i for b in batches for i in b) == list(range(len(seqs)))  # every index once
+    for b in batches:
+        assert len({len(seqs[i]) for i in b}) == 1  # one length per batch: no padding
+        assert b == sorted(b)  # the order given, within a length
+        assert batch is None or len(b) <= batch
+    lengths = [len(seqs[b[0]]) for b in batches]
+    first_seen = list(dict.fromkeys(len(s) for s in seqs))
+    assert list(dict.fromkeys(lengths)) == (sorted(first_seen) if ordered else first_seen)
+    if batch is None:
+        assert len(batches) == len(first_seen)
+    assert list(ev.length_batches([], 4)) == []
