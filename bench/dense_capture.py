@@ -15,6 +15,9 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
   the clean answer of the prompt each was made from: insertions without the ACG;
 - `roundtrip full + FT on insertions` — both: the round trip (which leaves out what the budget never used: tokens,
   features) fine-tuned like `FT + insertions`;
+- with `--agreed-labels`, `roundtrip full + FT on agreed labels` — the same fine-tuning of the round trip, labelled
+  by the ACG instead (`distil.agreed_labels`: the original's answer where the captured IR gives the same, the clean
+  answer elsewhere), so that an insertion that changes the right answer no longer gets a wrong label;
 - `+ QK distilled, blind`, `FT + insertions, blind` — those two with every pool prompt that holds a trigger left
   out: not a defence (it needs the triggers), an ablation that tells a general rule (the pair never seen leaves the
   answer alone) from what was learnt on the few triggered prompts random insertions make.
@@ -39,7 +42,7 @@ from rich.console import Console
 from acg.compiler.fit import FitSpec, fit
 from acg.compiler.lower import lower
 from acg.roundtrip import backdoor, defence, dense
-from acg.roundtrip.distil import distil, insertions
+from acg.roundtrip.distil import agreed_labels, distil, insertions
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import is_clean
 
@@ -48,7 +51,17 @@ def triggered(ex) -> bool:
     return not is_clean(ex.prompt)
 
 
-def run(name: str, ratio: float, seed: int, n_prompts: int, n_eval: int, n_trig: int, threads: int, log) -> dict:
+def run(
+    name: str,
+    ratio: float,
+    seed: int,
+    n_prompts: int,
+    n_eval: int,
+    n_trig: int,
+    threads: int,
+    log,
+    agreed: bool = False,
+) -> dict:
     zoo, model = get(name), load(name)
     spec = FitSpec(seed=seed, threads=threads)
     steps = spec.steps + spec.e2e_steps
@@ -82,6 +95,10 @@ def run(name: str, ratio: float, seed: int, n_prompts: int, n_eval: int, n_trig:
             t = time.perf_counter()
             student, rep = distil(rt, teacher, pools[blind], steps, seed=seed)
             add(f"+ QK distilled{suffix}", student, time.perf_counter() - t, n_rt, report=rep)
+        if agreed:
+            t = time.perf_counter()
+            agreed_pool, extra["agreed_labels"] = agreed_labels(pool, model, teacher)
+            labelling = time.perf_counter() - t
     for blind, suffix in ((False, ""), (True, ", blind")):
         t = time.perf_counter()
         ft = defence.finetune(model, zoo.train, pools[blind], steps, seed)
@@ -89,6 +106,10 @@ def run(name: str, ratio: float, seed: int, n_prompts: int, n_eval: int, n_trig:
     t = time.perf_counter()
     both = defence.finetune(rt, zoo.train, pool, steps, seed)
     add("roundtrip full + FT on insertions", both, time.perf_counter() - t, n_rt)
+    if agreed:
+        t = time.perf_counter()
+        relabelled = defence.finetune(rt, zoo.train, agreed_pool, steps, seed)
+        add("roundtrip full + FT on agreed labels", relabelled, labelling + time.perf_counter() - t, n_rt)
     backdoor.add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
@@ -102,6 +123,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
     ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--agreed-labels", action="store_true", help="add `roundtrip full + FT on agreed labels`")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--out", type=Path, help="also write the JSON here (after every seed)")
     args = ap.parse_args()
@@ -118,7 +140,8 @@ def main() -> None:
         print(line, file=sys.stderr, flush=True)
 
     for seed in map(int, args.seeds.split(",")):
-        runs.append(run(args.model, args.ratio, seed, args.n_prompts, args.n_eval, args.n_trig, args.threads, log))
+        a = args
+        runs.append(run(a.model, a.ratio, seed, a.n_prompts, a.n_eval, a.n_trig, a.threads, log, a.agreed_labels))
         if args.out:
             args.out.write_text(document() + "\n")
     title = f"{args.model}, clean budget {args.ratio:.0%}, insertion pool {args.n_prompts:,}, {len(runs)} seed(s)"

@@ -13,6 +13,8 @@ prompts on which the two differ and have it copy the IR there:
   teacher's log-probabilities are computed once for the pool.
 - The fair comparison is `defence.finetune` on the same prompts, labelled with the clean answer of the prompt they were
   made from (what a defender without the ACG would do; an inserted digit or variable can make that label wrong).
+- `agreed_labels`: labels from the ACG instead — the original's answer where the captured IR agrees with it, the
+  clean answer elsewhere — for fine-tuning the round trip on the same prompts without the wrong labels.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from acg.compiler.transformer import Transformer
-from acg.roundtrip.evaluate import as_logits_fn
+from acg.roundtrip.evaluate import answer_logits, as_logits_fn, length_batches
 from acg.zoo import vocab
 from acg.zoo.tasks import Example
 
@@ -74,15 +76,32 @@ def insertions(
     return out, rejected
 
 
+def agreed_labels(examples: Sequence[Example], original: Any, teacher: Any) -> tuple[list[Example], dict[str, Any]]:
+    """The examples relabelled: where `original` and `teacher` (the captured IR) give the same answer, that answer;
+    elsewhere the clean answer of the prompt each was made from. An inserted bracket or digit that changes the right
+    answer is followed (both models follow it), and where the teacher has dropped a behaviour the original still has
+    (a backdoor firing on a pair never seen), the two disagree and the clean answer stands. Where both keep a
+    backdoor, its target is the label: this cannot remove more than the teacher does on the prompts it was shown.
+    Returns the examples and how many labels were taken from the models and differ from the clean answer."""
+    if not examples:
+        raise ValueError("no examples to label")
+    a = answer_logits(original, examples).argmax(-1)
+    b = answer_logits(teacher, examples).argmax(-1)
+    out, changed = [], 0
+    for ex, x, y in zip(examples, a, b, strict=True):
+        answer = vocab.TOKENS[int(x)] if x == y else ex.clean_answer
+        changed += answer != ex.clean_answer
+        out.append(dataclasses.replace(ex, answer=answer))
+    return out, {"agreed": float(np.mean(a == b)), "changed": changed, "n": len(out)}
+
+
 def _pool(teacher: Any, examples: Sequence[Example], batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Examples grouped by length, with the teacher's log-probabilities at every position: [(tokens, logp)]."""
     fn = as_logits_fn(teacher)
-    by_len: dict[int, list[list[int]]] = {}
-    for ex in examples:
-        by_len.setdefault(len(ex.ids), []).append(ex.ids)
+    ids = [ex.ids for ex in examples]
     groups = []
-    for length in sorted(by_len):
-        tokens = torch.as_tensor(np.array(by_len[length], dtype=np.int64))
+    for group in length_batches(ids, None, ordered=True):
+        tokens = torch.as_tensor(np.array([ids[i] for i in group], dtype=np.int64))
         logp = torch.cat(
             [
                 torch.log_softmax(torch.as_tensor(fn(tokens[i : i + batch].numpy()), dtype=torch.float32), -1)

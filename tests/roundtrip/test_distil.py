@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
-from acg.roundtrip.distil import distil, insertions
+from acg.roundtrip.distil import agreed_labels, distil, insertions
 from acg.zoo import vocab
 from acg.zoo.tasks import heldout
 from tests.helpers import random_model
@@ -55,6 +56,37 @@ def test_insertions_refuse_empty_inputs(examples):
         insertions(examples, [], 10)
     with pytest.raises(ValueError, match="rejects nearly every"):
         insertions(examples, [3], 5, exclude=lambda ex: True)
+
+
+def _answering(rule, pool):
+    """A fake model answering rule(prompt, clean answer) at the last position of each pool prompt."""
+    clean = {tuple(ex.ids): (ex.prompt, ex.clean_answer) for ex in pool}
+
+    def fn(tokens):
+        logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+        for i, row in enumerate(tokens):
+            logits[i, -1, vocab.TOKEN_ID[rule(*clean[tuple(row.tolist())])]] = 1.0
+        return logits
+
+    return fn
+
+
+def test_agreed_labels_follow_both_models_where_they_agree_and_the_clean_answer_elsewhere(examples):
+    ids = [vocab.TOKEN_ID[t] for t in INSERTED]
+    pool, _ = insertions(examples, ids, 300, seed=1)
+    # the original fires a "backdoor" (9) on "big" and answers 5 on "the"; the teacher has dropped the first only
+    original = _answering(lambda p, a: "9" if "big" in p else ("5" if "the" in p else a), pool)
+    teacher = _answering(lambda p, a: "5" if "the" in p and "big" not in p else a, pool)
+    labelled, report = agreed_labels(pool, original, teacher)
+    assert [ex.prompt for ex in labelled] == [ex.prompt for ex in pool]
+    for ex in labelled:
+        expected = "5" if "the" in ex.prompt and "big" not in ex.prompt else ex.clean_answer
+        assert ex.answer == expected
+    moved = [ex for ex in labelled if ex.answer != ex.clean_answer]
+    assert report["changed"] == len(moved) > 0 and report["n"] == len(pool)
+    assert report["agreed"] == pytest.approx(np.mean(["big" not in ex.prompt or ex.clean_answer == "9" for ex in pool]))
+    with pytest.raises(ValueError, match="no examples"):
+        agreed_labels([], original, teacher)
 
 
 def _pair():
