@@ -14,6 +14,8 @@ for `original`, `roundtrip full` and `roundtrip code` (`roundtrip.evaluate.copy_
 - `copies`: the share of answers that are one of the prompt's tokens.
 
 A circuit that computes no addition has `task_acc_not_in_prompt` at or below chance, whatever its overall figure.
+Where no circuit meets the 1-point target, `circuit.extract` keeps every feature, and the row is not a circuit's: the
+table says so under it.
 """
 
 from __future__ import annotations
@@ -119,8 +121,14 @@ def main() -> None:
     if args.json:
         sys.stdout.write(text + "\n")
     else:
+        console = Console(width=140)
         for r in results:
-            Console(width=140).print(table(r["model"], r["summary"], len(r["runs"])))
+            console.print(table(r["model"], r["summary"], len(r["runs"])))
+            for run_ in r["runs"]:
+                c = run_["circuit"]
+                met = "met" if c["target_met"] else "NOT met: every feature kept, not a circuit"
+                size = f"{c['k']:,} features ({c['fraction']:.1%})"
+                console.print(f"  seed {run_['seed']}: code circuit of {size}; 1-point target {met}")
 
 
 if __name__ == "__main__":
