@@ -10,7 +10,9 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
   and, as ablations, the same with only QK pairs, or only OV entries, dropped;
 - `roundtrip full`: the dense checkpoint of the captured ACG (features that never fired and tokens never seen
   dropped, attention writes restricted to the kept span);
-- `roundtrip code`: the dense checkpoint of the `code` circuit (`circuit.extract` on the budget's code prompts).
+- `roundtrip code`: the dense checkpoint of the `code` circuit (`circuit.extract` on the budget's code prompts);
+  its report also holds `math_copy`, its `math.add` accuracy split by whether the answer is in the prompt
+  (`evaluate.copy_split`: a circuit that only copies is right on the first part alone).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from acg.compiler.replacement import replacement_model
 from acg.ir.atomic import atomic_file
 from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
-from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
+from acg.roundtrip.evaluate import accuracy, answer_logits, copy_split, evaluate
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, resolve_tasks
 
@@ -138,6 +140,7 @@ def run(
     circ, s = timed(lambda: code_circuit(model, acg, budget))
     (rt_code, pruned, report), s2 = timed(lambda: dense.roundtrip(acg, circ.selection))
     report.update(circuit=circ.report, curve=circ.curve, n_edges=circuit.n_edges(pruned))
+    report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # does it add, or copy? (circuit_copy)
     add("roundtrip code", rt_code, s + s2, report["n_params"], report=report)
     add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
