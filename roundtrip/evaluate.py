@@ -140,6 +140,8 @@ def copy_split(model: Any, examples: Sequence[Example]) -> dict[str, float]:
     """Can `model` compute the answers, or only copy them? `task_acc` over `examples`, split by whether the answer
     token occurs in the prompt (a model that can only copy a prompt token is right at most on the first part), and
     `copies`: the fraction of answers that are one of the prompt's tokens. `in_prompt` is the first part's share."""
+    if len(examples) == 0:
+        raise ValueError("no examples to split")
     logits = answer_logits(model, examples)
     pred = logits.argmax(-1)
     right = pred == np.array([ex.answer_id for ex in examples])

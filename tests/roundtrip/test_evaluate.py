@@ -135,6 +135,8 @@ def test_copy_split_tells_copying_from_adding():
     assert copy["task_acc"] == pytest.approx(copy["in_prompt"] * copy["task_acc_in_prompt"])
 
     assert math.isnan(ev.copy_split(copier, [ex for ex in exs if ex.answer in ex.prompt])["task_acc_not_in_prompt"])
+    with pytest.raises(ValueError, match="no examples"):
+        ev.copy_split(copier, [])
 
 
 @pytest.mark.parametrize("ordered", [False, True])
