@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -73,13 +72,7 @@ def run(name: str, ratio: float, seed: int, n: int, threads: int, acg_dir: str |
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for method in runs[0]["rows"]:
-        vals = {c: np.array([r["rows"][method][c] for r in runs], dtype=float) for c in COLUMNS}
-        out[method] = {
-            c: {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0} for c, v in vals.items()
-        }
-    return out
+    return {m: {c: backdoor.mean_sd([r["rows"][m][c] for r in runs]) for c in COLUMNS} for m in runs[0]["rows"]}
 
 
 def table(title: str, summary: dict[str, dict[str, dict[str, float]]], n_runs: int) -> Table:

@@ -155,15 +155,21 @@ def add_der(rows: dict[str, dict[str, Any]]) -> None:
         row["der"] = {f: defence.der(orig["asr"][f], row["asr"][f], clean0, clean) for f in BACKDOORS}
 
 
+def mean_sd(values: Any) -> dict[str, float]:
+    """The mean and the standard deviation of `values` (over seeds): the population sd (numpy's, ddof 0), 0 for one."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "sd": float(v.std())}
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method, the mean and standard deviation over runs of every task_acc, asr, der, and n_params."""
+    """Per method, `mean_sd` over runs of every task_acc, asr and der, and the mean n_params."""
     out: dict[str, dict[str, Any]] = {}
     for method in runs[0]["rows"]:
         rows = [r["rows"][method] for r in runs]
         entry: dict[str, Any] = {}
         for group in ("task_acc", "asr", "der"):
             values = {k: [r[group][k] for r in rows] for k in rows[0][group]}
-            entry[group] = {k: {"mean": float(np.mean(v)), "sd": float(np.std(v))} for k, v in values.items()}
+            entry[group] = {k: mean_sd(v) for k, v in values.items()}
         params = [r["n_params"] for r in rows if r["n_params"] is not None]
         entry["n_params"] = float(np.mean(params)) if params else None
         out[method] = entry

@@ -1,0 +1,42 @@
+"""`backdoor.run` end to end on testbed-s with a tiny budget and few steps: every row of the table is measured, DER is
+filled in against the original, and the code circuit's report says whether it adds or copies (`math_copy`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from acg.compiler.fit import FitSpec
+from acg.roundtrip import backdoor
+
+ROWS = [
+    "original",
+    "FT",
+    "FP",
+    "Scratch",
+    "ACG replacement",
+    "ACG captured (IR)",
+    "- QK pairs only",
+    "- OV entries only",
+    "roundtrip full",
+    "roundtrip code",
+]
+
+
+@pytest.mark.slow
+def test_a_tiny_backdoor_run_measures_every_row():
+    spec = FitSpec(steps=30, e2e_steps=0, usage_prompts=64, batch_size=256, threads=1)
+    out = backdoor.run("testbed-s", ratio=0.002, seed=3, n_eval=40, n_trig=5, steps=2, fit_spec=spec, threads=1)
+    rows = out["rows"]
+    assert list(rows) == ROWS
+    assert out["n_budget"] > 0 and out["steps"] == 2
+    families = set(rows["original"]["asr"])
+    assert families == {"token", "conj", "phrase"}
+    for method, row in rows.items():
+        assert set(row["der"]) == families, method
+        assert all(0.0 <= v <= 1.0 for v in row["der"].values()), method
+    assert all(v == 0.5 for v in rows["original"]["der"].values())  # no drop, no cost
+    code = rows["roundtrip code"]
+    split = code["report"]["math_copy"]
+    assert split["n"] == 40 and 0.0 <= split["in_prompt"] <= 1.0 and 0.0 <= split["copies"] <= 1.0
+    assert split["task_acc"] == pytest.approx(code["task_acc"]["math.add"])  # the same held-out prompts as the table
+    assert sum(code["report"]["n_features"]) == code["report"]["circuit"]["k"]  # the checkpoint is the circuit's
