@@ -17,7 +17,11 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
   features) fine-tuned like `FT + insertions`;
 - with `--agreed-labels`, `roundtrip full + FT on agreed labels` — the same fine-tuning of the round trip, labelled
   by the ACG instead (`distil.agreed_labels`: the original's answer where the captured IR gives the same, the clean
-  answer elsewhere), so that an insertion that changes the right answer no longer gets a wrong label;
+  answer elsewhere), so that an insertion that changes the right answer no longer gets a wrong label; and
+  `roundtrip full + FT, agreed changes dropped` — the same on the pool less every prompt on which the two models agree
+  on an answer other than the clean one (`changed="drop"`), labelled with the clean answer: no wrong label where an
+  insertion changed the answer, and no backdoor the teacher keeps taught, while a backdoor it dropped is still
+  labelled clean;
 - `+ QK distilled, blind`, `FT + insertions, blind` — those two with every pool prompt that holds a trigger left
   out: not a defence (it needs the triggers), an ablation that tells a general rule (the pair never seen leaves the
   answer alone) from what was learnt on the few triggered prompts random insertions make.
@@ -98,7 +102,8 @@ def run(
         if agreed:
             t = time.perf_counter()
             agreed_pool, extra["agreed_labels"] = agreed_labels(pool, model, teacher)
-            labelling = time.perf_counter() - t
+            kept_pool, extra["agreed_changes_dropped"] = agreed_labels(pool, model, teacher, changed="drop")
+            labelling = (time.perf_counter() - t) / 2
     for blind, suffix in ((False, ""), (True, ", blind")):
         t = time.perf_counter()
         ft = defence.finetune(model, zoo.train, pools[blind], steps, seed)
@@ -110,6 +115,9 @@ def run(
         t = time.perf_counter()
         relabelled = defence.finetune(rt, zoo.train, agreed_pool, steps, seed)
         add("roundtrip full + FT on agreed labels", relabelled, labelling + time.perf_counter() - t, n_rt)
+        t = time.perf_counter()
+        filtered = defence.finetune(rt, zoo.train, kept_pool, steps, seed)
+        add("roundtrip full + FT, agreed changes dropped", filtered, labelling + time.perf_counter() - t, n_rt)
     backdoor.add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
@@ -123,7 +131,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
     ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--agreed-labels", action="store_true", help="add `roundtrip full + FT on agreed labels`")
+    ap.add_argument("--agreed-labels", action="store_true", help="add the two rows labelled by the ACG's agreement")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--out", type=Path, help="also write the JSON here (after every seed)")
     args = ap.parse_args()

@@ -76,23 +76,35 @@ def insertions(
     return out, rejected
 
 
-def agreed_labels(examples: Sequence[Example], original: Any, teacher: Any) -> tuple[list[Example], dict[str, Any]]:
+def agreed_labels(
+    examples: Sequence[Example], original: Any, teacher: Any, changed: str = "follow"
+) -> tuple[list[Example], dict[str, Any]]:
     """The examples relabelled: where `original` and `teacher` (the captured IR) give the same answer, that answer;
     elsewhere the clean answer of the prompt each was made from. An inserted bracket or digit that changes the right
     answer is followed (both models follow it), and where the teacher has dropped a behaviour the original still has
     (a backdoor firing on a pair never seen), the two disagree and the clean answer stands. Where both keep a
     backdoor, its target is the label: this cannot remove more than the teacher does on the prompts it was shown.
-    Returns the examples and how many labels were taken from the models and differ from the clean answer."""
+
+    `changed="drop"` leaves out instead every example on whose answer the two agree and which differs from the clean
+    one, and labels the rest with the clean answer: neither a change an insertion made right nor a backdoor both
+    models keep is taught; a backdoor the teacher dropped still gets the clean answer.
+    Returns the examples and a report: `agreed` (the share where the two agree), `changed` (how many of those agreed
+    answers differ from the clean one: relabelled, or dropped), `n` (examples returned)."""
+    if changed not in ("follow", "drop"):
+        raise ValueError(f"changed must be 'follow' or 'drop', not {changed!r}")
     if not examples:
         raise ValueError("no examples to label")
     a = answer_logits(original, examples).argmax(-1)
     b = answer_logits(teacher, examples).argmax(-1)
-    out, changed = [], 0
+    out, moved = [], 0
     for ex, x, y in zip(examples, a, b, strict=True):
         answer = vocab.TOKENS[int(x)] if x == y else ex.clean_answer
-        changed += answer != ex.clean_answer
+        if answer != ex.clean_answer:
+            moved += 1
+            if changed == "drop":
+                continue
         out.append(dataclasses.replace(ex, answer=answer))
-    return out, {"agreed": float(np.mean(a == b)), "changed": changed, "n": len(out)}
+    return out, {"agreed": float(np.mean(a == b)), "changed": moved, "n": len(out)}
 
 
 def _pool(teacher: Any, examples: Sequence[Example], batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -85,8 +85,16 @@ def test_agreed_labels_follow_both_models_where_they_agree_and_the_clean_answer_
     moved = [ex for ex in labelled if ex.answer != ex.clean_answer]
     assert report["changed"] == len(moved) > 0 and report["n"] == len(pool)
     assert report["agreed"] == pytest.approx(np.mean(["big" not in ex.prompt or ex.clean_answer == "9" for ex in pool]))
+    kept, dropped = agreed_labels(pool, original, teacher, changed="drop")
+    assert [ex.prompt for ex in kept] == [ex.prompt for ex in labelled if ex.answer == ex.clean_answer]
+    assert all(ex.answer == ex.clean_answer for ex in kept)  # the "big" backdoor the teacher dropped: clean label
+    assert any("big" in ex.prompt for ex in kept)
+    assert not any("the" in ex.prompt and "big" not in ex.prompt and ex.clean_answer != "5" for ex in kept)
+    assert dropped["changed"] == report["changed"] and dropped["n"] == len(pool) - report["changed"]
     with pytest.raises(ValueError, match="no examples"):
         agreed_labels([], original, teacher)
+    with pytest.raises(ValueError, match="follow"):
+        agreed_labels(pool, original, teacher, changed="ignore")
 
 
 def _pair():
