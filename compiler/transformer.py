@@ -293,7 +293,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: int [batch, pos] -> logits [batch, pos, d_vocab_out]."""
-        resid = self.embed.W_E[tokens] + self.pos_embed.W_pos[: tokens.shape[-1]]
+        # F.embedding, not W_E[tokens]: the same lookup, but its backward accumulates deterministically on the CPU
+        # (indexing's backward, index_put_ with accumulate, differs run to run with 2+ threads: seeds would not repeat)
+        resid = F.embedding(tokens, self.embed.W_E) + self.pos_embed.W_pos[: tokens.shape[-1]]
         for block in self.blocks:
             resid = block(resid)
         return self.ln_final(resid) @ self.unembed.W_U + self.unembed.b_U

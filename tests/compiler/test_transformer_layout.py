@@ -133,3 +133,22 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
     (ckpt / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())  # valid, but not this one
     with pytest.raises(ConfigError, match="content hash mismatch"):
         load_checkpoint(ckpt)
+
+
+def test_the_embedding_gradient_repeats_bit_for_bit_with_two_threads():
+    """A seed must give the same fine-tuned model every run: the token lookup's backward has to add up the gradients
+    of repeated tokens in a fixed order (indexing's backward, index_put_ with accumulate, does not on 2+ threads)."""
+    cfg = TransformerConfig(n_layers=1, d_model=128, n_heads=2, d_head=8, d_mlp=32, d_vocab=64, n_ctx=40)
+    model = Transformer(cfg).init_weights(torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 64, (512, 40), generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            model.zero_grad(set_to_none=True)
+            model(tokens).square().mean().backward()
+            grads.append(model.embed.W_E.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])
