@@ -15,13 +15,13 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
   the clean answer of the prompt each was made from: insertions without the ACG;
 - `roundtrip full + FT on insertions` — both: the round trip (which leaves out what the budget never used: tokens,
   features) fine-tuned like `FT + insertions`;
-- with `--agreed-labels`, `roundtrip full + FT on agreed labels` — the same fine-tuning of the round trip, labelled
-  by the ACG instead (`distil.agreed_labels`: the original's answer where the captured IR gives the same, the clean
-  answer elsewhere), so that an insertion that changes the right answer no longer gets a wrong label; and
-  `roundtrip full + FT, agreed changes dropped` — the same on the pool less every prompt on which the two models agree
-  on an answer other than the clean one (`changed="drop"`), labelled with the clean answer: no wrong label where an
-  insertion changed the answer, and no backdoor the teacher keeps taught, while a backdoor it dropped is still
-  labelled clean;
+- `roundtrip full + FT on agreed labels` — the same fine-tuning of the round trip, labelled by the ACG instead
+  (`distil.agreed_labels`: the original's answer where the captured IR gives the same, the clean answer elsewhere),
+  so that an insertion that changes the right answer no longer gets a wrong label; and `roundtrip full + FT, agreed
+  changes dropped` — the same on the pool less every prompt on which the two models agree on an answer other than
+  the clean one (`changed="drop"`), labelled with the clean answer: no wrong label where an insertion changed the
+  answer, and no backdoor the teacher keeps taught, while a backdoor it dropped is still labelled clean (both rows
+  left out with `--no-agreed-labels`);
 - `+ QK distilled, blind`, `FT + insertions, blind` — those two with every pool prompt that holds a trigger left
   out: not a defence (it needs the triggers), an ablation that tells a general rule (the pair never seen leaves the
   answer alone) from what was learnt on the few triggered prompts random insertions make.
@@ -64,7 +64,7 @@ def run(
     n_trig: int,
     threads: int,
     log,
-    agreed: bool = False,
+    agreed: bool = True,
 ) -> dict:
     zoo, model = get(name), load(name)
     spec = FitSpec(seed=seed, threads=threads)
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
     ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--agreed-labels", action="store_true", help="add the two rows labelled by the ACG's agreement")
+    ap.add_argument("--no-agreed-labels", action="store_true", help="leave out the two rows labelled by the ACG")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--out", type=Path, help="also write the JSON here (after every seed)")
     args = ap.parse_args()
@@ -149,7 +149,9 @@ def main() -> None:
 
     for seed in map(int, args.seeds.split(",")):
         a = args
-        runs.append(run(a.model, a.ratio, seed, a.n_prompts, a.n_eval, a.n_trig, a.threads, log, a.agreed_labels))
+        runs.append(
+            run(a.model, a.ratio, seed, a.n_prompts, a.n_eval, a.n_trig, a.threads, log, not a.no_agreed_labels)
+        )
         if args.out:
             args.out.write_text(document() + "\n")
     title = f"{args.model}, clean budget {args.ratio:.0%}, insertion pool {args.n_prompts:,}, {len(runs)} seed(s)"
