@@ -63,6 +63,12 @@ def _train(root: Path, out: str, ckpt: str = "-", nproc: int = 1, env: dict | No
     )
 
 
+def _why(proc: subprocess.Popen) -> str:
+    """A failed run's stderr: torchrun's summary comes last, a rank's own error (what aborted it) before it."""
+    text = proc.stderr.read().decode()
+    return text if len(text) <= 12_000 else f"{text[:6000]}\n[...]\n{text[-6000:]}"
+
+
 def _same(a: Path, b: Path, atol: float) -> None:
     x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert x.keys() == y.keys()
@@ -101,9 +107,9 @@ def test_the_store_covers_the_corpus_once_and_streams_are_seeded(store):
 def test_two_gloo_processes_match_one_process(store):
     root, _, _ = store
     one = _train(root, "one.pt")
-    assert one.wait(timeout=600) == 0, one.stderr.read().decode()[-2000:]
+    assert one.wait(timeout=600) == 0, _why(one)
     two = _train(root, "two.pt", nproc=2)
-    assert two.wait(timeout=600) == 0, two.stderr.read().decode()[-2000:]
+    assert two.wait(timeout=600) == 0, _why(two)
     _same(root / "one.pt", root / "two.pt", atol=1e-5)
 
 
@@ -120,7 +126,7 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(store):
     )
     deadline = time.time() + 300
     while not mark.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, _why(proc)
         assert time.time() < deadline
         time.sleep(0.05)
     proc.kill()
@@ -128,7 +134,7 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(store):
     assert torch.load(ckpt / "state.pt", weights_only=True)["step"] == 40
     assert not (root / "resumed.pt").exists()
     again = _train(root, "resumed.pt", str(ckpt))
-    assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-2000:]
+    assert again.wait(timeout=600) == 0, _why(again)
     _same(root / "one.pt", root / "resumed.pt", atol=0.0)  # exactly
 
 
