@@ -32,6 +32,7 @@ module, info = train_layer(folder, 0, cfg, n_streams=2, checkpoint=ckpt, checkpo
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)
 if dist.is_initialized():
+    dist.barrier()  # no rank tears gloo down while the other still talks to it (rank 1 aborted there, now and then)
     dist.destroy_process_group()
 """
 
