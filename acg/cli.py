@@ -785,7 +785,7 @@ def fit_cmd(
     if dictionary is not None:
         meta["dictionary"] = {"path": str(dictionary), "format": dict_format}
     if distributed:
-        from acg.compiler.distributed import fit_distributed, init_from_env
+        from acg.compiler.distributed import fit_distributed, init_from_env, leave_group
 
         if exact or dictionary is not None:
             raise ACGError("--distributed fits dictionaries: it excludes --exact and --dictionary")
@@ -801,7 +801,8 @@ def fit_cmd(
             shard_tokens=shard_tokens,
             meta=meta,
         )
-        if done is None:  # not rank 0: rank 0 writes the ACG and reports
+        if done is None:  # not rank 0: rank 0 writes the ACG and reports, then leaves the group with us
+            leave_group()
             return
         acg, stats = done
     else:
@@ -821,6 +822,8 @@ def fit_cmd(
         report["replacement"] = replacement_fidelity(torch_model, acg.transcoders)
     acg = acg.replace(stats={**acg.stats, "fidelity": report.get("replacement")})
     acg_io.save(acg, out)
+    if distributed:
+        leave_group()
     if as_json:
         emit(report)
         return

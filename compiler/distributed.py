@@ -75,6 +75,14 @@ def init_from_env() -> tuple[int, int]:
     return _world()
 
 
+def leave_group() -> None:
+    """Leave torchrun's process group together: a barrier, then the group torn down. A rank that exits while another
+    still holds the group can abort in gloo's teardown ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def fit_distributed(
     model,
     corpus: list[list[int]],

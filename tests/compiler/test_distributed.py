@@ -21,7 +21,7 @@ from acg.compiler.shards import ShardError, merge, read_manifest, streams, write
 RUN = r"""
 import os, sys, torch
 import torch.distributed as dist
-from acg.compiler.distributed import train_layer
+from acg.compiler.distributed import leave_group, train_layer
 from acg.compiler.transcoder import FitConfig
 torch.set_num_threads(1)
 folder, out, ckpt = sys.argv[1], sys.argv[2], (sys.argv[3] if sys.argv[3] != "-" else None)
@@ -31,9 +31,7 @@ cfg = FitConfig(width=32, kind="jumprelu", target_l0=4, steps=120, batch_size=64
 module, info = train_layer(folder, 0, cfg, n_streams=2, checkpoint=ckpt, checkpoint_every=20)
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)
-if dist.is_initialized():
-    dist.barrier()  # no rank tears gloo down while the other still talks to it (rank 1 aborted there, now and then)
-    dist.destroy_process_group()
+leave_group()  # together: a rank that exits while the other still holds the group can abort in gloo's teardown
 """
 
 
