@@ -102,8 +102,10 @@ def run(
         if agreed:
             t = time.perf_counter()
             agreed_pool, extra["agreed_labels"] = agreed_labels(pool, model, teacher)
-            kept_pool, extra["agreed_changes_dropped"] = agreed_labels(pool, model, teacher, changed="drop")
-            labelling = (time.perf_counter() - t) / 2
+            # what changed="drop" returns, without running both models over the pool again
+            kept_pool = [ex for ex in agreed_pool if ex.answer == ex.clean_answer]
+            extra["agreed_changes_dropped"] = {**extra["agreed_labels"], "n": len(kept_pool)}
+            labelling = time.perf_counter() - t
     for blind, suffix in ((False, ""), (True, ", blind")):
         t = time.perf_counter()
         ft = defence.finetune(model, zoo.train, pools[blind], steps, seed)

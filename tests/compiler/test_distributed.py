@@ -62,9 +62,9 @@ def _train(root: Path, out: str, ckpt: str = "-", nproc: int = 1, env: dict | No
     )
 
 
-def _why(proc: subprocess.Popen) -> str:
+def _why(proc: subprocess.Popen | subprocess.CompletedProcess) -> str:
     """A failed run's stderr: torchrun's summary comes last, a rank's own error (what aborted it) before it."""
-    text = proc.stderr.read().decode()
+    text = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.read().decode()
     return text if len(text) <= 12_000 else f"{text[:6000]}\n[...]\n{text[-6000:]}"
 
 
@@ -164,7 +164,7 @@ def test_acg_fit_distributed_under_torchrun_data_and_layer_parallel(store, tmp_p
     }
     for name, cmd in runs.items():
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, (name, proc.stderr[-12_000:])  # a rank's own error comes before the summary
+        assert proc.returncode == 0, (name, _why(proc))
     one = acg_io.load(tmp_path / "one")
     for name in ("data", "layers"):
         other = acg_io.load(tmp_path / name)
