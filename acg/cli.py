@@ -232,11 +232,19 @@ def roundtrip_cmd(
     ir: Annotated[
         Path | None, typer.Option("--ir", help="an edited circuit (`acg import-code`) to fold into the weights")
     ] = None,
+    carry_pairs: Annotated[
+        bool,
+        typer.Option(
+            "--pairs",
+            help="also leave out layer 0's QK pairs the corpus never used, exactly, in wider heads (not a GPT-2 shape)",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
     tokens seen, attention writes restricted to their span), a task circuit (--task / --data), or an edited circuit
-    with its edits folded into the dictionaries (--ir); errors dropped."""
+    with its edits folded into the dictionaries (--ir); errors dropped. With --pairs, layer 0's heads also score
+    exactly as the captured pair table does (`roundtrip/pairs.py`)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
     from acg.roundtrip.evaluate import accuracy, answer_logits
@@ -244,6 +252,10 @@ def roundtrip_cmd(
     torch_model, acg = _model_and_acg(model, acg_dir)
     if sum(x is not None for x in (task, data, ir)) + everything > 1:
         raise ACGError("give at most one of --task, --data, --ir and --all")
+    if carry_pairs and hf is not None:
+        raise ACGError(
+            "--pairs widens the heads beyond d_model / n_heads, which GPT-2 cannot hold: drop --hf or --pairs"
+        )
     report_extra: dict[str, Any] = {}
     if ir is not None:
         from acg.ir import serialize
@@ -263,7 +275,7 @@ def roundtrip_cmd(
         sel = dense.select_all(acg)
     else:
         sel = dense.select_captured(acg)
-    rt, pruned, report = dense.roundtrip(acg, sel)
+    rt, pruned, report = dense.roundtrip(acg, sel, pairs=carry_pairs)
     report.update(report_extra)
     if task is not None or data is not None:
         report["n_edges"] = circuit_mod.n_edges(pruned)

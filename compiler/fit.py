@@ -185,4 +185,3 @@ def _check_dictionary(transcoders: list[Transcoder], cfg) -> list[Transcoder]:
                 f"the model's d_model is {cfg.d_model} (a dictionary fitted for another model?)"
             )
     return transcoders
-

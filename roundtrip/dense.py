@@ -144,7 +144,8 @@ def prune(acg: ACG, sel: Selection) -> tuple[ACG, dict[str, Any]]:
         report["subspace_rank"] = int(len(basis))
         report["d_model"] = cfg.d_model
     labels = _relabel(acg.labels, sel)
-    usage = {k: v for k, v in acg.usage.items() if k in ("tok_count", "pos_count")}
+    # layer 0's QK pair statistics index tokens and positions only, which pruning does not renumber (`pairs.carry`)
+    usage = {k: v for k, v in acg.usage.items() if k in ("tok_count", "pos_count", "qk.L0")}
     for layer, keep in enumerate(sel.features):
         for key in (f"feat_count.L{layer}", f"feat_mass.L{layer}"):
             if key in acg.usage:
@@ -188,16 +189,23 @@ def to_dense(acg: ACG, dtype: torch.dtype = torch.float32) -> Transformer:
 
 
 def n_params(model_or_acg: Transformer | ACG) -> dict[str, int]:
-    """Parameters that carry anything: MLP parameters count kept neurons only (padding excluded)."""
+    """Parameters that carry anything: MLP parameters count kept neurons only, attention parameters the head
+    dimensions in use (a query / key dimension: its W_Q, W_K, b_Q, b_K columns; a value dimension: its W_V, b_V
+    column and W_O row), so the zero padding of `to_dense` and `pairs.carry` is excluded."""
     if isinstance(model_or_acg, ACG):
         model_or_acg = to_dense(model_or_acg)
     cfg = model_or_acg.cfg
     mlp = 0
     other = 0
     for name, p in model_or_acg.named_parameters():
-        if ".mlp." in name:
+        if ".mlp." in name or ".attn." in name:
             continue
         other += p.numel()
+    for block in model_or_acg.blocks:
+        a = block.attn
+        qk = (a.W_Q.abs().sum(1) + a.W_K.abs().sum(1) + a.b_Q.abs() + a.b_K.abs()) > 0  # (heads, d_head)
+        ov = (a.W_V.abs().sum(1) + a.W_O.abs().sum(2) + a.b_V.abs()) > 0
+        other += int(qk.sum()) * (2 * cfg.d_model + 2) + int(ov.sum()) * (2 * cfg.d_model + 1) + cfg.d_model
     for block in model_or_acg.blocks:
         if not hasattr(block, "mlp"):
             continue
@@ -208,10 +216,17 @@ def n_params(model_or_acg: Transformer | ACG) -> dict[str, int]:
     return {"n_params": mlp + other, "n_params_mlp": mlp}
 
 
-def roundtrip(acg: ACG, sel: Selection | None = None) -> tuple[Transformer, ACG, dict[str, Any]]:
-    """(dense model, the pruned ACG whose IR it computes, report)."""
+def roundtrip(acg: ACG, sel: Selection | None = None, pairs: bool = False) -> tuple[Transformer, ACG, dict[str, Any]]:
+    """(dense model, the pruned ACG whose IR it computes, report). With `pairs`, layer 0's heads are rewritten to leave
+    out the QK pairs the corpus never used (`pairs.carry`; the IR it computes is then `pairs.reference_ir(pruned)`)."""
     pruned, report = prune(acg, sel or select_all(acg))
-    model = to_dense(pruned)
+    if pairs:
+        from acg.roundtrip.pairs import carry  # pairs builds on this module
+
+        widened, report["pairs"] = carry(pruned)
+        model = to_dense(widened)
+    else:
+        model = to_dense(pruned)
     report.update(n_params(model))
     report["act_fn"] = model.cfg.act_fn
     report["d_mlp"] = model.cfg.d_mlp

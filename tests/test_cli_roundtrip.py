@@ -197,3 +197,34 @@ def test_diff_refuses_what_it_cannot_run(capsys, setup, tmp_path):
     root, ckpt = setup
     code, _, err = cli(capsys, "diff", ckpt, tmp_path / "missing")
     assert code == 2 and "missing" in err
+
+
+def test_roundtrip_pairs_widens_layer0_heads_and_refuses_what_it_cannot_hold(capsys, tmp_path):
+    model = random_model(seed=83, d_vocab=vocab.D_VOCAB, n_ctx=32, d_model=96, d_mlp=32, act_fn="relu")
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    rng = np.random.default_rng(1)
+    corpus = tmp_path / "corpus.jsonl"
+    rows = (rng.integers(1, vocab.D_VOCAB - 1, rng.integers(3, 16)).tolist() for _ in range(120))
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    small = ["--width", "24", "--steps", "30", "--e2e-steps", "0", "--target-l0", "6", "--json"]
+    assert main([str(a) for a in ["fit", ckpt, "-o", tmp_path / "acg", "--corpus", corpus, *small]]) == 0
+    capsys.readouterr()
+    code, out, err = cli(
+        capsys, "roundtrip", ckpt, "--acg", tmp_path / "acg", "-o", tmp_path / "rt", "--pairs", "--json"
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["pairs"]["pairs"]["dropped"] > 0 and report["pairs"]["d_head"] > model.cfg.d_head
+    assert load_checkpoint(tmp_path / "rt").cfg.d_head == report["pairs"]["d_head"]
+    code, out, err = cli(capsys, "eval", tmp_path / "rt", "--n", "20", "--n-backdoor", "5", "--json")
+    assert code == 0, err
+    assert json.loads(out)["n_params"] == report["n_params"]
+    args = ["roundtrip", ckpt, "--acg", tmp_path / "acg", "-o", tmp_path / "out", "--pairs", "--hf", tmp_path / "hf"]
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and "GPT-2 cannot hold" in " ".join(err.split()) and not (tmp_path / "out").exists()
+
+
+def test_roundtrip_pairs_refuses_a_model_too_narrow_for_its_tokens(capsys, setup, tmp_path):
+    root, ckpt = setup  # d_model 16 against 60 tokens + 32 positions
+    code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--pairs")
+    assert code == 2 and "not linearly independent" in " ".join(err.split()) and not (tmp_path / "rt").exists()

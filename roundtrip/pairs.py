@@ -1,0 +1,144 @@
+"""Layer 0's captured QK pairs in dense weights: wider heads whose scores are exactly the captured pair table.
+
+The capture pass drops single (query feature, key feature) pairs of a head's score table (`T.L{l}`, `compiler/lower`):
+the pairs the clean budget never put together, which is where the `conj` backdoor lives (two familiar tokens never in
+one prompt). A head of width d_head scores with a bilinear form of rank <= d_head over the residual stream, so in
+general it cannot leave one pair out. Layer 0 is the exception: its residual stream is a token row plus a position row
+and nothing else, so the layer norm's output is s * (z_token + z_position), with z the centred rows times the norm's
+weight. Where those rows are linearly independent (d_vocab + n_ctx <= d_model - 1 for a centring norm, as in the
+testbed), any table over (token or position) x (token or position) pairs is the bilinear form of some d_model x d_model
+matrix on them. `carry` finds it, per head, together with the linear terms the biases add (query side x key bias,
+query bias x key side; the scores' constant part is dropped by the softmax), and factors the whole into new W_Q, W_K,
+b_Q, b_K of rank at most (rank of the rows) + 1. The heads get wider: `d_head` becomes the largest rank needed, every
+other head and layer padded with zero dimensions that contribute exactly nothing, `attn_scale` kept as the original's.
+The result is an ordinary checkpoint of the same class (TransformerLens layout; not GPT-2's, which ties d_head to
+d_model / n_heads).
+
+Later layers are left as they are: their residual stream holds every head's and dictionary's writes, an overcomplete
+set of sources (1,116 in testbed-s's layer 1 table against 128 dimensions), and no bilinear form equals an arbitrary
+table over them. On the testbed this costs nothing: the captured IR with only layer 0's pairs dropped has the `conj`
+asr of the one with every layer's pairs dropped (README, "Backdoor removal").
+
+"The IR it came from" is `reference_ir`: the pruned ACG lowered with its layer-0 table explicit and the capture pass
+run over that table alone; `carry`'s dense model computes it (tested, float32 relative error <= 1e-5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from acg.compiler.acg import ACG
+from acg.compiler.lower import lower
+from acg.ir.graph import Graph
+from acg.ir.passes import get_pass
+from acg.roundtrip.dense import RoundtripError, span_basis
+
+USAGE = "qk.L0"
+
+
+def reference_ir(pruned: ACG, threshold: float = 0.0, dtype: str = "float64") -> tuple[Graph, dict[str, Any]]:
+    """The pruned ACG's IR (no error terms) with layer 0's score table explicit and captured at `threshold`; every
+    other layer as it is. Returns the graph and the capture pass's report."""
+    cfg = pruned.cfg
+    n = cfg.d_vocab + cfg.n_ctx
+    u = pruned.usage.get(USAGE)
+    if u is None:
+        raise RoundtripError(
+            "the ACG has no layer-0 QK pair statistics (`qk.L0` in its usage): fit it with `acg fit` "
+            "(and keep them through the round trip's pruning)"
+        )
+    if u.shape != (cfg.n_heads, n, n):
+        raise RoundtripError(
+            f"layer-0 QK pair statistics have shape {u.shape}; (n_heads, d_vocab + n_ctx, d_vocab + n_ctx) = "
+            f"{(cfg.n_heads, n, n)} is needed"
+        )
+    sources = {str(layer): ["tok", "pos"] if layer == 0 else [] for layer in range(cfg.n_layers)}
+    stats = {**pruned.stats, "qk_sources": sources}
+    tables = lower(
+        pruned.replace(usage={USAGE: u}, stats=stats), keep_errors=False, dtype=dtype, usage=True, qk_tables=True
+    )
+    result = get_pass("capture", threshold=threshold, kinds=("qk",))(tables)
+    return result.graph, result.report
+
+
+def carry(pruned: ACG, threshold: float = 0.0, rtol: float = 1e-10) -> tuple[ACG, dict[str, Any]]:
+    """The pruned ACG with layer 0's heads rewritten to score exactly as `reference_ir` does (module docstring), and a
+    report: pairs dropped, rank per head, the new d_head, and the largest relative error of the table reproduced."""
+    cfg = pruned.cfg
+    if cfg.normalization_type not in ("LN", "LNPre"):
+        raise RoundtripError(f"carrying QK pairs needs a centring layer norm, the model has {cfg.normalization_type}")
+    graph, capture = reference_ir(pruned, threshold)
+    table = graph.tensors["T.L0"]  # (H, n, n) after capture
+    w = {k: np.asarray(v, dtype=np.float64) for k, v in pruned.weights.items()}
+    g1 = w["blocks.0.ln1.w"] if cfg.normalization_type == "LN" else np.ones(cfg.d_model)
+    b_ln = w["blocks.0.ln1.b"] if cfg.normalization_type == "LN" else np.zeros(cfg.d_model)
+    rows = np.concatenate([w["embed.W_E"], w["pos_embed.W_pos"]])
+    Z = (rows - rows.mean(-1, keepdims=True)) * g1  # what each source adds to the norm's output, per unit of s
+    V = span_basis(Z, rtol=1e-9)  # (r, d)
+    C = Z @ V.T  # sources in basis coordinates (n, r)
+    live = np.abs(Z).max(-1) > 0  # tokens and positions the pruning zeroed score nothing: their rows are not asked for
+    C_pinv = np.linalg.pinv(C[live])
+    W_Q, W_K = w["blocks.0.attn.W_Q"], w["blocks.0.attn.W_K"]
+    cq = np.einsum("d,hde->he", b_ln, W_Q) + w["blocks.0.attn.b_Q"]
+    ck = np.einsum("d,hde->he", b_ln, W_K) + w["blocks.0.attn.b_K"]
+    q_parts, k_parts, ranks, errors = [], [], [], []
+    r = len(V)
+    for h in range(cfg.n_heads):
+        T = table[h][np.ix_(live, live)]
+        B = C_pinv @ T @ C_pinv.T  # (r, r): C B C^T = T where the rows are independent
+        scale = max(np.abs(T).max(), 1e-300)
+        errors.append(float(np.abs(C[live] @ B @ C[live].T - T).max() / scale))
+        F = np.zeros((r + 1, r + 1))
+        F[:r, :r] = B
+        F[:r, r] = V @ (W_Q[h] @ ck[h])  # query side x key bias
+        F[r, :r] = V @ (W_K[h] @ cq[h])  # query bias x key side
+        F[r, r] = cq[h] @ ck[h]
+        U, S, Wt = np.linalg.svd(F)
+        keep = S > rtol * S[0] if S[0] > 0 else np.zeros(len(S), bool)
+        Qa, Ka = U[:, keep] * np.sqrt(S[keep]), Wt[keep].T * np.sqrt(S[keep])
+        q_parts.append((V.T @ Qa[:r], Qa[r]))
+        k_parts.append((V.T @ Ka[:r], Ka[r]))
+        ranks.append(int(keep.sum()))
+    width = max(cfg.d_head, *ranks)
+    new = dict(pruned.weights)
+    for layer in range(cfg.n_layers):
+        p = f"blocks.{layer}.attn"
+        for m in "QKV":
+            new[f"{p}.W_{m}"] = _pad(w[f"{p}.W_{m}"], 2, width)
+            new[f"{p}.b_{m}"] = _pad(w[f"{p}.b_{m}"], 1, width)
+        new[f"{p}.W_O"] = _pad(w[f"{p}.W_O"], 1, width)
+    for m, parts in (("Q", q_parts), ("K", k_parts)):
+        Wm = np.stack([_pad(Wh, 1, width) for Wh, _ in parts])
+        const = np.stack([_pad(c, 0, width) for _, c in parts])
+        new[f"blocks.0.attn.W_{m}"] = Wm
+        new[f"blocks.0.attn.b_{m}"] = const - np.einsum("d,hde->he", b_ln, Wm)
+    dtype = pruned.weights["blocks.0.attn.W_Q"].dtype
+    new = {k: np.asarray(v, dtype=dtype) for k, v in new.items()}
+    report = {
+        "layer": 0,
+        "threshold": threshold,
+        "pairs": capture["by_kind"].get("qk", {}),
+        "source_rank": int(r),
+        "sources_live": int(live.sum()),
+        "rank_per_head": ranks,
+        "d_head": int(width),
+        "d_head_of": int(cfg.d_head),
+        "table_error": max(errors),
+    }
+    if max(errors) > 1e-6:
+        raise RoundtripError(
+            f"layer 0's captured pair table is not a bilinear form on its token and position rows (relative error "
+            f"{max(errors):.2g}): they are not linearly independent ({int(live.sum())} rows, rank {r})"
+        )
+    cfg_new = dataclasses.replace(cfg, d_head=int(width), attn_scale=float(cfg.attn_scale))
+    meta = {**pruned.meta, "pairs": report}
+    return pruned.replace(cfg=cfg_new, weights=new, meta=meta), report
+
+
+def _pad(a: np.ndarray, axis: int, width: int) -> np.ndarray:
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, width - a.shape[axis])
+    return np.pad(a, pad)
