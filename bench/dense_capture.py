@@ -9,6 +9,8 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
 - `ACG captured (IR)` — the teacher: the feature-level IR with every QK pair, OV entry, token and feature the budget
   never used dropped (not a dense model);
 - `roundtrip full` — the dense checkpoint of the captured ACG, as in `bench/backdoor.py`;
+- `roundtrip full + layer-0 pairs` — the round trip with layer 0's never-used QK pairs left out exactly, in wider
+  heads (`roundtrip.pairs`), as in `bench/backdoor.py`;
 - `+ QK distilled` — its W_Q, W_K, b_Q, b_K trained to match the teacher (KL at every position) on the budget's
   prompts with 1-3 seen tokens inserted at random (`roundtrip.distil`), as many steps as the baselines train;
 - `FT + insertions` — the original fine-tuned (the FT baseline's recipe and steps) on the same prompts, labelled with
@@ -20,8 +22,9 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
   so that an insertion that changes the right answer no longer gets a wrong label; and `roundtrip full + FT, agreed
   changes dropped` — the same on the pool less every prompt on which the two models agree on an answer other than
   the clean one (`changed="drop"`), labelled with the clean answer: no wrong label where an insertion changed the
-  answer, and no backdoor the teacher keeps taught, while a backdoor it dropped is still labelled clean (both rows
-  left out with `--no-agreed-labels`);
+  answer, and no backdoor the teacher keeps taught, while a backdoor it dropped is still labelled clean; and
+  `roundtrip full + layer-0 pairs + FT, agreed changes dropped` — that recipe started from the round trip with
+  layer 0's pairs carried (the three rows left out with `--no-agreed-labels`);
 - `+ QK distilled, blind`, `FT + insertions, blind` — those two with every pool prompt that holds a trigger left
   out: not a defence (it needs the triggers), an ablation that tells a general rule (the pair never seen leaves the
   answer alone) from what was learnt on the few triggered prompts random insertions make.
@@ -89,12 +92,15 @@ def run(
     extra.update(triggered_in_pool=sum(map(triggered, pool)), rejected_blind=rejected)
     rt, _, report = dense.roundtrip(acg, dense.select_captured(acg))
     n_rt = report["n_params"]
+    rt_pairs, _, report = dense.roundtrip(acg, dense.select_captured(acg), pairs=True)
+    n_rt_pairs = report["n_params"]
     with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
         t = time.perf_counter()
         graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
         teacher, _ = backdoor.captured_ir(graph, (), tmp)
         add("ACG captured (IR)", teacher, time.perf_counter() - t, None)
         add("roundtrip full", rt, 0.0, n_rt)
+        add("roundtrip full + layer-0 pairs", rt_pairs, 0.0, n_rt_pairs, report=report["pairs"])
         for blind, suffix in ((False, ""), (True, ", blind")):
             t = time.perf_counter()
             student, rep = distil(rt, teacher, pools[blind], steps, seed=seed)
@@ -120,6 +126,10 @@ def run(
         t = time.perf_counter()
         filtered = defence.finetune(rt, zoo.train, kept_pool, steps, seed)
         add("roundtrip full + FT, agreed changes dropped", filtered, labelling + time.perf_counter() - t, n_rt)
+        t = time.perf_counter()
+        filtered = defence.finetune(rt_pairs, zoo.train, kept_pool, steps, seed)
+        seconds = labelling + time.perf_counter() - t
+        add("roundtrip full + layer-0 pairs + FT, agreed changes dropped", filtered, seconds, n_rt_pairs)
     backdoor.add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
@@ -133,7 +143,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
     ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--no-agreed-labels", action="store_true", help="leave out the two rows labelled by the ACG")
+    ap.add_argument("--no-agreed-labels", action="store_true", help="leave out the three rows labelled by the ACG")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--out", type=Path, help="also write the JSON here (after every seed)")
     args = ap.parse_args()

@@ -7,12 +7,15 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 - `ACG replacement`: every MLP its dictionary, errors dropped (torch);
 - `ACG captured (IR)`: the feature-level IR with the `capture` pass at threshold 0 (every QK pair, OV entry, edge,
   token and feature that carried nothing on the budget dropped), compiled with the ONNX backend; not a dense model;
-  and, as ablations, the same with only QK pairs, or only OV entries, dropped;
+  and, as ablations, the same with only QK pairs, only layer 0's QK pairs, or only OV entries, dropped;
 - `roundtrip full`: the dense checkpoint of the captured ACG (features that never fired and tokens never seen
   dropped, attention writes restricted to the kept span);
+- `roundtrip full + layer-0 pairs`: the same with layer 0's heads rewritten (wider) to leave out exactly the QK
+  pairs the budget never used (`pairs.carry`): the dense form of the layer-0 QK ablation;
 - `roundtrip code`: the dense checkpoint of the `code` circuit (`circuit.extract` on the budget's code prompts);
   its report also holds `math_copy`, its `math.add` accuracy split by whether the answer is in the prompt
-  (`evaluate.copy_split`: a circuit that only copies is right on the first part alone).
+  (`evaluate.copy_split`: a circuit that only copies is right on the first part alone); and `roundtrip code +
+  layer-0 pairs`, the circuit's round trip with layer 0's pairs carried too.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, resolve_tasks
 
 BASELINES = ("original", "FT", "FP", "Scratch")  # rows that do not need the ACG: saved for a resumed run
+PAIRS = " + layer-0 pairs"  # the same round trip with `pairs.carry`: layer 0's never-used QK pairs left out
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
 
 
@@ -46,11 +50,13 @@ def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
     return {"task_acc": e["task_acc"], "asr": e["asr"]}
 
 
-def captured_ir(graph, kinds: tuple[str, ...], tmp: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+def captured_ir(
+    graph, kinds: tuple[str, ...], tmp: str, weights: tuple[str, ...] = ()
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """The captured feature-level IR compiled to ONNX (fast to evaluate), and the capture pass's report."""
     from acg import codegen
 
-    result = get_pass("capture", threshold=0.0, kinds=kinds)(graph)
+    result = get_pass("capture", threshold=0.0, kinds=kinds, weights=weights)(graph)
     codegen.compile(result.graph, f"{tmp}/onnx", backend="onnx")
     return codegen.load(f"{tmp}/onnx"), result.report
 
@@ -131,17 +137,25 @@ def run(
     extra["fit"] = {"seconds": stats["seconds"], "layers": stats["layers"]}
     add("ACG replacement", replacement_model(model, acg.transcoders), s, dense.n_params(acg)["n_params"])
     tables = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)  # lowered once, captured thrice
-    for method, kinds in (("ACG captured (IR)", ()), ("- QK pairs only", ("qk",)), ("- OV entries only", ("ov",))):
+    ablations = (
+        ("ACG captured (IR)", (), ()),
+        ("- QK pairs only", ("qk",), ()),
+        ("- layer-0 QK pairs only", ("qk",), ("T.L0",)),
+        ("- OV entries only", ("ov",), ()),
+    )
+    for method, kinds, weights in ablations:
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
-            (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp: captured_ir(tables, kinds, tmp))
+            (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp, weights=weights: captured_ir(tables, kinds, tmp, weights))
             add(method, fn, s, None, capture=rep["by_kind"])
-    (rt, _, report), s = timed(lambda: dense.roundtrip(acg, dense.select_captured(acg)))
-    add("roundtrip full", rt, s, report["n_params"], report=report)
+    for pairs in (False, True):
+        (rt, _, report), s = timed(lambda pairs=pairs: dense.roundtrip(acg, dense.select_captured(acg), pairs))
+        add("roundtrip full" + PAIRS * pairs, rt, s, report["n_params"], report=report)
     circ, s = timed(lambda: code_circuit(model, acg, budget))
-    (rt_code, pruned, report), s2 = timed(lambda: dense.roundtrip(acg, circ.selection))
-    report.update(circuit=circ.report, curve=circ.curve, n_edges=circuit.n_edges(pruned))
-    report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # does it add, or copy? (circuit_copy)
-    add("roundtrip code", rt_code, s + s2, report["n_params"], report=report)
+    for pairs in (False, True):
+        (rt_code, pruned, report), s2 = timed(lambda pairs=pairs: dense.roundtrip(acg, circ.selection, pairs))
+        report.update(circuit=circ.report, curve=circ.curve, n_edges=circuit.n_edges(pruned))
+        report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
+        add("roundtrip code" + PAIRS * pairs, rt_code, s + s2, report["n_params"], report=report)
     add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 

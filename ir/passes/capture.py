@@ -22,6 +22,7 @@ from acg.ir.passes import PassResult, register
 class Capture:
     threshold: float = 0.0
     kinds: tuple[str, ...] = ()  # restrict to these kinds (e.g. "token", "qk", "edge", "feature", "ov"); () = all
+    weights: tuple[str, ...] = ()  # restrict to these weight tensors (e.g. "T.L0": layer 0's QK pairs); () = all
 
     name = "capture"
 
@@ -34,7 +35,7 @@ class Capture:
         changed = False
         for weight, spec in sorted(usage.items()):
             kind = spec["kind"]
-            if self.kinds and kind not in self.kinds:
+            if (self.kinds and kind not in self.kinds) or (self.weights and weight not in self.weights):
                 continue
             W = tensors[weight]
             U = np.broadcast_to(tensors[spec["usage"]], W.shape)
@@ -50,7 +51,11 @@ class Capture:
                 tensors[weight] = np.where(drop, 0, W).astype(W.dtype)
                 changed = True
         out = graph.replace(
-            tensors=tensors, meta={**graph.meta, "captured": {"threshold": self.threshold, "kinds": list(self.kinds)}}
+            tensors=tensors,
+            meta={
+                **graph.meta,
+                "captured": {"threshold": self.threshold, "kinds": list(self.kinds), "weights": list(self.weights)},
+            },
         )
         summary = {k: {**v, "fraction_dropped": v["dropped"] / max(v["total"], 1)} for k, v in report.items()}
         return PassResult(out, changed, {"threshold": self.threshold, "by_kind": summary})

@@ -18,7 +18,7 @@ from acg.compiler.lower import lower
 from acg.compiler.replacement import replacement_model
 from acg.compiler.transcoder import Transcoder, TranscoderError, exact_transcoder
 from acg.ir import interpret
-from acg.ir.passes import run_pipeline
+from acg.ir.passes import get_pass, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,17 @@ def test_capture_drops_only_unused_entries(fitted):
     before = interpret.run(graph, tokens)["logits"]
     after = interpret.run(captured, tokens)["logits"]
     assert np.isfinite(after).all() and before.shape == after.shape
+
+
+def test_capture_restricted_to_named_weights_touches_nothing_else(fitted):
+    _, acg, _ = fitted
+    graph = lower(acg, keep_errors=False, dtype="float64", usage=True, qk_tables=True)
+    full, _ = run_pipeline(graph, ["capture"])
+    only, [report] = run_pipeline(graph, [get_pass("capture", weights=("T.L0",))])
+    assert set(report["by_kind"]) == {"qk"}
+    np.testing.assert_array_equal(only.tensors["T.L0"], full.tensors["T.L0"])
+    changed = {k for k in graph.tensors if not np.array_equal(graph.tensors[k], only.tensors[k])}
+    assert changed == {"T.L0"}
 
 
 def test_unseen_token_is_dropped_by_capture():

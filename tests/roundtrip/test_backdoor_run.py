@@ -16,9 +16,12 @@ ROWS = [
     "ACG replacement",
     "ACG captured (IR)",
     "- QK pairs only",
+    "- layer-0 QK pairs only",
     "- OV entries only",
     "roundtrip full",
+    "roundtrip full + layer-0 pairs",
     "roundtrip code",
+    "roundtrip code + layer-0 pairs",
 ]
 
 
