@@ -8,7 +8,9 @@ and layer norms it is the first-order estimate. A feature's score is the mean ov
 
 Selection ranks all features of all layers together by score and keeps the top k; the faithfulness curve gives
 `task_acc` of the pruned replacement model against the fraction kept, and k is the smallest on a grid (refined by
-bisection) whose `task_acc` is within `tolerance` of the reference on every task of the set. Tokens kept are those
+bisection) whose `task_acc` is within `tolerance` of the reference on every task of the set. The candidates are the
+features with non-zero attribution: where none of the grid's k meets the target, the circuit is all of them (not every
+feature of the dictionary), and the report says the target was missed. Tokens kept are those
 the task's prompts use; positions, all those they reach; attention writes are restricted to the kept span.
 The edges between the kept features are pruned the same way on the unrolled circuit (`roundtrip/edges.py`): a dense
 checkpoint cannot leave out a single edge, an unrolled circuit (IR, code) can.
@@ -26,7 +28,7 @@ import torch
 from acg.compiler.acg import ACG
 from acg.compiler.replacement import replacement_model
 from acg.compiler.transformer import Transformer
-from acg.roundtrip.dense import Selection, prune, to_dense
+from acg.roundtrip.dense import RoundtripError, Selection, prune, to_dense
 from acg.roundtrip.evaluate import accuracy, answer_logits, length_batches
 from acg.zoo.tasks import Example
 
@@ -126,10 +128,14 @@ def extract(
     name: str = "circuit",
 ) -> Circuit:
     """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of
-    `reference` on every task in `eval_examples` (module docstring). Where no k meets it, k = all features, and
-    `target_met` is False."""
+    `reference` on every task in `eval_examples` (module docstring). Candidates are the features with non-zero
+    attribution on `fit_examples` (one that never fired on them scores 0 and adds nothing to a top-k); where no k meets
+    the target, k = all candidates, and `target_met` is False."""
     scores, _ = feature_attribution(model, acg, fit_examples)
     total = sum(acg.n_features())
+    live = int(sum((s > 0).sum() for s in scores))
+    if live == 0:
+        raise RoundtripError(f"no feature carries any attribution on the {len(fit_examples)} task prompts")
     tokens = task_tokens(fit_examples, acg.cfg.d_vocab)
     longest = max(len(ex.ids) for ex in fit_examples)
     positions = np.arange(acg.cfg.n_ctx) < longest
@@ -147,10 +153,10 @@ def extract(
         acc = measure(k)
         return all(acc[t] >= reference[t] - tolerance for t in eval_examples)
 
-    ks = sorted({max(1, round(f * total)) for f in grid})
+    ks = sorted({min(live, max(1, round(f * total))) for f in grid} | {live})
     good = smallest_passing(ks, ok, bisect_steps)
     target_met = good is not None
-    good = total if good is None else good
+    good = live if good is None else good
     curve = [{"k": k, "fraction": k / total, "task_acc": cache[k]} for k in sorted(cache)]
     sel = select_top(acg, scores, good, tokens, positions)
     sel = Selection(sel.features, sel.tokens, sel.positions, True, name, {"k": good, "tolerance": tolerance})
@@ -162,6 +168,7 @@ def extract(
         "reference": reference,
         "target_met": target_met,
         "tokens_kept": int(tokens.sum()),
+        "candidates": live,
     }
     return Circuit(sel, curve, scores, reference, target_met, report)
 

@@ -64,6 +64,17 @@ def test_extraction_finds_the_planted_circuit():
     assert k1["task_acc"]["t"] == 0.5  # one of the two features alone answers half the prompts
 
 
+def test_a_missed_target_keeps_the_attributed_features_not_the_whole_dictionary():
+    model, acg = _planted()
+    data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
+    out = circuit.extract(model, acg, data, {"t": data}, {"t": 2.0})  # accuracy 2.0: unreachable
+    assert not out.target_met and out.report["k"] == out.report["candidates"] == 2
+    assert out.selection.features[0].tolist() == [0, 1]  # features 2..9 fire on every token but never reach a logit
+    assert max(p["k"] for p in out.curve) == 2
+    with pytest.raises(dense.RoundtripError, match="no feature carries any attribution"):
+        circuit.extract(model, acg, [Ex([0, 5], 3)] * 4, {"t": data}, {"t": 1.0})
+
+
 def test_attribution_equals_ablation_where_the_logit_is_linear_in_the_features():
     model = random_model(seed=71, act_fn="relu", normalization_type=None, d_vocab=60, n_ctx=32)
     rng = np.random.default_rng(0)
