@@ -1154,8 +1154,8 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
 
 
 def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
-    """Round-trip the captured ACG and its `code` circuit to dense checkpoints; evaluate them next to the original
-    and the replacement model (task_acc, asr, n_params)."""
+    """Round-trip the captured ACG (also with layer 0's unused QK pairs left out) and its `code` circuit to dense
+    checkpoints; evaluate them next to the original and the replacement model (task_acc, asr, n_params)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
     from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
@@ -1166,12 +1166,18 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     circ = circuit_mod.extract(torch_model, acg, fit_examples, eval_examples, reference, name="circuit:code")
     rows: dict[str, Any] = {}
     models = {}
-    for name, model, report in (
+    candidates = [
         ("original", torch_model, None),
         ("ACG replacement", dense.to_dense(acg), None),
         ("roundtrip full", *_rt(dense, acg, dense.select_captured(acg), out / "roundtrip-full")),
-        ("roundtrip code", *_rt(dense, acg, circ.selection, out / "roundtrip-code")),
-    ):
+    ]
+    try:  # layer 0's unused QK pairs left out too, where the model's shape allows it (roundtrip/pairs.py)
+        pairs = _rt(dense, acg, dense.select_captured(acg), out / "roundtrip-pairs", pairs=True)
+        candidates.append(("roundtrip full + layer-0 pairs", *pairs))
+    except dense.RoundtripError as e:
+        err.print(f"(no round trip with layer 0's pairs: {e})")
+    candidates.append(("roundtrip code", *_rt(dense, acg, circ.selection, out / "roundtrip-code")))
+    for name, model, report in candidates:
         e = evaluate(model, n=1000, n_backdoor_per_task=200)
         rows[name] = {"task_acc": e["task_acc"], "asr": e["asr"], **dense.n_params(model)}
         models[name] = model
@@ -1221,8 +1227,8 @@ def report_cmd(
     err.print(f"report: {out}")
 
 
-def _rt(dense, acg, selection, path: Path):
-    model, _, report = dense.roundtrip(acg, selection)
+def _rt(dense, acg, selection, path: Path, pairs: bool = False):
+    model, _, report = dense.roundtrip(acg, selection, pairs)
     report["out"] = str(path)
     dense.save(model, path, report)
     return model, report
