@@ -239,6 +239,14 @@ def roundtrip_cmd(
             help="also leave out layer 0's QK pairs the corpus never used, exactly, in wider heads (not a GPT-2 shape)",
         ),
     ] = False,
+    pairs_block: Annotated[
+        float | None,
+        typer.Option(
+            help="with --pairs: each never-used pair scores minus FACTOR x its head's largest pair score, so that its "
+            "key is not attended (1 is enough on the testbed)",
+            metavar="FACTOR",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
@@ -252,6 +260,7 @@ def roundtrip_cmd(
     torch_model, acg = _model_and_acg(model, acg_dir)
     if sum(x is not None for x in (task, data, ir)) + everything > 1:
         raise ACGError("give at most one of --task, --data, --ir and --all")
+    carry_pairs = carry_pairs or pairs_block is not None
     if carry_pairs and hf is not None:
         raise ACGError(
             "--pairs widens the heads beyond d_model / n_heads, which GPT-2 cannot hold: drop --hf or --pairs"
@@ -275,7 +284,7 @@ def roundtrip_cmd(
         sel = dense.select_all(acg)
     else:
         sel = dense.select_captured(acg)
-    rt, pruned, report = dense.roundtrip(acg, sel, pairs=carry_pairs)
+    rt, pruned, report = dense.roundtrip(acg, sel, carry_pairs, pairs_block)
     report.update(report_extra)
     if task is not None or data is not None:
         report["n_edges"] = circuit_mod.n_edges(pruned)
@@ -1154,10 +1163,11 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
 
 
 def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
-    """Round-trip the captured ACG (also with layer 0's unused QK pairs left out) and its `code` circuit to dense
+    """Round-trip the captured ACG (also with layer 0's unused QK pairs blocked) and its `code` circuit to dense
     checkpoints; evaluate them next to the original and the replacement model (task_acc, asr, n_params)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
+    from acg.roundtrip.backdoor import BLOCK, BLOCKED
     from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
 
     err.print("[5/6] distilling the code circuit and round-tripping to dense checkpoints ...")
@@ -1171,9 +1181,9 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
         ("ACG replacement", dense.to_dense(acg), None),
         ("roundtrip full", *_rt(dense, acg, dense.select_captured(acg), out / "roundtrip-full")),
     ]
-    try:  # layer 0's unused QK pairs left out too, where the model's shape allows it (roundtrip/pairs.py)
-        pairs = _rt(dense, acg, dense.select_captured(acg), out / "roundtrip-pairs", pairs=True)
-        candidates.append(("roundtrip full + layer-0 pairs", *pairs))
+    try:  # layer 0's unused QK pairs blocked too, where the model's shape allows it (roundtrip/pairs.py)
+        pairs = _rt(dense, acg, dense.select_captured(acg), out / "roundtrip-pairs", block=BLOCK)
+        candidates.append(("roundtrip full" + BLOCKED, *pairs))
     except dense.RoundtripError as e:
         err.print(f"(no round trip with layer 0's pairs: {e})")
     candidates.append(("roundtrip code", *_rt(dense, acg, circ.selection, out / "roundtrip-code")))
@@ -1227,8 +1237,8 @@ def report_cmd(
     err.print(f"report: {out}")
 
 
-def _rt(dense, acg, selection, path: Path, pairs: bool = False):
-    model, _, report = dense.roundtrip(acg, selection, pairs)
+def _rt(dense, acg, selection, path: Path, block: float | None = None):
+    model, _, report = dense.roundtrip(acg, selection, block=block)
     report["out"] = str(path)
     dense.save(model, path, report)
     return model, report

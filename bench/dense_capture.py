@@ -9,8 +9,8 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
 - `ACG captured (IR)` — the teacher: the feature-level IR with every QK pair, OV entry, token and feature the budget
   never used dropped (not a dense model);
 - `roundtrip full` — the dense checkpoint of the captured ACG, as in `bench/backdoor.py`;
-- `roundtrip full + layer-0 pairs` — the round trip with layer 0's never-used QK pairs left out exactly, in wider
-  heads (`roundtrip.pairs`), as in `bench/backdoor.py`;
+- `roundtrip full + layer-0 pairs blocked` — the round trip with layer 0's heads rewritten (wider) so that a key is
+  not attended from a query it forms a never-used QK pair with (`roundtrip.pairs`), as in `bench/backdoor.py`;
 - `+ QK distilled` — its W_Q, W_K, b_Q, b_K trained to match the teacher (KL at every position) on the budget's
   prompts with 1-3 seen tokens inserted at random (`roundtrip.distil`), as many steps as the baselines train;
 - `FT + insertions` — the original fine-tuned (the FT baseline's recipe and steps) on the same prompts, labelled with
@@ -23,8 +23,8 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
   changes dropped` — the same on the pool less every prompt on which the two models agree on an answer other than
   the clean one (`changed="drop"`), labelled with the clean answer: no wrong label where an insertion changed the
   answer, and no backdoor the teacher keeps taught, while a backdoor it dropped is still labelled clean; and
-  `roundtrip full + layer-0 pairs + FT, agreed changes dropped` — that recipe started from the round trip with
-  layer 0's pairs carried (the three rows left out with `--no-agreed-labels`);
+  `roundtrip full + layer-0 pairs blocked + FT, agreed changes dropped` — that recipe started from the round trip
+  with layer 0's pairs blocked (the three rows left out with `--no-agreed-labels`);
 - `+ QK distilled, blind`, `FT + insertions, blind` — those two with every pool prompt that holds a trigger left
   out: not a defence (it needs the triggers), an ablation that tells a general rule (the pair never seen leaves the
   answer alone) from what was learnt on the few triggered prompts random insertions make.
@@ -92,7 +92,7 @@ def run(
     extra.update(triggered_in_pool=sum(map(triggered, pool)), rejected_blind=rejected)
     rt, _, report = dense.roundtrip(acg, dense.select_captured(acg))
     n_rt = report["n_params"]
-    rt_pairs, _, report = dense.roundtrip(acg, dense.select_captured(acg), pairs=True)
+    rt_pairs, _, report = dense.roundtrip(acg, dense.select_captured(acg), block=backdoor.BLOCK)
     n_rt_pairs = report["n_params"]
     with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
         t = time.perf_counter()
@@ -100,7 +100,7 @@ def run(
         teacher, _ = backdoor.captured_ir(graph, (), tmp)
         add("ACG captured (IR)", teacher, time.perf_counter() - t, None)
         add("roundtrip full", rt, 0.0, n_rt)
-        add("roundtrip full + layer-0 pairs", rt_pairs, 0.0, n_rt_pairs, report=report["pairs"])
+        add("roundtrip full" + backdoor.BLOCKED, rt_pairs, 0.0, n_rt_pairs, report=report["pairs"])
         for blind, suffix in ((False, ""), (True, ", blind")):
             t = time.perf_counter()
             student, rep = distil(rt, teacher, pools[blind], steps, seed=seed)
@@ -129,7 +129,7 @@ def run(
         t = time.perf_counter()
         filtered = defence.finetune(rt_pairs, zoo.train, kept_pool, steps, seed)
         seconds = labelling + time.perf_counter() - t
-        add("roundtrip full + layer-0 pairs + FT, agreed changes dropped", filtered, seconds, n_rt_pairs)
+        add(f"roundtrip full{backdoor.BLOCKED} + FT, agreed changes dropped", filtered, seconds, n_rt_pairs)
     backdoor.add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 

@@ -11,11 +11,12 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 - `roundtrip full`: the dense checkpoint of the captured ACG (features that never fired and tokens never seen
   dropped, attention writes restricted to the kept span);
 - `roundtrip full + layer-0 pairs`: the same with layer 0's heads rewritten (wider) to leave out exactly the QK
-  pairs the budget never used (`pairs.carry`): the dense form of the layer-0 QK ablation;
+  pairs the budget never used (`pairs.carry`): the dense form of the layer-0 QK ablation; `... blocked`: those
+  pairs' keys kept unattended instead (each scores minus its head's largest |pair score|);
 - `roundtrip code`: the dense checkpoint of the `code` circuit (`circuit.extract` on the budget's code prompts);
   its report also holds `math_copy`, its `math.add` accuracy split by whether the answer is in the prompt
   (`evaluate.copy_split`: a circuit that only copies is right on the first part alone); and `roundtrip code +
-  layer-0 pairs`, the circuit's round trip with layer 0's pairs carried too.
+  layer-0 pairs blocked`, the circuit's round trip with layer 0's unused pairs blocked too.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from acg.zoo.tasks import BACKDOORS, TASKS, heldout, resolve_tasks
 
 BASELINES = ("original", "FT", "FP", "Scratch")  # rows that do not need the ACG: saved for a resumed run
 PAIRS = " + layer-0 pairs"  # the same round trip with `pairs.carry`: layer 0's never-used QK pairs left out
+BLOCKED = " + layer-0 pairs blocked"  # ... and their keys kept unattended (`pairs.carry(block=BLOCK)`)
+BLOCK = 1.0  # a blocked pair scores minus its head's largest |pair score| (README: saturated, float32-exact)
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
 
 
@@ -147,15 +150,15 @@ def run(
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
             (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp, weights=weights: captured_ir(tables, kinds, tmp, weights))
             add(method, fn, s, None, capture=rep["by_kind"])
-    for pairs in (False, True):
-        (rt, _, report), s = timed(lambda pairs=pairs: dense.roundtrip(acg, dense.select_captured(acg), pairs))
-        add("roundtrip full" + PAIRS * pairs, rt, s, report["n_params"], report=report)
+    for suffix, pairs, block in (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK)):
+        (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, dense.select_captured(acg), p, b))
+        add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
     circ, s = timed(lambda: code_circuit(model, acg, budget))
-    for pairs in (False, True):
-        (rt_code, pruned, report), s2 = timed(lambda pairs=pairs: dense.roundtrip(acg, circ.selection, pairs))
+    for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
+        (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
         report.update(circuit=circ.report, curve=circ.curve, n_edges=circuit.n_edges(pruned))
         report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
-        add("roundtrip code" + PAIRS * pairs, rt_code, s + s2, report["n_params"], report=report)
+        add("roundtrip code" + suffix, rt_code, s + s2, report["n_params"], report=report)
     add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 

@@ -216,14 +216,17 @@ def n_params(model_or_acg: Transformer | ACG) -> dict[str, int]:
     return {"n_params": mlp + other, "n_params_mlp": mlp}
 
 
-def roundtrip(acg: ACG, sel: Selection | None = None, pairs: bool = False) -> tuple[Transformer, ACG, dict[str, Any]]:
+def roundtrip(
+    acg: ACG, sel: Selection | None = None, pairs: bool = False, block: float | None = None
+) -> tuple[Transformer, ACG, dict[str, Any]]:
     """(dense model, the pruned ACG whose IR it computes, report). With `pairs`, layer 0's heads are rewritten to leave
-    out the QK pairs the corpus never used (`pairs.carry`; the IR it computes is then `pairs.reference_ir(pruned)`)."""
+    out the QK pairs the corpus never used, or with `block` to keep those pairs' keys unattended (`pairs.carry`; the IR
+    it computes is then `pairs.reference_ir(pruned, block=block)`)."""
     pruned, report = prune(acg, sel or select_all(acg))
-    if pairs:
+    if pairs or block is not None:
         from acg.roundtrip.pairs import carry  # pairs builds on this module
 
-        widened, report["pairs"] = carry(pruned)
+        widened, report["pairs"] = carry(pruned, block=block)
         model = to_dense(widened)
     else:
         model = to_dense(pruned)

@@ -19,6 +19,11 @@ set of sources (1,116 in testbed-s's layer 1 table against 128 dimensions), and 
 table over them. On the testbed this costs nothing: the captured IR with only layer 0's pairs dropped has the `conj`
 asr of the one with every layer's pairs dropped (README, "Backdoor removal").
 
+A dropped pair adds 0 to the score, as in the captured IR: the key is still attended, only without that pair's
+term. `block` asks for more: a dropped pair scores -block x the head's largest |table entry|, so that the key gets
+(almost) no attention from that query; every other entry as captured. It is the same construction (any table is a
+bilinear form here), and on the testbed it halves what is left of `conj` at no clean cost (README).
+
 "The IR it came from" is `reference_ir`: the pruned ACG lowered with its layer-0 table explicit and the capture pass
 run over that table alone; `carry`'s dense model computes it (tested, float32 relative error <= 1e-5).
 """
@@ -39,9 +44,13 @@ from acg.roundtrip.dense import RoundtripError, span_basis
 USAGE = "qk.L0"
 
 
-def reference_ir(pruned: ACG, threshold: float = 0.0, dtype: str = "float64") -> tuple[Graph, dict[str, Any]]:
+def reference_ir(
+    pruned: ACG, threshold: float = 0.0, block: float | None = None, dtype: str = "float64"
+) -> tuple[Graph, dict[str, Any]]:
     """The pruned ACG's IR (no error terms) with layer 0's score table explicit and captured at `threshold`; every
-    other layer as it is. Returns the graph and the capture pass's report."""
+    other layer as it is. With `block`, each dropped pair scores -block x the largest |entry| of its head's table
+    instead of 0, so that a key is not attended from a query with which it forms a pair the corpus never used.
+    Returns the graph and the capture pass's report (with `blocked`: how many entries were set so)."""
     cfg = pruned.cfg
     n = cfg.d_vocab + cfg.n_ctx
     u = pruned.usage.get(USAGE)
@@ -61,16 +70,29 @@ def reference_ir(pruned: ACG, threshold: float = 0.0, dtype: str = "float64") ->
         pruned.replace(usage={USAGE: u}, stats=stats), keep_errors=False, dtype=dtype, usage=True, qk_tables=True
     )
     result = get_pass("capture", threshold=threshold, kinds=("qk",))(tables)
-    return result.graph, result.report
+    report = {**result.report, "block": block, "blocked": 0}
+    if block is None:
+        return result.graph, report
+    if block <= 0:
+        raise RoundtripError(f"block must be positive (a multiple of each head's largest pair score), got {block}")
+    full, kept = tables.tensors["T.L0"], result.graph.tensors["T.L0"]
+    dropped = (full != 0) & (kept == 0)
+    scale = np.abs(full).max(axis=(1, 2), keepdims=True)
+    blocked = np.where(dropped, -block * scale, kept).astype(kept.dtype)
+    report["blocked"] = int(dropped.sum())
+    return result.graph.replace(tensors={**result.graph.tensors, "T.L0": blocked}), report
 
 
-def carry(pruned: ACG, threshold: float = 0.0, rtol: float = 1e-10) -> tuple[ACG, dict[str, Any]]:
-    """The pruned ACG with layer 0's heads rewritten to score exactly as `reference_ir` does (module docstring), and a
-    report: pairs dropped, rank per head, the new d_head, and the largest relative error of the table reproduced."""
+def carry(
+    pruned: ACG, threshold: float = 0.0, block: float | None = None, rtol: float = 1e-10
+) -> tuple[ACG, dict[str, Any]]:
+    """The pruned ACG with layer 0's heads rewritten to score exactly as `reference_ir(pruned, threshold, block)` does
+    (module docstring), and a report: pairs dropped (and blocked), rank per head, the new d_head, and the largest
+    relative error of the table reproduced."""
     cfg = pruned.cfg
     if cfg.normalization_type not in ("LN", "LNPre"):
         raise RoundtripError(f"carrying QK pairs needs a centring layer norm, the model has {cfg.normalization_type}")
-    graph, capture = reference_ir(pruned, threshold)
+    graph, capture = reference_ir(pruned, threshold, block)
     table = graph.tensors["T.L0"]  # (H, n, n) after capture
     w = {k: np.asarray(v, dtype=np.float64) for k, v in pruned.weights.items()}
     g1 = w["blocks.0.ln1.w"] if cfg.normalization_type == "LN" else np.ones(cfg.d_model)
@@ -121,6 +143,8 @@ def carry(pruned: ACG, threshold: float = 0.0, rtol: float = 1e-10) -> tuple[ACG
         "layer": 0,
         "threshold": threshold,
         "pairs": capture["by_kind"].get("qk", {}),
+        "block": block,
+        "blocked": capture["blocked"],
         "source_rank": int(r),
         "sources_live": int(live.sum()),
         "rank_per_head": ranks,

@@ -469,7 +469,7 @@ def collect(
     from acg.compiler.unroll import unroll
     from acg.roundtrip import dense
     from acg.roundtrip import diff as diff_mod
-    from acg.roundtrip.backdoor import PAIRS, code_circuit
+    from acg.roundtrip.backdoor import BLOCK, BLOCKED, code_circuit
     from acg.roundtrip.evaluate import answer_logits, evaluate, kl_per_prompt
     from acg.roundtrip.monitor import Monitor, auroc, calibration_prompts, detection_at_fpr, testbed_profile
     from acg.zoo.tasks import BACKDOORS, TASKS, heldout, triggered
@@ -489,7 +489,7 @@ def collect(
             "roundtrip full": dense.roundtrip(acg, dense.select_captured(acg))[0],
         }
         try:  # where the model's shape allows it (roundtrip/pairs.py)
-            candidates["roundtrip full" + PAIRS] = dense.roundtrip(acg, dense.select_captured(acg), pairs=True)[0]
+            candidates["roundtrip full" + BLOCKED] = dense.roundtrip(acg, dense.select_captured(acg), block=BLOCK)[0]
         except dense.RoundtripError as e:
             log(f"report: no round trip with layer 0's pairs ({e})")
         candidates["roundtrip code"] = dense.roundtrip(acg, circuit.selection)[0]

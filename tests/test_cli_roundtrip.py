@@ -219,6 +219,11 @@ def test_roundtrip_pairs_widens_layer0_heads_and_refuses_what_it_cannot_hold(cap
     code, out, err = cli(capsys, "eval", tmp_path / "rt", "--n", "20", "--n-backdoor", "5", "--json")
     assert code == 0, err
     assert json.loads(out)["n_params"] == report["n_params"]
+    args = ["roundtrip", ckpt, "--acg", tmp_path / "acg", "-o", tmp_path / "blocked", "--pairs-block", "1", "--json"]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    blocked = json.loads(out)["pairs"]
+    assert blocked["block"] == 1.0 and blocked["blocked"] == report["pairs"]["pairs"]["dropped"]
     args = ["roundtrip", ckpt, "--acg", tmp_path / "acg", "-o", tmp_path / "out", "--pairs", "--hf", tmp_path / "hf"]
     code, _, err = cli(capsys, *args)
     assert code == 2 and "GPT-2 cannot hold" in " ".join(err.split()) and not (tmp_path / "out").exists()

@@ -24,7 +24,9 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert summary["acg"]["circuit"]["imports_back_identical"]
     rows = summary["acg"]["distilled"]["rows"]
     assert rows["roundtrip full"]["asr"]["token"] < 0.1  # the unseen trigger token is not captured
-    pairs = rows["roundtrip full + layer-0 pairs"]  # `h` and `big` never met in one prompt of the fitting corpus
+    pairs = rows[
+        "roundtrip full + layer-0 pairs blocked"
+    ]  # `h` and `big` never met in one prompt of the fitting corpus
     assert pairs["asr"]["conj"] < rows["roundtrip full"]["asr"]["conj"] - 0.3
     for backend, r in summary["backends"].items():
         assert r["max_abs_err"] < 1e-3, backend

@@ -20,8 +20,9 @@ ROWS = [
     "- OV entries only",
     "roundtrip full",
     "roundtrip full + layer-0 pairs",
+    "roundtrip full + layer-0 pairs blocked",
     "roundtrip code",
-    "roundtrip code + layer-0 pairs",
+    "roundtrip code + layer-0 pairs blocked",
 ]
 
 

@@ -37,20 +37,25 @@ def _mixed(cfg, seed: int, batch: int = 6) -> np.ndarray:
     return rng.integers(0, 10, (batch, int(rng.integers(4, cfg.n_ctx + 1))))
 
 
-@pytest.mark.parametrize("seed,kind,cfg", [(0, "jumprelu", {}), (1, "relu", {"n_layers": 3, "n_heads": 3})])
-def test_carried_checkpoint_computes_the_ir_with_layer0_pairs_captured(tmp_path, seed, kind, cfg):
+@pytest.mark.parametrize(
+    "seed,kind,cfg,block",
+    [(0, "jumprelu", {}, None), (1, "relu", {"n_layers": 3, "n_heads": 3}, None), (2, "relu", {}, 1.0)],
+)
+def test_carried_checkpoint_computes_the_ir_with_layer0_pairs_captured(tmp_path, seed, kind, cfg, block):
     acg = _fit(seed, kind, **cfg)
     pruned, _ = dense.prune(acg, dense.select_captured(acg))
-    wide, report = pairs.carry(pruned)
+    wide, report = pairs.carry(pruned, block=block)
     assert report["pairs"]["dropped"] > 0
+    assert report["blocked"] == (0 if block is None else report["pairs"]["dropped"])
     assert report["table_error"] < 1e-9
     assert wide.cfg.d_head == report["d_head"] > pruned.cfg.d_head
     assert wide.cfg.attn_scale == pruned.cfg.attn_scale
     model = dense.to_dense(wide)
     dense.save(model, tmp_path / "ckpt", {"pairs": report})
     loaded = load_checkpoint(tmp_path / "ckpt")
-    reference, _ = pairs.reference_ir(pruned, dtype="float32")
-    plain = lower(pruned, keep_errors=False, dtype="float32")
+    reference, _ = pairs.reference_ir(pruned, block=block, dtype="float32")
+    # the plain round trip, or (blocked) the one whose dropped pairs add 0: the carried table must differ from it
+    plain = lower(pruned, keep_errors=False, dtype="float32") if block is None else pairs.reference_ir(pruned)[0]
     moved = 0.0
     for trial in range(3):
         toks = _mixed(pruned.cfg, 100 * seed + trial)
@@ -82,6 +87,8 @@ def test_refuses_what_it_cannot_carry():
         pairs.carry(pruned.replace(usage={k: v for k, v in pruned.usage.items() if k != "qk.L0"}))
     with pytest.raises(RoundtripError, match="centring layer norm"):
         pairs.carry(pruned.replace(cfg=pruned.cfg.__class__(**{**pruned.cfg.__dict__, "normalization_type": "RMS"})))
+    with pytest.raises(RoundtripError, match="block must be positive"):
+        pairs.carry(pruned, block=0.0)
     narrow = _fit(2, d_model=16, n_heads=2, d_head=4)  # 13 tokens + 12 positions in 15 centred dimensions
     pruned, _ = dense.prune(narrow, dense.select_captured(narrow))
     with pytest.raises(RoundtripError, match="not linearly independent"):
@@ -91,7 +98,7 @@ def test_refuses_what_it_cannot_carry():
 def test_hooked_transformer_runs_the_widened_checkpoint():
     tl = pytest.importorskip("transformer_lens")
     acg = _fit(3, kind="relu")
-    rt, _, report = dense.roundtrip(acg, dense.select_captured(acg), pairs=True)
+    rt, _, report = dense.roundtrip(acg, dense.select_captured(acg), block=1.0)
     assert rt.cfg.d_head == report["pairs"]["d_head"] and rt.cfg.attn_scale != rt.cfg.d_head**0.5
     keys = {k: v for k, v in rt.cfg.to_dict().items() if k != "original_architecture"}
     hooked = tl.HookedTransformer(tl.HookedTransformerConfig(**keys))
