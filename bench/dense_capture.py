@@ -2,7 +2,8 @@
 clean prompts with random insertions, beside plain fine-tuning on the same prompts, each also blind to the triggers,
 and the two combined.
 
-    python bench/dense_capture.py [--model testbed-s] [--ratio 0.05] [--seeds 0,1,2] [--n-prompts 16000] [--json]
+    python bench/dense_capture.py [--model testbed-s] [--ratio 0.05] [--seeds 0,1,2] [--n-prompts 16000]
+        [--rows ROW ...] [--json]
 
 Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and the ACG fitted on it:
 
@@ -24,7 +25,7 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
   the clean one (`changed="drop"`), labelled with the clean answer: no wrong label where an insertion changed the
   answer, and no backdoor the teacher keeps taught, while a backdoor it dropped is still labelled clean; and
   `roundtrip full + layer-0 pairs blocked + FT, agreed changes dropped` — that recipe started from the round trip
-  with layer 0's pairs blocked (the three rows left out with `--no-agreed-labels`);
+  with layer 0's pairs blocked (`--rows` measures a subset);
 - `+ QK distilled, blind`, `FT + insertions, blind` — those two with every pool prompt that holds a trigger left
   out: not a defence (it needs the triggers), an ablation that tells a general rule (the pair never seen leaves the
   answer alone) from what was learnt on the few triggered prompts random insertions make.
@@ -39,6 +40,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,23 @@ def triggered(ex) -> bool:
     return not is_clean(ex.prompt)
 
 
+BLOCKED = "roundtrip full" + backdoor.BLOCKED
+AGREED = ("roundtrip full + FT on agreed labels", "roundtrip full + FT, agreed changes dropped")
+ROWS = (
+    "original",
+    "ACG captured (IR)",
+    "roundtrip full",
+    BLOCKED,
+    "+ QK distilled",
+    "+ QK distilled, blind",
+    "FT + insertions",
+    "FT + insertions, blind",
+    "roundtrip full + FT on insertions",
+    *AGREED,
+    f"{BLOCKED} + FT, agreed changes dropped",
+)
+
+
 def run(
     name: str,
     ratio: float,
@@ -67,8 +86,9 @@ def run(
     n_trig: int,
     threads: int,
     log,
-    agreed: bool = True,
+    only: Sequence[str] = ROWS,
 ) -> dict:
+    """One seed: the rows named in `only` (in ROWS' order; `original` and the teacher always)."""
     zoo, model = get(name), load(name)
     spec = FitSpec(seed=seed, threads=threads)
     steps = spec.steps + spec.e2e_steps
@@ -81,55 +101,64 @@ def run(
         rows[method] = {**backdoor.measure(candidate, n_eval, n_trig), "n_params": n_params, "seconds": seconds, **more}
         log(f"{name} seed {seed}: {method} ({seconds:.0f} s + {time.perf_counter() - t:.0f} s eval)")
 
+    def timed(method: str, make) -> None:
+        """Measure `method` if asked for: make() -> (candidate, extra fields; `seconds` added to its time)."""
+        if method in only:
+            t = time.perf_counter()
+            candidate, more = make()
+            add(
+                method,
+                candidate,
+                time.perf_counter() - t + more.pop("seconds", 0.0),
+                dense.n_params(candidate)["n_params"],
+                **more,
+            )
+
     add("original", model, 0.0, dense.n_params(model)["n_params"])
     t = time.perf_counter()
     acg, _ = fit(model, [ex.ids for ex in budget], spec)
     extra["fit_seconds"] = time.perf_counter() - t
     seen = np.flatnonzero(acg.usage["tok_count"] > 0)
     pool, _ = insertions(budget, seen, n_prompts, seed, model.cfg.n_ctx)
-    blind_pool, rejected = insertions(budget, seen, n_prompts, seed, model.cfg.n_ctx, exclude=triggered)
-    pools = {False: pool, True: blind_pool}
-    extra.update(triggered_in_pool=sum(map(triggered, pool)), rejected_blind=rejected)
-    rt, _, report = dense.roundtrip(acg, dense.select_captured(acg))
-    n_rt = report["n_params"]
-    rt_pairs, _, report = dense.roundtrip(acg, dense.select_captured(acg), block=backdoor.BLOCK)
-    n_rt_pairs = report["n_params"]
+    pools = {False: pool}
+    if any(m.endswith(", blind") for m in only):
+        pools[True], rejected = insertions(budget, seen, n_prompts, seed, model.cfg.n_ctx, exclude=triggered)
+        extra["rejected_blind"] = rejected
+    extra["triggered_in_pool"] = sum(map(triggered, pool))
+    rt, _, _ = dense.roundtrip(acg, dense.select_captured(acg))
+    rt_blocked, _, report = dense.roundtrip(acg, dense.select_captured(acg), block=backdoor.BLOCK)
     with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
         t = time.perf_counter()
         graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
         teacher, _ = backdoor.captured_ir(graph, (), tmp)
+
+        def distilled(data) -> tuple[Any, dict]:
+            student, rep = distil(rt, teacher, data, steps, seed=seed)
+            return student, {"report": rep}
+
         add("ACG captured (IR)", teacher, time.perf_counter() - t, None)
-        add("roundtrip full", rt, 0.0, n_rt)
-        add("roundtrip full" + backdoor.BLOCKED, rt_pairs, 0.0, n_rt_pairs, report=report["pairs"])
+        timed("roundtrip full", lambda: (rt, {}))
+        timed(BLOCKED, lambda: (rt_blocked, {"report": report["pairs"]}))
         for blind, suffix in ((False, ""), (True, ", blind")):
-            t = time.perf_counter()
-            student, rep = distil(rt, teacher, pools[blind], steps, seed=seed)
-            add(f"+ QK distilled{suffix}", student, time.perf_counter() - t, n_rt, report=rep)
-        if agreed:
+            timed(f"+ QK distilled{suffix}", lambda b=blind: distilled(pools[b]))
+        labelling = 0.0
+        if any(m.endswith("agreed labels") or m.endswith("agreed changes dropped") for m in only):
             t = time.perf_counter()
             agreed_pool, extra["agreed_labels"] = agreed_labels(pool, model, teacher)
             # what changed="drop" returns, without running both models over the pool again
             kept_pool = [ex for ex in agreed_pool if ex.answer == ex.clean_answer]
             extra["agreed_changes_dropped"] = {**extra["agreed_labels"], "n": len(kept_pool)}
             labelling = time.perf_counter() - t
+
+    def tuned(start, data, seconds: float = 0.0) -> tuple[Any, dict]:  # `seconds` spent before: the labelling
+        return defence.finetune(start, zoo.train, data, steps, seed), {"seconds": seconds}
+
     for blind, suffix in ((False, ""), (True, ", blind")):
-        t = time.perf_counter()
-        ft = defence.finetune(model, zoo.train, pools[blind], steps, seed)
-        add(f"FT + insertions{suffix}", ft, time.perf_counter() - t, dense.n_params(ft)["n_params"])
-    t = time.perf_counter()
-    both = defence.finetune(rt, zoo.train, pool, steps, seed)
-    add("roundtrip full + FT on insertions", both, time.perf_counter() - t, n_rt)
-    if agreed:
-        t = time.perf_counter()
-        relabelled = defence.finetune(rt, zoo.train, agreed_pool, steps, seed)
-        add("roundtrip full + FT on agreed labels", relabelled, labelling + time.perf_counter() - t, n_rt)
-        t = time.perf_counter()
-        filtered = defence.finetune(rt, zoo.train, kept_pool, steps, seed)
-        add("roundtrip full + FT, agreed changes dropped", filtered, labelling + time.perf_counter() - t, n_rt)
-        t = time.perf_counter()
-        filtered = defence.finetune(rt_pairs, zoo.train, kept_pool, steps, seed)
-        seconds = labelling + time.perf_counter() - t
-        add(f"roundtrip full{backdoor.BLOCKED} + FT, agreed changes dropped", filtered, seconds, n_rt_pairs)
+        timed(f"FT + insertions{suffix}", lambda b=blind: tuned(model, pools[b]))
+    timed("roundtrip full + FT on insertions", lambda: tuned(rt, pool))
+    timed(AGREED[0], lambda: tuned(rt, agreed_pool, labelling))
+    timed(AGREED[1], lambda: tuned(rt, kept_pool, labelling))
+    timed(f"{BLOCKED} + FT, agreed changes dropped", lambda: tuned(rt_blocked, kept_pool, labelling))
     backdoor.add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
@@ -143,10 +172,16 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
     ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--no-agreed-labels", action="store_true", help="leave out the three rows labelled by the ACG")
+    ap.add_argument(
+        "--rows", nargs="+", metavar="ROW", help="measure only these rows (names as in the table; default: all)"
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--out", type=Path, help="also write the JSON here (after every seed)")
     args = ap.parse_args()
+    unknown = [r for r in args.rows or () if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(map(repr, unknown))}; the rows are: {', '.join(map(repr, ROWS))}")
+    only = ROWS if not args.rows else tuple(r for r in ROWS if r in args.rows)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     runs: list[dict] = []
@@ -161,9 +196,7 @@ def main() -> None:
 
     for seed in map(int, args.seeds.split(",")):
         a = args
-        runs.append(
-            run(a.model, a.ratio, seed, a.n_prompts, a.n_eval, a.n_trig, a.threads, log, not a.no_agreed_labels)
-        )
+        runs.append(run(a.model, a.ratio, seed, a.n_prompts, a.n_eval, a.n_trig, a.threads, log, only))
         if args.out:
             args.out.write_text(document() + "\n")
     title = f"{args.model}, clean budget {args.ratio:.0%}, insertion pool {args.n_prompts:,}, {len(runs)} seed(s)"
