@@ -14,18 +14,23 @@ from acg.compiler.transformer import load_checkpoint, save_checkpoint
 from acg.zoo import vocab
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt")
-    model = random_model(seed=81, d_vocab=vocab.D_VOCAB, n_ctx=32, d_model=16, d_mlp=32, act_fn="relu")
+def _fitted(root, seed: int, d_model: int):
+    """A checkpoint over the testbed vocabulary and its ACG (`root / "acg"`), fitted by `acg fit` on a small corpus."""
+    model = random_model(seed=seed, d_vocab=vocab.D_VOCAB, n_ctx=32, d_model=d_model, d_mlp=32, act_fn="relu")
     ckpt = save_checkpoint(model, root / "ckpt")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     corpus = root / "corpus.jsonl"
     rows = (rng.integers(1, vocab.D_VOCAB - 1, rng.integers(3, 16)).tolist() for _ in range(120))
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     small = ["--width", "24", "--steps", "30", "--e2e-steps", "0", "--target-l0", "6", "--json"]
     assert main([str(a) for a in ["fit", ckpt, "-o", root / "acg", "--corpus", corpus, *small]]) == 0
-    return root, ckpt
+    return model, ckpt
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    return root, _fitted(root, 81, 16)[1]
 
 
 def cli(capsys, *args):
@@ -200,14 +205,7 @@ def test_diff_refuses_what_it_cannot_run(capsys, setup, tmp_path):
 
 
 def test_roundtrip_pairs_widens_layer0_heads_and_refuses_what_it_cannot_hold(capsys, tmp_path):
-    model = random_model(seed=83, d_vocab=vocab.D_VOCAB, n_ctx=32, d_model=96, d_mlp=32, act_fn="relu")
-    ckpt = save_checkpoint(model, tmp_path / "ckpt")
-    rng = np.random.default_rng(1)
-    corpus = tmp_path / "corpus.jsonl"
-    rows = (rng.integers(1, vocab.D_VOCAB - 1, rng.integers(3, 16)).tolist() for _ in range(120))
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    small = ["--width", "24", "--steps", "30", "--e2e-steps", "0", "--target-l0", "6", "--json"]
-    assert main([str(a) for a in ["fit", ckpt, "-o", tmp_path / "acg", "--corpus", corpus, *small]]) == 0
+    model, ckpt = _fitted(tmp_path, 83, 96)  # 60 tokens + 32 positions fit in 95 centred dimensions
     capsys.readouterr()
     code, out, err = cli(
         capsys, "roundtrip", ckpt, "--acg", tmp_path / "acg", "-o", tmp_path / "rt", "--pairs", "--json"
