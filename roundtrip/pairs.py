@@ -92,12 +92,18 @@ def carry(
     cfg = pruned.cfg
     if cfg.normalization_type not in ("LN", "LNPre"):
         raise RoundtripError(f"carrying QK pairs needs a centring layer norm, the model has {cfg.normalization_type}")
+    w = {k: np.asarray(v, dtype=np.float64) for k, v in pruned.weights.items()}
+    rows = np.concatenate([w["embed.W_E"], w["pos_embed.W_pos"]])
+    n_live = int((np.abs(rows).max(-1) > 0).sum())
+    if n_live > cfg.d_model - 1:  # checked before any table is built: a large vocabulary's would not fit in memory
+        raise RoundtripError(
+            f"layer 0's {n_live} live token and position rows cannot be linearly independent in the "
+            f"{cfg.d_model - 1} dimensions a centring layer norm leaves: its pair table is not a bilinear form"
+        )
     graph, capture = reference_ir(pruned, threshold, block)
     table = graph.tensors["T.L0"]  # (H, n, n) after capture
-    w = {k: np.asarray(v, dtype=np.float64) for k, v in pruned.weights.items()}
     g1 = w["blocks.0.ln1.w"] if cfg.normalization_type == "LN" else np.ones(cfg.d_model)
     b_ln = w["blocks.0.ln1.b"] if cfg.normalization_type == "LN" else np.zeros(cfg.d_model)
-    rows = np.concatenate([w["embed.W_E"], w["pos_embed.W_pos"]])
     Z = (rows - rows.mean(-1, keepdims=True)) * g1  # what each source adds to the norm's output, per unit of s
     V = span_basis(Z, rtol=1e-9)  # (r, d)
     C = Z @ V.T  # sources in basis coordinates (n, r)

@@ -230,4 +230,4 @@ def test_roundtrip_pairs_widens_layer0_heads_and_refuses_what_it_cannot_hold(cap
 def test_roundtrip_pairs_refuses_a_model_too_narrow_for_its_tokens(capsys, setup, tmp_path):
     root, ckpt = setup  # d_model 16 against 60 tokens + 32 positions
     code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--pairs")
-    assert code == 2 and "not linearly independent" in " ".join(err.split()) and not (tmp_path / "rt").exists()
+    assert code == 2 and "cannot be linearly independent" in " ".join(err.split()) and not (tmp_path / "rt").exists()

@@ -89,9 +89,14 @@ def test_refuses_what_it_cannot_carry():
         pairs.carry(pruned.replace(cfg=pruned.cfg.__class__(**{**pruned.cfg.__dict__, "normalization_type": "RMS"})))
     with pytest.raises(RoundtripError, match="block must be positive"):
         pairs.carry(pruned, block=0.0)
+    w = dict(pruned.weights)
+    w["embed.W_E"] = w["embed.W_E"].copy()
+    w["embed.W_E"][7] = w["embed.W_E"][1]  # one row for two tokens of different groups: their captured rows differ
+    with pytest.raises(RoundtripError, match="not a bilinear form"):
+        pairs.carry(pruned.replace(weights=w))
     narrow = _fit(2, d_model=16, n_heads=2, d_head=4)  # 13 tokens + 12 positions in 15 centred dimensions
     pruned, _ = dense.prune(narrow, dense.select_captured(narrow))
-    with pytest.raises(RoundtripError, match="not linearly independent"):
+    with pytest.raises(RoundtripError, match="cannot be linearly independent"):
         pairs.carry(pruned)
 
 
