@@ -22,7 +22,8 @@ asr of the one with every layer's pairs dropped (README, "Backdoor removal").
 A dropped pair adds 0 to the score, as in the captured IR: the key is still attended, only without that pair's
 term. `block` asks for more: a dropped pair scores -block x the head's largest |table entry|, so that the key gets
 (almost) no attention from that query; every other entry as captured. It is the same construction (any table is a
-bilinear form here), and on the testbed it halves what is left of `conj` at no clean cost (README).
+bilinear form here), and on testbed-s it halves what is left of `conj` (0.22 -> 0.11 over 3 seeds, for 0.2
+points of `code.brackets`; README).
 
 "The IR it came from" is `reference_ir`: the pruned ACG lowered with its layer-0 table explicit and the capture pass
 run over that table alone; `carry`'s dense model computes it (tested, float32 relative error <= 1e-5).
