@@ -139,7 +139,8 @@ def run(
     (acg, stats), s = timed(lambda: fit(model, [ex.ids for ex in budget], spec, progress=progress))
     extra["fit"] = {"seconds": stats["seconds"], "layers": stats["layers"]}
     add("ACG replacement", replacement_model(model, acg.transcoders), s, dense.n_params(acg)["n_params"])
-    tables = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)  # lowered once, captured thrice
+    # lowered once, captured once per row below
+    tables = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
     ablations = (
         ("ACG captured (IR)", (), ()),
         ("- QK pairs only", ("qk",), ()),

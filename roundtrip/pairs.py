@@ -122,7 +122,9 @@ def carry(
         errors.append(float(np.abs(C[live] @ B @ C[live].T - T).max() / scale))
         F = np.zeros((r + 1, r + 1))
         F[:r, :r] = B
-        F[:r, r] = V @ (W_Q[h] @ ck[h])  # query side x key bias
+        # query side x key bias, and the constant: the same along a query's row, so the softmax drops them; kept so
+        # that the scores themselves equal the IR's
+        F[:r, r] = V @ (W_Q[h] @ ck[h])
         F[r, :r] = V @ (W_K[h] @ cq[h])  # query bias x key side
         F[r, r] = cq[h] @ ck[h]
         U, S, Wt = np.linalg.svd(F)
