@@ -217,6 +217,10 @@ def test_roundtrip_pairs_widens_layer0_heads_and_refuses_what_it_cannot_hold(cap
     code, out, err = cli(capsys, "eval", tmp_path / "rt", "--n", "20", "--n-backdoor", "5", "--json")
     assert code == 0, err
     assert json.loads(out)["n_params"] == report["n_params"]
+    args = ["diff", ckpt, tmp_path / "rt", "--acg", tmp_path / "acg", "--n", "20", "--data", "code", "--json"]
+    code, out, err = cli(capsys, *args)  # the wider checkpoint diffs like any other
+    assert code == 0, err
+    assert json.loads(out)["kinds"] == ["model", "roundtrip"]
     args = ["roundtrip", ckpt, "--acg", tmp_path / "acg", "-o", tmp_path / "blocked", "--pairs-block", "1", "--json"]
     code, out, err = cli(capsys, *args)
     assert code == 0, err
