@@ -155,9 +155,11 @@ def run(
         (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, dense.select_captured(acg), p, b))
         add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
     circ, s = timed(lambda: code_circuit(model, acg, budget))
+    edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
         (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
-        report.update(circuit=circ.report, curve=circ.curve, n_edges=circuit.n_edges(pruned))
+        edges = circuit.n_edges(pruned) if edges is None else edges
+        report.update(circuit=circ.report, curve=circ.curve, n_edges=edges)
         report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
         add("roundtrip code" + suffix, rt_code, s + s2, report["n_params"], report=report)
     add_der(rows)

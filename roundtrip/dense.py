@@ -206,7 +206,6 @@ def n_params(model_or_acg: Transformer | ACG) -> dict[str, int]:
         qk = (a.W_Q.abs().sum(1) + a.W_K.abs().sum(1) + a.b_Q.abs() + a.b_K.abs()) > 0  # (heads, d_head)
         ov = (a.W_V.abs().sum(1) + a.W_O.abs().sum(2) + a.b_V.abs()) > 0
         other += int(qk.sum()) * (2 * cfg.d_model + 2) + int(ov.sum()) * (2 * cfg.d_model + 1) + cfg.d_model
-    for block in model_or_acg.blocks:
         if not hasattr(block, "mlp"):
             continue
         live = (block.mlp.W_in.abs().sum(0) + block.mlp.W_out.abs().sum(1) + block.mlp.b_in.abs()) > 0

@@ -133,6 +133,11 @@ def carry(
         q_parts.append((V.T @ Qa[:r], Qa[r]))
         k_parts.append((V.T @ Ka[:r], Ka[r]))
         ranks.append(int(keep.sum()))
+    if max(errors) > 1e-6:
+        raise RoundtripError(
+            f"layer 0's captured pair table is not a bilinear form on its token and position rows (relative error "
+            f"{max(errors):.2g}): they are not linearly independent ({int(live.sum())} rows, rank {r})"
+        )
     width = max(cfg.d_head, *ranks)
     new = dict(pruned.weights)
     for layer in range(cfg.n_layers):
@@ -161,11 +166,6 @@ def carry(
         "d_head_of": int(cfg.d_head),
         "table_error": max(errors),
     }
-    if max(errors) > 1e-6:
-        raise RoundtripError(
-            f"layer 0's captured pair table is not a bilinear form on its token and position rows (relative error "
-            f"{max(errors):.2g}): they are not linearly independent ({int(live.sum())} rows, rank {r})"
-        )
     cfg_new = dataclasses.replace(cfg, d_head=int(width), attn_scale=float(cfg.attn_scale))
     meta = {**pruned.meta, "pairs": report}
     return pruned.replace(cfg=cfg_new, weights=new, meta=meta), report
