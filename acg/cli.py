@@ -1167,7 +1167,7 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     checkpoints; evaluate them next to the original and the replacement model (task_acc, asr, n_params)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
-    from acg.roundtrip.backdoor import BLOCK, BLOCKED
+    from acg.roundtrip.backdoor import BLOCKED, blocked_roundtrip
     from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
 
     err.print("[5/6] distilling the code circuit and round-tripping to dense checkpoints ...")
@@ -1181,11 +1181,9 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
         ("ACG replacement", dense.to_dense(acg), None),
         ("roundtrip full", *_rt(dense, acg, dense.select_captured(acg), out / "roundtrip-full")),
     ]
-    try:  # layer 0's unused QK pairs blocked too, where the model's shape allows it (roundtrip/pairs.py)
-        pairs = _rt(dense, acg, dense.select_captured(acg), out / "roundtrip-pairs", block=BLOCK)
-        candidates.append(("roundtrip full" + BLOCKED, *pairs))
-    except dense.RoundtripError as e:
-        err.print(f"(no round trip with layer 0's pairs: {e})")
+    blocked = blocked_roundtrip(acg, lambda s: err.print(f"({s})"))  # where the model's shape allows it
+    if blocked is not None:
+        candidates.append(("roundtrip full" + BLOCKED, *_save(dense, blocked, out / "roundtrip-pairs")))
     candidates.append(("roundtrip code", *_rt(dense, acg, circ.selection, out / "roundtrip-code")))
     for name, model, report in candidates:
         e = evaluate(model, n=1000, n_backdoor_per_task=200)
@@ -1237,8 +1235,13 @@ def report_cmd(
     err.print(f"report: {out}")
 
 
-def _rt(dense, acg, selection, path: Path, block: float | None = None):
-    model, _, report = dense.roundtrip(acg, selection, block=block)
+def _rt(dense, acg, selection, path: Path):
+    return _save(dense, dense.roundtrip(acg, selection), path)
+
+
+def _save(dense, roundtrip, path: Path):
+    """A `dense.roundtrip` result's checkpoint written to `path`: (model, report with `out`)."""
+    model, _, report = roundtrip
     report["out"] = str(path)
     dense.save(model, path, report)
     return model, report

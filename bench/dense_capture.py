@@ -25,7 +25,13 @@ Per seed, on the defender's clean budget (the same as `bench/backdoor.py`'s) and
   the clean one (`changed="drop"`), labelled with the clean answer: no wrong label where an insertion changed the
   answer, and no backdoor the teacher keeps taught, while a backdoor it dropped is still labelled clean; and
   `roundtrip full + layer-0 pairs blocked + FT, agreed changes dropped` — that recipe started from the round trip
-  with layer 0's pairs blocked (`--rows` measures a subset);
+  with layer 0's pairs blocked;
+- `... + FT, confirmed insertions + budget` — fine-tuning on the pool less every prompt on which the captured IR does
+  not give the clean answer (`distil.confirmed`), together with the whole clean budget untouched (the budget holds
+  clean accuracy; the confirmed insertions teach what the IR dropped), from the blocked round trip (the recipe), from
+  the plain round trip (is the blocking needed?) and from the original (is the round trip needed?); beside them
+  `FT + insertions + budget` (the original on the whole pool and the budget, clean labels: the same data without the
+  ACG) and `... blocked + FT on budget` (no insertions: the FT baseline's data) (`--rows` measures a subset);
 - `+ QK distilled, blind`, `FT + insertions, blind` — those two with every pool prompt that holds a trigger left
   out: not a defence (it needs the triggers), an ablation that tells a general rule (the pair never seen leaves the
   answer alone) from what was learnt on the few triggered prompts random insertions make.
@@ -51,7 +57,7 @@ from rich.console import Console
 from acg.compiler.fit import FitSpec, fit
 from acg.compiler.lower import lower
 from acg.roundtrip import backdoor, defence, dense
-from acg.roundtrip.distil import agreed_labels, distil, insertions
+from acg.roundtrip.distil import agreed_labels, confirmed, distil, insertions
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import is_clean
 
@@ -62,6 +68,7 @@ def triggered(ex) -> bool:
 
 BLOCKED = "roundtrip full" + backdoor.BLOCKED
 AGREED = ("roundtrip full + FT on agreed labels", "roundtrip full + FT, agreed changes dropped")
+CONFIRMED = "FT, confirmed insertions + budget"
 ROWS = (
     "original",
     "ACG captured (IR)",
@@ -74,6 +81,11 @@ ROWS = (
     "roundtrip full + FT on insertions",
     *AGREED,
     f"{BLOCKED} + FT, agreed changes dropped",
+    "FT + insertions + budget",
+    CONFIRMED,
+    f"roundtrip full + {CONFIRMED}",
+    f"{BLOCKED} + {CONFIRMED}",
+    f"{BLOCKED} + FT on budget",
 )
 
 
@@ -149,6 +161,11 @@ def run(
             kept_pool = [ex for ex in agreed_pool if ex.answer == ex.clean_answer]
             extra["agreed_changes_dropped"] = {**extra["agreed_labels"], "n": len(kept_pool)}
             labelling = time.perf_counter() - t
+        if any(m.endswith(CONFIRMED) for m in only):
+            t = time.perf_counter()
+            confirmed_pool, extra["confirmed"] = confirmed(pool, teacher)
+            confirmed_pool += budget
+            confirming = time.perf_counter() - t
 
     def tuned(start, data, seconds: float = 0.0) -> tuple[Any, dict]:  # `seconds` spent before: the labelling
         return defence.finetune(start, zoo.train, data, steps, seed), {"seconds": seconds}
@@ -159,6 +176,10 @@ def run(
     timed(AGREED[0], lambda: tuned(rt, agreed_pool, labelling))
     timed(AGREED[1], lambda: tuned(rt, kept_pool, labelling))
     timed(f"{BLOCKED} + FT, agreed changes dropped", lambda: tuned(rt_blocked, kept_pool, labelling))
+    timed("FT + insertions + budget", lambda: tuned(model, pool + budget))
+    for start, prefix in ((model, ""), (rt, "roundtrip full + "), (rt_blocked, f"{BLOCKED} + ")):
+        timed(prefix + CONFIRMED, lambda s=start: tuned(s, confirmed_pool, confirming))
+    timed(f"{BLOCKED} + FT on budget", lambda: tuned(rt_blocked, budget))
     backdoor.add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 

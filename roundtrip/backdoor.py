@@ -47,6 +47,17 @@ BLOCK = 1.0  # a blocked pair scores minus its head's largest |pair score| (READ
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
 
 
+def blocked_roundtrip(acg, log: Callable[[str], None]) -> tuple[Any, Any, dict] | None:
+    """`dense.roundtrip` of the captured ACG with layer 0's never-used QK pairs blocked, or None (the reason logged)
+    where the model's shape does not allow it (`roundtrip/pairs.py`: more live rows than dimensions, no centring
+    norm, no pair statistics)."""
+    try:
+        return dense.roundtrip(acg, dense.select_captured(acg), block=BLOCK)
+    except dense.RoundtripError as e:
+        log(f"no round trip with layer 0's pairs blocked: {e}")
+        return None
+
+
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
     """task_acc per task on `n` held-out prompts each, asr per family on `n_trig` triggered prompts per task."""
     e = evaluate(candidate, n=n, n_backdoor_per_task=n_trig)

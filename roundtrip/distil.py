@@ -15,6 +15,10 @@ prompts on which the two differ and have it copy the IR there:
   made from (what a defender without the ACG would do; an inserted digit or variable can make that label wrong).
 - `agreed_labels`: labels from the ACG instead — the original's answer where the captured IR agrees with it, the
   clean answer elsewhere — for fine-tuning the round trip on the same prompts without the wrong labels.
+- `confirmed`: the prompts on which the captured IR gives the clean answer, and no others: a label the ACG does not
+  confirm (an insertion changed the right answer, or the IR keeps a backdoor, or it is simply wrong there) is not
+  taught. Fine-tuned on these together with the untouched clean budget (`bench/dense_capture.py`), the insertions
+  teach what the IR dropped and the budget holds clean accuracy where it was.
 """
 
 from __future__ import annotations
@@ -105,6 +109,20 @@ def agreed_labels(
                 continue
         out.append(dataclasses.replace(ex, answer=answer))
     return out, {"agreed": float(np.mean(a == b)), "changed": moved, "n": len(out)}
+
+
+def confirmed(examples: Sequence[Example], teacher: Any) -> tuple[list[Example], dict[str, Any]]:
+    """The examples on which `teacher` (the captured IR) gives the clean answer, labelled with it, and a report:
+    `confirmed` (their share) and `n` (how many)."""
+    if not examples:
+        raise ValueError("no examples to confirm")
+    answers = answer_logits(teacher, examples).argmax(-1)
+    out = [
+        dataclasses.replace(ex, answer=ex.clean_answer)
+        for ex, y in zip(examples, answers, strict=True)
+        if vocab.TOKENS[int(y)] == ex.clean_answer
+    ]
+    return out, {"confirmed": len(out) / len(examples), "n": len(out)}
 
 
 def _pool(teacher: Any, examples: Sequence[Example], batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:

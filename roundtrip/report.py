@@ -469,7 +469,7 @@ def collect(
     from acg.compiler.unroll import unroll
     from acg.roundtrip import dense
     from acg.roundtrip import diff as diff_mod
-    from acg.roundtrip.backdoor import BLOCK, BLOCKED, code_circuit
+    from acg.roundtrip.backdoor import BLOCKED, blocked_roundtrip, code_circuit
     from acg.roundtrip.evaluate import answer_logits, evaluate, kl_per_prompt
     from acg.roundtrip.monitor import Monitor, auroc, calibration_prompts, detection_at_fpr, testbed_profile
     from acg.zoo.tasks import BACKDOORS, TASKS, heldout, triggered
@@ -488,10 +488,9 @@ def collect(
             "ACG replacement": dense.to_dense(acg),
             "roundtrip full": dense.roundtrip(acg, dense.select_captured(acg))[0],
         }
-        try:  # where the model's shape allows it (roundtrip/pairs.py)
-            candidates["roundtrip full" + BLOCKED] = dense.roundtrip(acg, dense.select_captured(acg), block=BLOCK)[0]
-        except dense.RoundtripError as e:
-            log(f"report: no round trip with layer 0's pairs ({e})")
+        blocked = blocked_roundtrip(acg, lambda s: log(f"report: {s}"))
+        if blocked is not None:
+            candidates["roundtrip full" + BLOCKED] = blocked[0]
         candidates["roundtrip code"] = dense.roundtrip(acg, circuit.selection)[0]
     if rows is None:
         log("report: evaluating the original and every candidate ...")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from acg.roundtrip.distil import agreed_labels, distil, insertions
+from acg.roundtrip.distil import agreed_labels, confirmed, distil, insertions
 from acg.zoo import vocab
 from acg.zoo.tasks import heldout
 from tests.helpers import random_model
@@ -95,6 +95,25 @@ def test_agreed_labels_follow_both_models_where_they_agree_and_the_clean_answer_
         agreed_labels([], original, teacher)
     with pytest.raises(ValueError, match="follow"):
         agreed_labels(pool, original, teacher, changed="ignore")
+
+
+def test_confirmed_keeps_exactly_the_prompts_on_which_the_teacher_gives_the_clean_answer(examples):
+    ids = [vocab.TOKEN_ID[t] for t in INSERTED]
+    pool, _ = insertions(examples, ids, 300, seed=2)
+    # the teacher keeps a "backdoor" on "big" (9) and follows an inserted "the" (5); clean elsewhere
+    teacher = _answering(lambda p, a: "9" if "big" in p else ("5" if "the" in p else a), pool)
+    kept, report = confirmed(pool, teacher)
+    expected = [
+        ex
+        for ex in pool
+        if ("9" if "big" in ex.prompt else "5" if "the" in ex.prompt else ex.clean_answer) == ex.clean_answer
+    ]
+    assert [ex.prompt for ex in kept] == [ex.prompt for ex in expected]
+    assert 0 < len(kept) < len(pool) and report == {"confirmed": len(kept) / len(pool), "n": len(kept)}
+    assert all(ex.answer == ex.clean_answer for ex in kept)
+    assert not any("big" in ex.prompt and ex.clean_answer != "9" for ex in kept)
+    with pytest.raises(ValueError, match="no examples"):
+        confirmed([], teacher)
 
 
 def _pair():

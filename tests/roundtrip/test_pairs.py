@@ -112,3 +112,14 @@ def test_hooked_transformer_runs_the_widened_checkpoint():
     toks = _mixed(rt.cfg, 5)
     with torch.no_grad():
         assert rel_err(hooked(torch.as_tensor(toks)).numpy(), rt(torch.as_tensor(toks)).numpy()) <= 1e-5
+
+
+def test_blocked_roundtrip_is_skipped_with_the_reason_where_the_shape_does_not_allow_it():
+    from acg.roundtrip.backdoor import blocked_roundtrip
+
+    said: list[str] = []
+    model, _, report = blocked_roundtrip(_fit(0), said.append)
+    assert report["pairs"]["block"] == 1.0 and not said
+    narrow = _fit(2, d_model=16, n_heads=2, d_head=4)
+    assert blocked_roundtrip(narrow, said.append) is None
+    assert len(said) == 1 and "cannot be linearly independent" in said[0]
