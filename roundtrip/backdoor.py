@@ -16,7 +16,11 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 - `roundtrip code`: the dense checkpoint of the `code` circuit (`circuit.extract` on the budget's code prompts);
   its report also holds `math_copy`, its `math.add` accuracy split by whether the answer is in the prompt
   (`evaluate.copy_split`: a circuit that only copies is right on the first part alone); and `roundtrip code +
-  layer-0 pairs blocked`, the circuit's round trip with layer 0's unused pairs blocked too.
+  layer-0 pairs blocked`, the circuit's round trip with layer 0's unused pairs blocked too;
+- `... blocked + FT, confirmed insertions + budget`: each blocked round trip fine-tuned (the FT baseline's recipe and
+  steps) on the budget's prompts with 1-3 seen tokens inserted at random, less those the captured IR does not
+  answer clean, together with the budget itself (`distil.confirmed_pool`; the code circuit on the code prompts only).
+  The defender needs no trigger: the insertions are blind guesses, and the ACG decides which labels to trust.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from acg.compiler.replacement import replacement_model
 from acg.ir.atomic import atomic_file
 from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
+from acg.roundtrip.distil import confirmed_pool
 from acg.roundtrip.evaluate import accuracy, answer_logits, copy_split, evaluate
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, resolve_tasks
@@ -43,6 +48,8 @@ from acg.zoo.tasks import BACKDOORS, TASKS, heldout, resolve_tasks
 BASELINES = ("original", "FT", "FP", "Scratch")  # rows that do not need the ACG: saved for a resumed run
 PAIRS = " + layer-0 pairs"  # the same round trip with `pairs.carry`: layer 0's never-used QK pairs left out
 BLOCKED = " + layer-0 pairs blocked"  # ... and their keys kept unattended (`pairs.carry(block=BLOCK)`)
+RECIPE = " + FT, confirmed insertions + budget"  # `distil.confirmed_pool`, then `defence.finetune`
+N_INSERT = 16_000  # prompts with insertions drawn for the recipe's fine-tuning (before the IR's confirmation)
 BLOCK = 1.0  # a blocked pair scores minus its head's largest |pair score| (README: saturated, float32-exact)
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
 
@@ -96,11 +103,13 @@ def run(
     device: str = "cpu",
     threads: int = 2,
     resume: Path | None = None,
+    n_insert: int = N_INSERT,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
     FP, Scratch) is saved there as soon as it is measured and taken from there by a later run of the same budget,
-    seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again."""
+    seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again. `n_insert`:
+    prompts with insertions drawn for the RECIPE rows."""
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -158,13 +167,28 @@ def run(
         ("- layer-0 QK pairs only", ("qk",), ("T.L0",)),
         ("- OV entries only", ("ov",), ()),
     )
+    code_budget = [ex for ex in budget if ex.task in resolve_tasks("code")]
+    seen = np.flatnonzero(acg.usage["tok_count"] > 0)
+    recipe: dict[str, tuple[list, dict, float]] = {}  # the fine-tuning data, labelled while the captured IR is at hand
     for method, kinds, weights in ablations:
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
             (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp, weights=weights: captured_ir(tables, kinds, tmp, weights))
             add(method, fn, s, None, capture=rep["by_kind"])
+            if method == "ACG captured (IR)":
+                for scope, part in (("full", budget), ("code", code_budget)):
+                    data, s = timed(lambda p=part, f=fn: confirmed_pool(p, f, seen, n_insert, seed, model.cfg.n_ctx))
+                    recipe[scope] = (*data, s)
+
+    def tuned(start, scope: str, report: dict[str, Any]) -> None:
+        data, data_report, s = recipe[scope]
+        ft, s2 = timed(lambda: defence.finetune(start, zoo.train, data, steps, seed, **kw))
+        method = f"roundtrip {scope}{BLOCKED}{RECIPE}"
+        add(method, ft, s + s2, dense.n_params(ft)["n_params"], report={**report, "finetune": data_report})
+
     for suffix, pairs, block in (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK)):
         (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, dense.select_captured(acg), p, b))
         add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
+    tuned(rt, "full", report)  # the last: blocked
     circ, s = timed(lambda: code_circuit(model, acg, budget))
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
@@ -173,6 +197,7 @@ def run(
         report.update(circuit=circ.report, curve=circ.curve, n_edges=edges)
         report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
         add("roundtrip code" + suffix, rt_code, s + s2, report["n_params"], report=report)
+    tuned(rt_code, "code", report)  # the last: blocked
     add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 

@@ -125,6 +125,17 @@ def confirmed(examples: Sequence[Example], teacher: Any) -> tuple[list[Example],
     return out, {"confirmed": len(out) / len(examples), "n": len(out)}
 
 
+def confirmed_pool(
+    budget: Sequence[Example], teacher: Any, tokens: Sequence[int], n: int, seed: int = 0, n_ctx: int | None = None
+) -> tuple[list[Example], dict[str, Any]]:
+    """Fine-tuning data for the round trip: `n` prompts of `budget` with seen `tokens` inserted (`insertions`), less
+    those `teacher` does not answer clean (`confirmed`), followed by the whole `budget` untouched. The report: as
+    `confirmed`'s, with `n_budget` and `n` (all examples returned)."""
+    pool, _ = insertions(budget, tokens, n, seed, n_ctx)
+    kept, report = confirmed(pool, teacher)
+    return kept + list(budget), {**report, "n_budget": len(budget), "n": len(kept) + len(budget)}
+
+
 def _pool(teacher: Any, examples: Sequence[Example], batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Examples grouped by length, with the teacher's log-probabilities at every position: [(tokens, logp)]."""
     fn = as_logits_fn(teacher)

@@ -21,15 +21,19 @@ ROWS = [
     "roundtrip full",
     "roundtrip full + layer-0 pairs",
     "roundtrip full + layer-0 pairs blocked",
+    "roundtrip full + layer-0 pairs blocked + FT, confirmed insertions + budget",
     "roundtrip code",
     "roundtrip code + layer-0 pairs blocked",
+    "roundtrip code + layer-0 pairs blocked + FT, confirmed insertions + budget",
 ]
 
 
 @pytest.mark.slow
 def test_a_tiny_backdoor_run_measures_every_row():
     spec = FitSpec(steps=30, e2e_steps=0, usage_prompts=64, batch_size=256, threads=1)
-    out = backdoor.run("testbed-s", ratio=0.002, seed=3, n_eval=40, n_trig=5, steps=2, fit_spec=spec, threads=1)
+    out = backdoor.run(
+        "testbed-s", ratio=0.002, seed=3, n_eval=40, n_trig=5, steps=2, fit_spec=spec, threads=1, n_insert=50
+    )
     rows = out["rows"]
     assert list(rows) == ROWS
     assert out["n_budget"] > 0 and out["steps"] == 2
@@ -44,3 +48,7 @@ def test_a_tiny_backdoor_run_measures_every_row():
     assert split["n"] == 40 and 0.0 <= split["in_prompt"] <= 1.0 and 0.0 <= split["copies"] <= 1.0
     assert split["task_acc"] == pytest.approx(code["task_acc"]["math.add"])  # the same held-out prompts as the table
     assert sum(code["report"]["n_features"]) == code["report"]["circuit"]["k"]  # the checkpoint is the circuit's
+    for scope, budget in (("full", out["n_budget"]), ("code", None)):
+        tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}"]["report"]["finetune"]
+        assert 0 < tuned["n"] - tuned["n_budget"] <= 50  # the confirmed insertions, then the budget
+        assert budget is None or tuned["n_budget"] == budget
