@@ -28,24 +28,31 @@ class Ex:
         return tuple(self.ids)
 
 
-def _planted() -> tuple[Transformer, ACG]:
+def _planted(redundant: bool = False) -> tuple[Transformer, ACG]:
     """One layer, no layer norm, attention writing nothing. Token 1 drives feature 0, which writes answer 3's logit;
     token 2 drives feature 1 -> answer 4; features 2..9 fire on every token and write where the unembedding does not
-    read. The true circuit for "1 -> 3, 2 -> 4" is features {0, 1}."""
+    read. The true circuit for "1 -> 3, 2 -> 4" is features {0, 1}.
+
+    `redundant`: token 1 drives feature 2 too, which also writes answer 3 on its own (either of 0 and 2 is enough),
+    and feature 1 writes answer 4 less strongly, so that it scores below both: the top 2 by attribution are 0 and 2,
+    which answer half the prompts; the smallest faithful circuit is {1} and one of {0, 2}."""
     d, V, n = 8, 6, 10
     cfg = TransformerConfig(
         n_layers=1, d_model=d, n_heads=1, d_head=d, d_mlp=n, d_vocab=V, n_ctx=4, act_fn="relu", normalization_type=None
     )
     e = np.eye(d)
+    first = 3 if redundant else 2  # the first feature firing on every token
     W_E = np.stack([e[5] + (e[k] if k < 5 else 0) for k in range(V)])
     W_enc = np.zeros((d, n))
     W_enc[1, 0] = W_enc[2, 1] = 1.0
-    W_enc[5, 2:] = 1.0
+    W_enc[5, first:] = 1.0
     b_enc = np.zeros(n)
-    b_enc[:2] = -0.5
+    b_enc[:first] = -0.5
     W_dec = np.zeros((n, d))
     W_dec[0, 3], W_dec[1, 4] = 2.0, 2.0
-    W_dec[2:, 6] = 1.0
+    W_dec[first:, 6] = 1.0
+    if redundant:
+        W_enc[1, 2], W_dec[2, 3], W_dec[1, 4] = 1.0, 2.0, 1.5
     W_U = np.zeros((d, V))
     W_U[3, 3] = W_U[4, 4] = 1.0
     return planted_one_layer(cfg, W_E, W_U, W_enc, b_enc, W_dec)
@@ -64,31 +71,8 @@ def test_extraction_finds_the_planted_circuit():
     assert k1["task_acc"]["t"] == 0.5  # one of the two features alone answers half the prompts
 
 
-def _redundant() -> tuple[Transformer, ACG]:
-    """As `_planted`, but token 1 drives features 0 and 2, each writing answer 3 on its own (redundant: either is
-    enough), and feature 1 writes answer 4 less strongly, so it scores below both: the top 2 by attribution are 0 and
-    2, which answer half the prompts; the smallest faithful circuit is {1} and one of {0, 2}."""
-    d, V, n = 8, 6, 10
-    cfg = TransformerConfig(
-        n_layers=1, d_model=d, n_heads=1, d_head=d, d_mlp=n, d_vocab=V, n_ctx=4, act_fn="relu", normalization_type=None
-    )
-    e = np.eye(d)
-    W_E = np.stack([e[5] + (e[k] if k < 5 else 0) for k in range(V)])
-    W_enc = np.zeros((d, n))
-    W_enc[1, 0] = W_enc[2, 1] = W_enc[1, 2] = 1.0
-    W_enc[5, 3:] = 1.0
-    b_enc = np.zeros(n)
-    b_enc[:3] = -0.5
-    W_dec = np.zeros((n, d))
-    W_dec[0, 3], W_dec[1, 4], W_dec[2, 3] = 2.0, 1.5, 2.0
-    W_dec[3:, 6] = 1.0
-    W_U = np.zeros((d, V))
-    W_U[3, 3] = W_U[4, 4] = 1.0
-    return planted_one_layer(cfg, W_E, W_U, W_enc, b_enc, W_dec)
-
-
 def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_first():
-    model, acg = _redundant()
+    model, acg = _planted(redundant=True)
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
     plain = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=0)
     assert plain.report["k"] == plain.report["k_top"] == 3 and plain.report["refined_away"] == 0
