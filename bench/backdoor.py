@@ -1,5 +1,6 @@
 """Backdoor removal, side by side: original, FT, FP, Scratch, the ACG replacement, the captured ACG (IR), the
-round-tripped full ACG and the round-tripped `code` circuit, on one defender's clean budget per seed.
+round-tripped full ACG and the round-tripped `code` circuit (plain, with layer 0's unused QK pairs blocked, and that
+fine-tuned on the insertions the captured IR confirms plus the budget), on one defender's clean budget per seed.
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
