@@ -142,6 +142,8 @@ def extract(
     the target, k = all candidates, and `target_met` is False. Where it is met, the `refine` least attributed features
     of the top k are then ablated one at a time, least first, and each is left out where the target still holds
     (backward elimination: the report's `k_top` is the top-k size, `refined_away` how many it left out)."""
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     scores, _ = feature_attribution(model, acg, fit_examples)
     total = sum(acg.n_features())
     live = int(sum((s > 0).sum() for s in scores))

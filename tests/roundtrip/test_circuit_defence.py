@@ -82,6 +82,8 @@ def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_fi
     kept = out.selection.features[0].tolist()
     assert 1 in kept and len(set(kept) & {0, 2}) == 1
     assert out.report["task_acc"] == {"t": 1.0} and out.selection.meta["k"] == 2
+    with pytest.raises(ValueError, match="refine must be >= 0"):
+        circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=-1)
 
 
 def test_a_missed_target_keeps_the_attributed_features_not_the_whole_dictionary():
