@@ -57,7 +57,7 @@ from rich.console import Console
 from acg.compiler.fit import FitSpec, fit
 from acg.compiler.lower import lower
 from acg.roundtrip import backdoor, defence, dense
-from acg.roundtrip.distil import agreed_labels, confirmed, distil, insertions
+from acg.roundtrip.distil import agreed_labels, confirmed_pool, distil, insertions
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import is_clean
 
@@ -163,8 +163,8 @@ def run(
             labelling = time.perf_counter() - t
         if any(m.endswith(CONFIRMED) for m in only):
             t = time.perf_counter()
-            confirmed_pool, extra["confirmed"] = confirmed(pool, teacher)
-            confirmed_pool += budget
+            # the same insertions as `pool` (same seed and arguments), confirmed, then the budget
+            confirmed_data, extra["confirmed"] = confirmed_pool(budget, teacher, seen, n_prompts, seed, model.cfg.n_ctx)
             confirming = time.perf_counter() - t
 
     def tuned(start, data, seconds: float = 0.0) -> tuple[Any, dict]:  # `seconds` spent before: the labelling
@@ -178,7 +178,7 @@ def run(
     timed(f"{BLOCKED} + FT, agreed changes dropped", lambda: tuned(rt_blocked, kept_pool, labelling))
     timed("FT + insertions + budget", lambda: tuned(model, pool + budget))
     for start, prefix in ((model, ""), (rt, "roundtrip full + "), (rt_blocked, f"{BLOCKED} + ")):
-        timed(prefix + CONFIRMED, lambda s=start: tuned(s, confirmed_pool, confirming))
+        timed(prefix + CONFIRMED, lambda s=start: tuned(s, confirmed_data, confirming))
     timed(f"{BLOCKED} + FT on budget", lambda: tuned(rt_blocked, budget))
     backdoor.add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
