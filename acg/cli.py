@@ -192,6 +192,37 @@ def eval_cmd(
         _print_eval(f"{model} ({what})", result, result["n_params"])
 
 
+@app.command("budget")
+def budget_cmd(
+    model: Annotated[str, typer.Argument(help="testbed name")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="the JSONL file to write")],
+    ratio: Annotated[float, typer.Option(help="clean examples as a fraction of the model's training examples")] = 0.05,
+    seed: Annotated[int, typer.Option(help="which draw")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """The defender's clean budget of a testbed model as JSONL (prompt, answer) pairs: RATIO x as many clean
+    examples as it was trained on (5%: BackdoorBench's default), the ones `bench/backdoor.py` gives every method.
+    `acg fit --corpus` fits an ACG on its prompts; `acg roundtrip --finetune` fine-tunes on it."""
+    from acg.ir.atomic import atomic_file
+    from acg.roundtrip.defence import clean_budget
+    from acg.zoo.registry import ZOO
+
+    if model not in ZOO:
+        raise ACGError(f"{model}: not a testbed model ({', '.join(ZOO)}); write your own JSONL of (prompt, answer)")
+    try:
+        examples = clean_budget(ZOO[model].train, ratio, seed)
+    except ValueError as e:
+        raise ACGError(str(e)) from None
+    with atomic_file(out) as f:
+        for ex in examples:
+            f.write(json.dumps({"prompt": " ".join(ex.prompt), "answer": ex.answer, "task": ex.task}) + "\n")
+    result = {"model": model, "ratio": ratio, "seed": seed, "n": len(examples), "out": str(out)}
+    if as_json:
+        emit(result)
+    else:
+        err.print(f"wrote {out}: {len(examples)} clean examples ({ratio:g} of {model}'s training examples)")
+
+
 def _model_and_acg(model: str, acg_dir: Path | None):
     """The model, and the ACG (checked to be fitted for it) when one is given."""
     from acg.zoo.registry import load
@@ -247,12 +278,25 @@ def roundtrip_cmd(
             metavar="FACTOR",
         ),
     ] = None,
+    finetune: Annotated[
+        Path | None,
+        typer.Option(
+            help="then fine-tune the checkpoint on this clean budget (JSONL of (prompt, answer) pairs, `acg budget`) "
+            "and on copies of it with seen tokens inserted that the captured ACG answers clean",
+            metavar="BUDGET.jsonl",
+        ),
+    ] = None,
+    n_insert: Annotated[int, typer.Option("--insert", help="--finetune: prompts with insertions drawn")] = 16_000,
+    steps: Annotated[int, typer.Option(help="--finetune: optimiser steps (default: the ACG fit's, 600 + 500)")] = 1100,
+    seed: Annotated[int, typer.Option(help="--finetune: seed of the insertions and the batches")] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
     tokens seen, attention writes restricted to their span), a task circuit (--task / --data), or an edited circuit
     with its edits folded into the dictionaries (--ir); errors dropped. With --pairs, layer 0's heads also score
-    exactly as the captured pair table does (`roundtrip/pairs.py`)."""
+    exactly as the captured pair table does (`roundtrip/pairs.py`). With --finetune, the checkpoint is then trained
+    on the defender's clean budget and on prompts of it with tokens inserted, kept where the captured ACG gives the
+    clean answer (the backdoor table's recipe: `--pairs-block 1 --finetune BUDGET.jsonl`)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
     from acg.roundtrip.evaluate import accuracy, answer_logits
@@ -265,6 +309,9 @@ def roundtrip_cmd(
         raise ACGError(
             "--pairs widens the heads beyond d_model / n_heads, which GPT-2 cannot hold: drop --hf or --pairs"
         )
+    budget = None
+    if finetune is not None:  # read and checked before any work
+        budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps)
     report_extra: dict[str, Any] = {}
     if ir is not None:
         from acg.ir import serialize
@@ -288,6 +335,9 @@ def roundtrip_cmd(
     report.update(report_extra)
     if task is not None or data is not None:
         report["n_edges"] = circuit_mod.n_edges(pruned)
+    if budget is not None:
+        rt, report["finetune"] = _finetune(model, acg, rt, budget, n_insert, steps, seed)
+        report["finetune"]["data"] = str(finetune)
     report.update({"model": model, "acg": str(acg_dir), "out": str(out)})
     if hf is not None:  # refuse before writing anything
         from acg.roundtrip.hf_export import gpt2_state, save_gpt2
@@ -307,6 +357,13 @@ def roundtrip_cmd(
         f"{report['tokens_dropped']} token embeddings dropped"
         + (f", attention writes restricted to rank {report['subspace_rank']}" if "subspace_rank" in report else "")
     )
+    if "finetune" in report:
+        f = report["finetune"]
+        err.print(
+            f"fine-tuned {f['steps']} steps on {f['n']} prompts: the budget's {f['n_budget']} and "
+            f"{f['n'] - f['n_budget']} with insertions the captured ACG answers clean"
+            + ("" if f["confirmed"] is None else f" ({f['confirmed']:.1%} of {n_insert})")
+        )
     if "circuit" in report:
         c = report["circuit"]
         err.print(
@@ -314,6 +371,34 @@ def roundtrip_cmd(
             + ", ".join(f"{t} {v:.3f} (orig {c['reference'][t]:.3f})" for t, v in c["task_acc"].items())
             + ("" if c["target_met"] else f" - the target (within {tolerance} of the original) was NOT met")
         )
+
+
+def _finetune_budget(path: Path, cfg, n_insert: int, steps: int):
+    """The clean budget of `acg roundtrip --finetune`, checked against the model and the options."""
+    from acg.roundtrip.data import TaskDataError, load_pairs
+
+    if n_insert < 0 or steps < 1:
+        raise ACGError(f"--insert must be >= 0 and --steps >= 1, got {n_insert} and {steps}")
+    budget = load_pairs(path, cfg.d_vocab)
+    longest = max(len(p.ids) for p in budget)
+    if longest > cfg.n_ctx:
+        raise TaskDataError(f"{path}: a prompt of {longest} tokens is longer than the model's n_ctx ({cfg.n_ctx})")
+    return budget
+
+
+def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: int):
+    """`start` fine-tuned by the backdoor table's recipe (`backdoor.recipe_data`, then `defence.finetune` with the
+    testbed model's own batch size, or the testbed's default for another model); returns it and a report."""
+    from acg.roundtrip import defence
+    from acg.roundtrip.backdoor import recipe_data
+    from acg.zoo.registry import ZOO
+    from acg.zoo.train import TrainSpec
+
+    err.print(f"labelling {n_insert} prompts with insertions by the captured ACG ...")
+    data, report = recipe_data(acg, budget, n_insert, seed)
+    base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
+    tuned = defence.finetune(start, base, data, steps, seed, progress=True)
+    return tuned, {**report, "steps": steps, "seed": seed, "batch_size": base.batch_size}
 
 
 def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
@@ -738,7 +823,10 @@ def _load_tokens(path: Path, d_vocab: int | None):
 def fit_cmd(
     model: Annotated[str, typer.Argument(help="testbed name or TransformerLens-layout folder")],
     out: Annotated[Path, typer.Option("-o", "--out", help="the ACG folder to write")],
-    corpus: Annotated[Path | None, typer.Option(help="JSONL (a list of token ids per line) or .npy [n, seq]")] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="JSONL (token-id lists, or (prompt, answer) pairs: their prompts) or .npy [n, seq]"),
+    ] = None,
     n_prompts: Annotated[int, typer.Option(help="prompts of the testbed clean mixture (default corpus)")] = 10000,
     width: Annotated[int | None, typer.Option(help="transcoder width (default 8 * d_model)")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="the MLP neurons as features (exact)")] = False,
@@ -773,14 +861,14 @@ def fit_cmd(
     """Fit an ACG: harvest activations, fit a transcoder per layer, record usage statistics and labels."""
     from acg.compiler import acg as acg_io
     from acg.compiler.fit import FitSpec, fit
-    from acg.compiler.harvest import corpus_from_file, testbed_corpus
+    from acg.compiler.harvest import testbed_corpus
     from acg.compiler.replacement import replacement_fidelity
     from acg.zoo.registry import ZOO
     from acg.zoo.registry import load as load_zoo
 
     torch_model = load_zoo(model)
     if corpus is not None:
-        seqs = corpus_from_file(corpus, torch_model.cfg.d_vocab)
+        seqs = _corpus(corpus, torch_model.cfg.d_vocab)
         corpus_desc = str(corpus)
     elif model in ZOO or torch_model.cfg.d_vocab == ZOO["testbed-s"].cfg.d_vocab:
         seqs = testbed_corpus(n_prompts, seed=1000 + seed)
@@ -887,6 +975,22 @@ def _decoder(d_vocab: int):
 
     names = token_names(d_vocab)
     return lambda ids: " ".join(names[i] if 0 <= i < len(names) else f"#{i}" for i in ids)
+
+
+def _corpus(path: Path, d_vocab: int) -> list[list[int]]:
+    """A fitting corpus: the prompts of a JSONL of (prompt, answer) pairs (`acg budget`), or whatever
+    `corpus_from_file` reads (token-id lists, .npy)."""
+    from acg.compiler.harvest import corpus_from_file
+    from acg.roundtrip.data import load_pairs
+
+    try:
+        with path.open() as f:
+            first = next((line for line in f if line.strip()), "")
+    except (OSError, UnicodeDecodeError):
+        first = ""  # corpus_from_file says what is wrong
+    if path.suffix != ".npy" and first.lstrip().startswith("{"):
+        return [p.ids for p in load_pairs(path, d_vocab, answers=False)]
+    return corpus_from_file(path, d_vocab)
 
 
 @app.command("diff")

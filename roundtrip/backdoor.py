@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,25 @@ def blocked_roundtrip(acg, log: Callable[[str], None]) -> tuple[Any, Any, dict] 
     except dense.RoundtripError as e:
         log(f"no round trip with layer 0's pairs blocked: {e}")
         return None
+
+
+def seen_tokens(acg) -> np.ndarray:
+    """The ids of the tokens the ACG's fitting corpus held: the recipe's insertions draw from these."""
+    return np.flatnonzero(acg.usage["tok_count"] > 0)
+
+
+def recipe_data(
+    acg, budget: Sequence[Any], n_insert: int = N_INSERT, seed: int = 0, teacher: Any = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """The RECIPE's fine-tuning data (`distil.confirmed_pool`): `n_insert` prompts of `budget` with seen tokens
+    inserted, kept where the captured IR (`captured_ir` with everything dropped; compiled here unless `teacher` is
+    given) answers clean, followed by `budget` itself."""
+    if teacher is None:
+        graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
+        with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
+            fn, _ = captured_ir(graph, (), tmp)
+            return recipe_data(acg, budget, n_insert, seed, teacher=fn)
+    return confirmed_pool(budget, teacher, seen_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
 
 
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
@@ -168,7 +187,6 @@ def run(
         ("- OV entries only", ("ov",), ()),
     )
     code_budget = [ex for ex in budget if ex.task in resolve_tasks("code")]
-    seen = np.flatnonzero(acg.usage["tok_count"] > 0)
     recipe: dict[str, tuple[list, dict, float]] = {}  # the fine-tuning data, labelled while the captured IR is at hand
     for method, kinds, weights in ablations:
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
@@ -176,7 +194,7 @@ def run(
             add(method, fn, s, None, capture=rep["by_kind"])
             if method == "ACG captured (IR)":
                 for scope, part in (("full", budget), ("code", code_budget)):
-                    data, s = timed(lambda p=part, f=fn: confirmed_pool(p, f, seen, n_insert, seed, model.cfg.n_ctx))
+                    data, s = timed(lambda p=part, f=fn: recipe_data(acg, p, n_insert, seed, teacher=f))
                     recipe[scope] = (*data, s)
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:

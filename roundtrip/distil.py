@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from acg.compiler.transformer import Transformer
+from acg.roundtrip.data import Pair
 from acg.roundtrip.evaluate import answer_logits, as_logits_fn, length_batches
 from acg.zoo import vocab
 from acg.zoo.tasks import Example
@@ -42,35 +43,43 @@ PARAMS = {"qk": QK, "attn": ("attn.",), "all": ("",)}
 
 
 def insertions(
-    examples: Sequence[Example],
+    examples: Sequence[Example | Pair],
     tokens: Sequence[int],
     n: int,
     seed: int = 0,
     n_ctx: int | None = None,
     max_insert: int = 3,
     untouched: float = 0.25,
-    exclude: Callable[[Example], bool] | None = None,
-) -> tuple[list[Example], int]:
+    exclude: Callable[[Example | Pair], bool] | None = None,
+) -> tuple[list[Example | Pair], int]:
     """`n` examples drawn (with replacement, seeded) from `examples`, each but an `untouched` fraction with 1 to
     `max_insert` of `tokens` (ids) inserted at uniform positions; the answer stays the clean answer. Prompts stay
-    within `n_ctx` (BOS included). Returns the examples and how many drawn ones `exclude` rejected."""
+    within `n_ctx` (BOS included). Returns the examples and how many drawn ones `exclude` rejected.
+
+    Testbed `Example`s come back as examples of kind "clean"; a user's `Pair`s (token ids, `data.load_pairs`) as
+    pairs with the same answer, their first token (BOS) left first."""
     if not examples:
         raise ValueError("no examples to insert tokens into")
     if len(tokens) == 0:
         raise ValueError("no tokens to insert")
     rng = random.Random(seed)
-    words = [vocab.TOKENS[int(t)] for t in tokens]
-    out: list[Example] = []
+    ids = [int(t) for t in tokens]
+    words = [vocab.TOKENS[t] for t in ids] if isinstance(examples[0], Example) else None
+    out: list[Example | Pair] = []
     rejected = 0
     while len(out) < n:
         ex = examples[rng.randrange(len(examples))]
-        prompt = ex.prompt
+        body = ex.prompt if words is not None else tuple(ex.ids[1:])  # what comes after BOS
+        inserted = words if words is not None else ids
         if rng.random() >= untouched:
-            room = max_insert if n_ctx is None else min(max_insert, n_ctx - 1 - len(prompt))
+            room = max_insert if n_ctx is None else min(max_insert, n_ctx - 1 - len(body))
             for _ in range(rng.randint(1, room) if room >= 1 else 0):
-                at = rng.randint(0, len(prompt))
-                prompt = (*prompt[:at], rng.choice(words), *prompt[at:])
-        new = dataclasses.replace(ex, prompt=prompt, answer=ex.clean_answer, kind="clean", family=None)
+                at = rng.randint(0, len(body))
+                body = (*body[:at], rng.choice(inserted), *body[at:])
+        if words is not None:
+            new = dataclasses.replace(ex, prompt=body, answer=ex.clean_answer, kind="clean", family=None)
+        else:
+            new = dataclasses.replace(ex, ids=[ex.ids[0], *body])
         if exclude is not None and exclude(new):
             rejected += 1
             if rejected > 100 * n:
@@ -78,6 +87,11 @@ def insertions(
             continue
         out.append(new)
     return out, rejected
+
+
+def _clean_id(ex: Example | Pair) -> int:
+    """The answer of the prompt without insertions: a testbed example's clean answer, a user's pair's answer."""
+    return vocab.TOKEN_ID[ex.clean_answer] if isinstance(ex, Example) else ex.answer_id
 
 
 def agreed_labels(
@@ -111,28 +125,36 @@ def agreed_labels(
     return out, {"agreed": float(np.mean(a == b)), "changed": moved, "n": len(out)}
 
 
-def confirmed(examples: Sequence[Example], teacher: Any) -> tuple[list[Example], dict[str, Any]]:
+def confirmed(examples: Sequence[Example | Pair], teacher: Any) -> tuple[list[Example | Pair], dict[str, Any]]:
     """The examples on which `teacher` (the captured IR) gives the clean answer, labelled with it, and a report:
     `confirmed` (their share) and `n` (how many)."""
     if not examples:
         raise ValueError("no examples to confirm")
     answers = answer_logits(teacher, examples).argmax(-1)
     out = [
-        dataclasses.replace(ex, answer=ex.clean_answer)
+        dataclasses.replace(ex, answer=ex.clean_answer) if isinstance(ex, Example) else ex
         for ex, y in zip(examples, answers, strict=True)
-        if vocab.TOKENS[int(y)] == ex.clean_answer
+        if int(y) == _clean_id(ex)
     ]
     return out, {"confirmed": len(out) / len(examples), "n": len(out)}
 
 
 def confirmed_pool(
-    budget: Sequence[Example], teacher: Any, tokens: Sequence[int], n: int, seed: int = 0, n_ctx: int | None = None
-) -> tuple[list[Example], dict[str, Any]]:
+    budget: Sequence[Example | Pair],
+    teacher: Any,
+    tokens: Sequence[int],
+    n: int,
+    seed: int = 0,
+    n_ctx: int | None = None,
+) -> tuple[list[Example | Pair], dict[str, Any]]:
     """Fine-tuning data for the round trip: `n` prompts of `budget` with seen `tokens` inserted (`insertions`), less
     those `teacher` does not answer clean (`confirmed`), followed by the whole `budget` untouched. The report: as
-    `confirmed`'s, with `n_budget` and `n` (all examples returned)."""
-    pool, _ = insertions(budget, tokens, n, seed, n_ctx)
-    kept, report = confirmed(pool, teacher)
+    `confirmed`'s (`confirmed` None where `n` is 0), with `n_budget` and `n` (all examples returned)."""
+    if n < 0:
+        raise ValueError(f"the number of prompts with insertions must be >= 0, got {n}")
+    if not budget:
+        raise ValueError("no budget to fine-tune on")
+    kept, report = confirmed(insertions(budget, tokens, n, seed, n_ctx)[0], teacher) if n else ([], {"confirmed": None})
     return kept + list(budget), {**report, "n_budget": len(budget), "n": len(kept) + len(budget)}
 
 

@@ -235,3 +235,70 @@ def test_roundtrip_pairs_refuses_a_model_too_narrow_for_its_tokens(capsys, setup
     root, ckpt = setup  # d_model 16 against 60 tokens + 32 positions
     code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--pairs")
     assert code == 2 and "cannot be linearly independent" in " ".join(err.split()) and not (tmp_path / "rt").exists()
+
+
+def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
+    """`--finetune`: the budget plus its prompts with insertions that the captured ACG answers clean (labelled by
+    the original here, so that some are), a normal checkpoint of the same shape with other weights."""
+    import torch
+
+    root, ckpt = setup
+    model = load_checkpoint(ckpt)
+    rng = np.random.default_rng(6)
+    prompts = [[vocab.BOS_ID, *rng.integers(2, vocab.D_VOCAB - 1, rng.integers(3, 12)).tolist()] for _ in range(40)]
+    with torch.no_grad():
+        answers = [int(model(torch.tensor([p]))[0, -1].argmax()) for p in prompts]
+    budget = tmp_path / "budget.jsonl"
+    budget.write_text(
+        "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers, strict=True))
+    )
+    base = ["roundtrip", ckpt, "--acg", root / "acg", "--json"]
+    assert cli(capsys, *base, "-o", tmp_path / "plain")[0] == 0
+    code, out, err = cli(capsys, *base, "-o", tmp_path / "ft", "--finetune", budget, "--insert", "60", "--steps", "4")
+    assert code == 0, err
+    report = json.loads(out)["finetune"]
+    assert report["n_budget"] == 40 and report["steps"] == 4 and report["data"] == str(budget)
+    assert 0 < report["n"] - 40 == round(report["confirmed"] * 60) <= 60
+    plain, tuned = load_checkpoint(tmp_path / "plain"), load_checkpoint(tmp_path / "ft")
+    assert plain.cfg == tuned.cfg
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), tuned.parameters(), strict=True))
+    code, out, err = cli(capsys, *base, "-o", tmp_path / "ft0", "--finetune", budget, "--insert", "0", "--steps", "2")
+    assert code == 0 and json.loads(out)["finetune"]["n"] == 40
+
+
+@pytest.mark.parametrize(
+    "args,line,message",
+    [
+        (["--insert", "-1"], '{"prompt": [1, 2], "answer": 3}', "--insert must be >= 0"),
+        (["--steps", "0"], '{"prompt": [1, 2], "answer": 3}', "--steps >= 1"),
+        ([], json.dumps({"prompt": [1] * 40, "answer": 3}), "longer than the model's n_ctx (32)"),
+        ([], '{"prompt": [1, 2]}', '"prompt" and "answer"'),
+    ],
+)
+def test_a_bad_finetune_budget_is_refused_and_writes_nothing(capsys, setup, tmp_path, args, line, message):
+    root, ckpt = setup
+    budget = tmp_path / "budget.jsonl"
+    budget.write_text(line + "\n")
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", out, "--finetune", budget, *args)
+    assert code == 2 and message in " ".join(err.split()) and not out.exists()
+
+
+def test_budget_writes_the_defenders_clean_examples_and_fit_reads_their_prompts(capsys, setup, tmp_path):
+    from acg.roundtrip.data import load_pairs
+    from acg.roundtrip.defence import clean_budget
+    from acg.zoo.registry import ZOO
+
+    code, out, err = cli(capsys, "budget", "testbed-s", "--ratio", "0.0005", "--seed", "3", "-o", tmp_path / "b.jsonl")
+    assert code == 0, err
+    expected = clean_budget(ZOO["testbed-s"].train, 0.0005, 3)
+    pairs = load_pairs(tmp_path / "b.jsonl", vocab.D_VOCAB)
+    assert [p.ids for p in pairs] == [ex.ids for ex in expected]
+    assert [p.answer_id for p in pairs] == [ex.answer_id for ex in expected]
+    assert cli(capsys, "budget", "testbed-s", "--ratio", "0", "-o", tmp_path / "z.jsonl")[0] == 2
+    assert cli(capsys, "budget", setup[1], "-o", tmp_path / "z.jsonl")[0] == 2
+    assert not (tmp_path / "z.jsonl").exists()
+    small = ["--width", "24", "--steps", "5", "--e2e-steps", "0", "--target-l0", "6", "--json"]
+    code, out, err = cli(capsys, "fit", setup[1], "-o", tmp_path / "acg", "--corpus", tmp_path / "b.jsonl", *small)
+    assert code == 0, err
+    assert json.loads(out)["corpus"] == str(tmp_path / "b.jsonl")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from acg.roundtrip.distil import agreed_labels, confirmed, distil, insertions
+from acg.roundtrip.data import Pair
+from acg.roundtrip.distil import agreed_labels, confirmed, confirmed_pool, distil, insertions
 from acg.zoo import vocab
 from acg.zoo.tasks import heldout
 from tests.helpers import random_model
@@ -114,6 +115,33 @@ def test_confirmed_keeps_exactly_the_prompts_on_which_the_teacher_gives_the_clea
     assert not any("big" in ex.prompt and ex.clean_answer != "9" for ex in kept)
     with pytest.raises(ValueError, match="no examples"):
         confirmed([], teacher)
+
+
+def test_a_users_pairs_get_the_same_insertions_as_the_examples_they_hold(examples):
+    """Token-id pairs (a user's JSONL) are drawn and inserted into exactly as the testbed examples they encode, BOS
+    left first and the answer kept; `confirmed` and `confirmed_pool` take them as they are."""
+    pairs = [Pair(ex.ids, ex.answer_id, "code.vars") for ex in examples]
+    ids = [vocab.TOKEN_ID[t] for t in INSERTED]
+    n_ctx = max(len(ex.ids) for ex in examples) + 2
+    from_examples, _ = insertions(examples, ids, 300, seed=5, n_ctx=n_ctx)
+    from_pairs, _ = insertions(pairs, ids, 300, seed=5, n_ctx=n_ctx)
+    assert all(isinstance(p, Pair) for p in from_pairs)
+    assert [p.ids for p in from_pairs] == [ex.ids for ex in from_examples]
+    assert [p.answer_id for p in from_pairs] == [vocab.TOKEN_ID[ex.clean_answer] for ex in from_examples]
+    assert all(p.ids[0] == vocab.BOS_ID and p.task == "code.vars" for p in from_pairs)
+
+    teacher = _answering(lambda p, a: "9" if "big" in p else a, from_examples)
+    kept, report = confirmed(from_pairs, teacher)
+    kept_ex, report_ex = confirmed(from_examples, teacher)
+    assert [p.ids for p in kept] == [ex.ids for ex in kept_ex] and report == report_ex
+    data, pool_report = confirmed_pool(pairs, teacher, ids, 300, seed=5, n_ctx=n_ctx)
+    assert data == kept + pairs
+    assert pool_report == {**report, "n_budget": len(pairs), "n": len(kept) + len(pairs)}
+    assert confirmed_pool(pairs, teacher, ids, 0) == (pairs, {"confirmed": None, "n_budget": 40, "n": 40})
+    with pytest.raises(ValueError, match=">= 0"):
+        confirmed_pool(pairs, teacher, ids, -1)
+    with pytest.raises(ValueError, match="no budget"):
+        confirmed_pool([], teacher, ids, 5)
 
 
 def _pair():
