@@ -257,7 +257,13 @@ def roundtrip_cmd(
     everything: Annotated[
         bool, typer.Option("--all", help="keep every feature and token (no capture): the replacement model itself")
     ] = False,
-    tolerance: Annotated[float, typer.Option(help="circuit: task_acc may fall this far below the original")] = 0.01,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            help="circuit: task_acc may fall this far below the original (judged on the selection prompts with a "
+            "margin: one standard error, at most half the tolerance)"
+        ),
+    ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="circuit: prompts to attribute over")] = 2000,
     hf: Annotated[Path | None, typer.Option(help="also write a Hugging Face GPT-2 folder (ReLU dictionaries)")] = None,
     ir: Annotated[
@@ -471,7 +477,11 @@ def compile_cmd(
         Path | None, typer.Option(help="with --acg: distil the circuit of a JSONL of (prompt, answer) pairs")
     ] = None,
     tolerance: Annotated[
-        float, typer.Option(help="task circuits: task_acc may fall this far below the original")
+        float,
+        typer.Option(
+            help="task circuits: task_acc may fall this far below the original (features: judged with a margin of "
+            "one standard error of the selection prompts, at most half the tolerance)"
+        ),
     ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="task circuits: prompts to attribute over")] = 2000,
     save_ir: Annotated[Path | None, typer.Option(help="also write the IR folder here")] = None,

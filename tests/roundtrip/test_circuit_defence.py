@@ -86,6 +86,23 @@ def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_fi
         circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=-1)
 
 
+def test_the_target_is_held_with_a_margin_against_selection_luck():
+    """Each decision asks for reference - tolerance + margin: by default one standard error of the reference on the
+    selection prompts, at most half the tolerance. One feature answers half the prompts: enough for a target of 0.48,
+    not for 0.53."""
+    model, acg = _planted()
+    data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 10
+    loose = circuit.extract(model, acg, data, {"t": data}, {"t": 0.58}, tolerance=0.1, margin=0.0)
+    assert loose.report["k"] == 1 and loose.report["margin"] == {"t": 0.0}
+    held = circuit.extract(model, acg, data, {"t": data}, {"t": 0.58}, tolerance=0.1)
+    assert held.report["k"] == 2 and held.report["margin"] == {"t": 0.05}  # sqrt(.58 .42 / 20) = 0.11, capped
+    assert circuit.selection_margin(0.964, 1000, 0.01) == 0.005
+    assert circuit.selection_margin(0.99, 1000, 0.01) == pytest.approx(np.sqrt(0.99 * 0.01 / 1000))
+    assert circuit.selection_margin(1.0, 20, 0.01) == 0.0
+    with pytest.raises(ValueError, match="margin must be in"):
+        circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, tolerance=0.01, margin=0.02)
+
+
 def test_a_missed_target_keeps_the_attributed_features_not_the_whole_dictionary():
     model, acg = _planted()
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
