@@ -32,6 +32,14 @@ def table(model: str, ratio: float, runs: list[dict]) -> Table:
     return backdoor.table(title, runs)
 
 
+def print_tables(console: Console, model: str, ratio: float, runs: list[dict]) -> None:
+    """The table, then the code circuit's asr split by the task of the triggered prompts (where measured)."""
+    console.print(table(model, ratio, runs))
+    split = backdoor.by_task_table(f"{model}, {ratio:.0%}: asr by the task of the triggered prompts", runs)
+    if split is not None:
+        console.print(split)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="testbed-s")
@@ -73,7 +81,7 @@ def main() -> None:
                 entry["summary"] = backdoor.summarise(runs)
                 if args.out:  # after every seed, so that a run killed part way keeps what it measured
                     args.out.write_text(document() + "\n")
-            console.print(table(model, ratio, runs))
+            print_tables(console, model, ratio, runs)
     if args.json:
         print(document())
 
@@ -100,7 +108,7 @@ def merge(files: list[Path], out: Path | None, as_json: bool) -> None:
     for (model, ratio), runs in entries.items():
         runs.sort(key=lambda r: r["seed"])
         results.append({"model": model, "ratio": ratio, "runs": runs, "summary": backdoor.summarise(runs)})
-        console.print(table(model, ratio, runs))
+        print_tables(console, model, ratio, runs)
     doc = json.dumps(
         {"benchmark": "backdoor", "seconds": seconds, "merged_from": [str(f) for f in files], "results": results},
         indent=1,

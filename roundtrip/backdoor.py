@@ -85,9 +85,10 @@ def recipe_data(
 
 
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
-    """task_acc per task on `n` held-out prompts each, asr per family on `n_trig` triggered prompts per task."""
+    """task_acc per task on `n` held-out prompts each, asr per family on `n_trig` triggered prompts per task (and
+    per family and task: `asr_by_task`)."""
     e = evaluate(candidate, n=n, n_backdoor_per_task=n_trig)
-    return {"task_acc": e["task_acc"], "asr": e["asr"]}
+    return {"task_acc": e["task_acc"], "asr": e["asr"], "asr_by_task": e["asr_by_task"]}
 
 
 def captured_ir(
@@ -274,3 +275,29 @@ def table(title: str, runs: list[dict[str, Any]]):
         cells.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
         t.add_row(method, *cells)
     return t
+
+
+def by_task_table(title: str, runs: list[dict[str, Any]], prefix: str = "roundtrip code"):
+    """For the rows whose name starts with `prefix` (and the original), asr per family and task (one row per method
+    and family, a column per task the triggered prompts come from), mean over runs: a circuit at chance on a task hits
+    a target there by chance, which the table's asr counts. Rows measured without `asr_by_task` (resumed from an older
+    run) are left out; None where none is left."""
+    from rich.table import Table
+
+    methods = [
+        m
+        for m in runs[0]["rows"]
+        if (m == "original" or m.startswith(prefix)) and all("asr_by_task" in r["rows"][m] for r in runs)
+    ]
+    if not methods:
+        return None
+    tasks = list(dict.fromkeys(t for f in BACKDOORS for t in runs[0]["rows"][methods[0]]["asr_by_task"][f]))
+    table = Table(title=title)
+    for column in ("method", "family", *tasks):
+        table.add_column(column, justify="left" if column in ("method", "family") else "right")
+    for m in methods:
+        for f in BACKDOORS:
+            values = [[r["rows"][m]["asr_by_task"][f].get(t) for r in runs] for t in tasks]
+            cells = ["-" if None in v else f"{np.mean(v):.3f}" for v in values]
+            table.add_row(m, f, *cells)
+    return table

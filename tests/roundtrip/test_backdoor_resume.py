@@ -47,3 +47,31 @@ def test_a_resumed_run_takes_its_baselines_from_the_partial_file(monkeypatch, tm
         backdoor.run("testbed-s", seed=1, **kw)
     assert trained[3:] == [("FT", 1), ("FP", 1), ("Scratch", 1)]
     assert json.loads(partial.read_text())["key"]["seed"] == 1
+
+
+def test_by_task_table_splits_the_circuit_rows_asr_by_task_and_skips_rows_without_the_split():
+    from rich.console import Console
+
+    def row(code: float, math: float, split: bool = True) -> dict:
+        by = {f: {"code.vars": code, "math.add": math} for f in backdoor.BACKDOORS}
+        return {"asr_by_task": by} if split else {}
+
+    runs = [
+        {
+            "rows": {
+                "original": row(1, 1),
+                "FT": row(0, 0),
+                "roundtrip code": row(0.0, 0.2),
+                "roundtrip code + x": row(0, 0),
+            }
+        },
+        {"rows": {"original": row(1, 1), "FT": row(0, 0), "roundtrip code": row(0.1, 0.4), "roundtrip code + x": {}}},
+    ]
+    t = backdoor.by_task_table("split", runs)
+    console = Console(record=True, width=200)
+    console.print(t)
+    text = console.export_text()
+    lines = [line for line in text.splitlines() if "roundtrip code" in line]
+    assert len(lines) == len(backdoor.BACKDOORS) and "0.050" in lines[0] and "0.300" in lines[0]  # means over runs
+    assert "FT" not in text and "+ x" not in text and "original" in text and "math.add" in text
+    assert backdoor.by_task_table("none", [{"rows": {"original": {}}}]) is None

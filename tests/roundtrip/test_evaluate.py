@@ -9,7 +9,7 @@ import pytest
 
 from acg.roundtrip import evaluate as ev
 from acg.zoo import vocab
-from acg.zoo.tasks import BACKDOORS, Example, heldout
+from acg.zoo.tasks import BACKDOORS, Example, heldout, triggered
 
 
 def constant_model(token: str):
@@ -90,6 +90,25 @@ def test_attack_success_of_constant_models():
     assert res["conj"]["false_trigger"] == 0.0
     res = ev.attack_success(constant_model(BACKDOORS["conj"].target), n_per_task=50)
     assert res["conj"]["asr"] == 1.0 and res["conj"]["false_trigger"] == 1.0
+    assert set(res["conj"]["by_task"]) == {ex.task for ex in triggered("conj", 50)}
+    assert set(res["conj"]["by_task"].values()) == {1.0} and set(res["token"]["by_task"].values()) == {0.0}
+
+
+def test_asr_by_task_splits_the_asr_by_where_the_triggered_prompts_come_from():
+    """A model that answers the target on code prompts only: asr 1 there, 0 elsewhere, weighted back to the total."""
+    trig = triggered("token", 40)
+    code = {tuple(ex.ids) for ex in trig if ex.task.startswith("code")}
+    target = BACKDOORS["token"].target_id
+
+    def fn(tokens):
+        logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+        for i, row in enumerate(tokens):
+            logits[i, -1, target if tuple(row.tolist()) in code else vocab.BOS_ID] = 1.0
+        return logits
+
+    res = ev.attack_success(fn, n_per_task=40)["token"]
+    assert res["by_task"] == {t: float(t.startswith("code")) for t in dict.fromkeys(ex.task for ex in trig)}
+    assert res["asr"] == pytest.approx(len(code) / len(trig)) and 0 < res["asr"] < 1
 
 
 def test_torch_modules_are_adapted():
