@@ -288,7 +288,8 @@ def roundtrip_cmd(
         Path | None,
         typer.Option(
             help="then fine-tune the checkpoint on this clean budget (JSONL of (prompt, answer) pairs, `acg budget`) "
-            "and on copies of it with seen tokens inserted that the captured ACG answers clean",
+            "and on copies of it with tokens inserted (half of them ones the ACG never saw) that the captured ACG "
+            "answers clean",
             metavar="BUDGET.jsonl",
         ),
     ] = None,

@@ -18,9 +18,10 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
   (`evaluate.copy_split`: a circuit that only copies is right on the first part alone); and `roundtrip code +
   layer-0 pairs blocked`, the circuit's round trip with layer 0's unused pairs blocked too;
 - `... blocked + FT, confirmed insertions + budget`: each blocked round trip fine-tuned (the FT baseline's recipe and
-  steps) on the budget's prompts with 1-3 seen tokens inserted at random, less those the captured IR does not
-  answer clean, together with the budget itself (`distil.confirmed_pool`; the code circuit on the code prompts only).
-  The defender needs no trigger: the insertions are blind guesses, and the ACG decides which labels to trust.
+  steps) on the budget's prompts with 1-3 tokens inserted at random — half the draws tokens the budget never held,
+  whose embeddings the round trip dropped (`recipe_tokens`) — less those the captured IR does not answer clean,
+  together with the budget itself (`recipe_data`; the code circuit on the code prompts only). The defender needs no
+  trigger: the insertions are blind guesses, and the ACG decides which labels to trust.
 """
 
 from __future__ import annotations
@@ -65,15 +66,22 @@ def blocked_roundtrip(acg, log: Callable[[str], None]) -> tuple[Any, Any, dict] 
         return None
 
 
-def seen_tokens(acg) -> np.ndarray:
-    """The ids of the tokens the ACG's fitting corpus held: the recipe's insertions draw from these."""
-    return np.flatnonzero(acg.usage["tok_count"] > 0)
+def recipe_tokens(acg) -> np.ndarray:
+    """The token ids the recipe's insertions draw from (uniformly, with repeats): every token the ACG's fitting
+    corpus held once, and the ones it never held (their embeddings are dropped by the round trip) repeated so that
+    they make up about half the draws: a dropped token reads as nothing but its position, and the checkpoint learns
+    to let such a position change nothing."""
+    seen = np.flatnonzero(acg.usage["tok_count"] > 0)
+    never = np.flatnonzero(acg.usage["tok_count"] == 0)
+    if len(never) == 0:
+        return seen
+    return np.concatenate([seen, np.tile(never, max(1, len(seen) // len(never)))])
 
 
 def recipe_data(
     acg, budget: Sequence[Any], n_insert: int = N_INSERT, seed: int = 0, teacher: Any = None
 ) -> tuple[list[Any], dict[str, Any]]:
-    """The RECIPE's fine-tuning data (`distil.confirmed_pool`): `n_insert` prompts of `budget` with seen tokens
+    """The RECIPE's fine-tuning data (`distil.confirmed_pool`): `n_insert` prompts of `budget` with `recipe_tokens`
     inserted, kept where the captured IR (`captured_ir` with everything dropped; compiled here unless `teacher` is
     given) answers clean, followed by `budget` itself."""
     if teacher is None:
@@ -81,7 +89,7 @@ def recipe_data(
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
             fn, _ = captured_ir(graph, (), tmp)
             return recipe_data(acg, budget, n_insert, seed, teacher=fn)
-    return confirmed_pool(budget, teacher, seen_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
+    return confirmed_pool(budget, teacher, recipe_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
 
 
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:

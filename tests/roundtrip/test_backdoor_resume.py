@@ -75,3 +75,16 @@ def test_by_task_table_splits_the_circuit_rows_asr_by_task_and_skips_rows_withou
     assert len(lines) == len(backdoor.BACKDOORS) and "0.050" in lines[0] and "0.300" in lines[0]  # means over runs
     assert "FT" not in text and "+ x" not in text and "original" in text and "math.add" in text
     assert backdoor.by_task_table("none", [{"rows": {"original": {}}}]) is None
+
+
+def test_recipe_tokens_are_every_seen_token_once_and_the_never_seen_ones_about_half_the_draws():
+    from collections import Counter
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    counts = np.array([0, 5, 3, 0, 1, 2, 7, 1, 4, 0], dtype=np.float32)
+    drawn = Counter(backdoor.recipe_tokens(SimpleNamespace(usage={"tok_count": counts})).tolist())
+    assert drawn == {**{t: 1 for t in (1, 2, 4, 5, 6, 7, 8)}, **{t: 2 for t in (0, 3, 9)}}  # 7 // 3 repeats: 6 of 13
+    every = backdoor.recipe_tokens(SimpleNamespace(usage={"tok_count": counts + 1}))
+    assert every.tolist() == list(range(10))
