@@ -111,11 +111,35 @@ def captured_ir(
 
 
 def code_circuit(model, acg, budget, n_fit: int = 2000, n_eval: int = 1000, tolerance: float = 0.01):
+    """The `code` circuit: attributed on the budget's code prompts, selected on held-out prompts (seed
+    CIRCUIT_EVAL_SEED), every top-k feature tried by the elimination, whose path is validated on other held-out
+    prompts (the next seed's, less any the selection holds)."""
     tasks = resolve_tasks("code")
     fit_examples = [ex for ex in budget if ex.task in tasks][:n_fit]
-    eval_examples = {t: heldout(t, n_eval, CIRCUIT_EVAL_SEED) for t in tasks}
+    eval_examples, validation = heldout_pair(tasks, n_eval, CIRCUIT_EVAL_SEED)
     reference = {t: accuracy(answer_logits(model, exs), exs) for t, exs in eval_examples.items()}
-    return circuit.extract(model, acg, fit_examples, eval_examples, reference, tolerance, name="circuit:code")
+    return circuit.extract(
+        model,
+        acg,
+        fit_examples,
+        eval_examples,
+        reference,
+        tolerance,
+        name="circuit:code",
+        refine=None,
+        validation=validation,
+    )
+
+
+def heldout_pair(tasks, n: int, seed: int) -> tuple[dict[str, list], dict[str, list]]:
+    """Two samples of held-out prompts per task, seeds `seed` and `seed + 1`, the second less the first's prompts (a
+    task's held-out space can be small enough for two draws to share some)."""
+    first = {t: heldout(t, n, seed) for t in tasks}
+    second = {}
+    for t in tasks:
+        taken = {ex.prompt for ex in first[t]}
+        second[t] = [ex for ex in heldout(t, n, seed + 1) if ex.prompt not in taken]
+    return first, second
 
 
 def run(
@@ -285,6 +309,12 @@ def table(title: str, runs: list[dict[str, Any]]):
     return t
 
 
+def short(method: str) -> str:
+    """A row's name for a narrow table: "code + blocked + recipe FT" for "roundtrip code + layer-0 pairs blocked + FT,
+    confirmed insertions + budget"."""
+    return method.removeprefix("roundtrip ").replace(BLOCKED, " + blocked").replace(RECIPE, " + recipe FT")
+
+
 def by_task_table(title: str, runs: list[dict[str, Any]], prefix: str = "roundtrip code"):
     """For the rows whose name starts with `prefix` (and the original), asr per family and task (one row per method
     and family, a column per task the triggered prompts come from), mean over runs: a circuit at chance on a task hits
@@ -307,5 +337,5 @@ def by_task_table(title: str, runs: list[dict[str, Any]], prefix: str = "roundtr
         for f in BACKDOORS:
             values = [[r["rows"][m]["asr_by_task"][f].get(t) for r in runs] for t in tasks]
             cells = ["-" if None in v else f"{np.mean(v):.3f}" for v in values]
-            table.add_row(m, f, *cells)
+            table.add_row(short(m), f, *cells)
     return table

@@ -142,25 +142,35 @@ def extract(
     grid: Sequence[float] = GRID,
     bisect_steps: int = 4,
     name: str = "circuit",
-    refine: int = 64,
+    refine: int | None = 64,
     margin: float | None = None,
+    validation: dict[str, Sequence[Example]] | None = None,
 ) -> Circuit:
     """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of
     `reference` on every task in `eval_examples` (module docstring). Candidates are the features with non-zero
     attribution on `fit_examples` (one that never fired on them scores 0 and adds nothing to a top-k); where no k meets
     the target, k = all candidates, and `target_met` is False. Where it is met, the `refine` least attributed features
-    of the top k are then ablated one at a time, least first, and each is left out where the target still holds
-    (backward elimination: the report's `k_top` is the top-k size, `refined_away` how many it left out). Each
-    decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts; `margin` None: per task,
-    `selection_margin` (the report's `margin`)."""
-    if refine < 0:
+    of the top k (None: all of them) are then ablated one at a time, least first, and each is left out where the
+    target still holds (backward elimination: the report's `k_top` is the top-k size, `refined_away` how many it
+    left out). Each decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts; `margin`
+    None: per task, `selection_margin` (the report's `margin`).
+
+    `validation` (prompts per task, none of them in `eval_examples`): the elimination's path (the circuit after each
+    removal it kept) is checked against them, and the smallest circuit on it that holds the same target there too
+    is the result (bisection over the path, taken as monotone; the report's `validated`, and `refined_away` counts
+    only the removals kept). Without it the elimination's last circuit is the result."""
+    if refine is not None and refine < 0:
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if margin is not None and not 0 <= margin <= tolerance:
         raise ValueError(f"margin must be in [0, tolerance = {tolerance}], got {margin}")
-    margins = {
-        t: selection_margin(reference[t], len(exs), tolerance) if margin is None else margin
-        for t, exs in eval_examples.items()
-    }
+
+    def margins_for(reference: dict[str, float], examples: dict[str, Sequence[Example]]) -> dict[str, float]:
+        return {
+            t: selection_margin(reference[t], len(exs), tolerance) if margin is None else margin
+            for t, exs in examples.items()
+        }
+
+    margins = margins_for(reference, eval_examples)
     scores, _ = feature_attribution(model, acg, fit_examples)
     total = sum(acg.n_features())
     live = int(sum((s > 0).sum() for s in scores))
@@ -171,10 +181,10 @@ def extract(
     positions = np.arange(acg.cfg.n_ctx) < longest
     cache: dict[int, dict[str, float]] = {}
 
-    def accuracy_of(chosen: Sequence[int]) -> dict[str, float]:
+    def accuracy_of(chosen: Sequence[int], examples: dict[str, Sequence[Example]] = eval_examples) -> dict[str, float]:
         pruned, _ = prune(acg, select(scores, chosen, tokens, positions))
         repl = to_dense(pruned)
-        return {t: accuracy(answer_logits(repl, exs), exs) for t, exs in eval_examples.items()}
+        return {t: accuracy(answer_logits(repl, exs), exs) for t, exs in examples.items()}
 
     def measure(k: int) -> dict[str, float]:
         if k not in cache:
@@ -191,12 +201,26 @@ def extract(
     good = live if good is None else good
     curve = [{"k": k, "fraction": k / total, "task_acc": cache[k]} for k in sorted(cache)]
     chosen, acc = list(order[:good]), measure(good)
+    validated = None
     if target_met:
-        for feature in order[:good][::-1][:refine]:  # least attributed first
-            trial = [f for f in chosen if f != feature]
+        path = [(chosen, acc)]  # the circuit after each removal kept
+        for feature in order[:good][::-1][: good if refine is None else refine]:  # least attributed first
+            trial = [f for f in path[-1][0] if f != feature]
             trial_acc = accuracy_of(trial) if trial else None
             if trial_acc is not None and faithful(trial_acc):
-                chosen, acc = trial, trial_acc
+                path.append((trial, trial_acc))
+        chosen, acc = path[-1]
+        if validation is not None:
+            v_reference = {t: accuracy(answer_logits(model, exs), exs) for t, exs in validation.items()}
+            v_margins = margins_for(v_reference, validation)
+
+            def holds(step: int) -> bool:
+                v_acc = accuracy_of(path[step][0], validation)
+                return all(v_acc[t] >= v_reference[t] - tolerance + v_margins[t] for t in validation)
+
+            step = last_passing(len(path), holds)
+            validated = step is not None
+            chosen, acc = path[step or 0]
     sel = select(scores, chosen, tokens, positions)
     sel = Selection(sel.features, sel.tokens, sel.positions, True, name, {"k": len(chosen), "tolerance": tolerance})
     report = {
@@ -209,10 +233,25 @@ def extract(
         "reference": reference,
         "margin": margins,
         "target_met": target_met,
+        "validated": validated,
         "tokens_kept": int(tokens.sum()),
         "candidates": live,
     }
     return Circuit(sel, curve, scores, reference, target_met, report)
+
+
+def last_passing(n: int, ok: Callable[[int], bool]) -> int | None:
+    """The largest i < n with `ok(i)`, where `ok` holds up to some point and not after (checked at n - 1 first, then
+    at 0, then by bisection); None where `ok(0)` fails."""
+    if ok(n - 1):
+        return n - 1
+    if n == 1 or not ok(0):
+        return None
+    lo, hi = 0, n - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
 
 
 def n_edges(pruned: ACG, rtol: float = 1e-9) -> dict[str, int]:

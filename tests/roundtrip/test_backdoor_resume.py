@@ -71,10 +71,12 @@ def test_by_task_table_splits_the_circuit_rows_asr_by_task_and_skips_rows_withou
     console = Console(record=True, width=200)
     console.print(t)
     text = console.export_text()
-    lines = [line for line in text.splitlines() if "roundtrip code" in line]
+    lines = [line for line in text.splitlines() if line.startswith("│ code ")]
     assert len(lines) == len(backdoor.BACKDOORS) and "0.050" in lines[0] and "0.300" in lines[0]  # means over runs
     assert "FT" not in text and "+ x" not in text and "original" in text and "math.add" in text
     assert backdoor.by_task_table("none", [{"rows": {"original": {}}}]) is None
+    name = "roundtrip code" + backdoor.BLOCKED + backdoor.RECIPE
+    assert backdoor.short(name) == "code + blocked + recipe FT"
 
 
 def test_recipe_tokens_are_every_seen_token_once_and_the_never_seen_ones_about_half_the_draws():

@@ -103,6 +103,39 @@ def test_the_target_is_held_with_a_margin_against_selection_luck():
         circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, tolerance=0.01, margin=0.02)
 
 
+def test_validation_prompts_undo_removals_that_only_the_selection_prompts_allow():
+    """The selection prompts ask only "1 -> 3", so the elimination drops feature 1 (which the attribution prompts,
+    mostly "2 -> 4", ranked first); validation prompts that also ask "2 -> 4" take the step back."""
+    model, acg = _planted()
+    fit_examples = [Ex([0, 2], 4)] * 15 + [Ex([0, 1], 3)] * 5
+    selection = {"t": [Ex([0, 1], 3), Ex([0, 5, 1], 3)] * 5}
+    plain = circuit.extract(model, acg, fit_examples, selection, {"t": 1.0})
+    assert plain.report["k_top"] == 2 and plain.report["k"] == 1 and plain.report["validated"] is None
+    assert plain.selection.features[0].tolist() == [0]
+    both = {"t": [Ex([0, 1], 3), Ex([0, 2], 4)] * 5}
+    out = circuit.extract(model, acg, fit_examples, selection, {"t": 1.0}, validation=both)
+    assert out.report["k"] == 2 and out.report["refined_away"] == 0 and out.report["validated"] is True
+    assert out.selection.features[0].tolist() == [0, 1]
+    same = circuit.extract(model, acg, fit_examples, selection, {"t": 1.0}, validation=selection)
+    assert same.report["k"] == 1 and same.report["validated"] is True
+
+
+def test_last_passing_finds_the_end_of_a_monotone_run_by_bisection():
+    calls: list[int] = []
+
+    def upto(limit: int):
+        def ok(i: int) -> bool:
+            calls.append(i)
+            return i <= limit
+
+        return ok
+
+    assert circuit.last_passing(100, upto(37)) == 37 and len(calls) <= 2 + 7
+    assert circuit.last_passing(5, upto(10)) == 4 and calls[-1] == 4
+    assert circuit.last_passing(5, upto(-1)) is None
+    assert circuit.last_passing(1, upto(0)) == 0 and circuit.last_passing(1, upto(-1)) is None
+
+
 def test_a_missed_target_keeps_the_attributed_features_not_the_whole_dictionary():
     model, acg = _planted()
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
