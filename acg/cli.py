@@ -306,7 +306,6 @@ def roundtrip_cmd(
     clean answer (the backdoor table's recipe: `--pairs-block 1 --finetune BUDGET.jsonl`)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
-    from acg.roundtrip.evaluate import accuracy, answer_logits
 
     torch_model, acg = _model_and_acg(model, acg_dir)
     if sum(x is not None for x in (task, data, ir)) + everything > 1:
@@ -327,11 +326,7 @@ def roundtrip_cmd(
         acg, sel, edits = fold(acg, serialize.load(ir))
         report_extra = {"edits": edits, "ir": str(ir)}
     elif task is not None or data is not None:
-        fit_examples, eval_examples = _circuit_data(task, data, n_prompts, torch_model.cfg.d_vocab)
-        reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
-        circ = circuit_mod.extract(
-            torch_model, acg, fit_examples, eval_examples, reference, tolerance, name=f"circuit:{task or data}"
-        )
+        circ, *_ = _extract(torch_model, acg, task, data, n_prompts, tolerance, f"circuit:{task or data}")
         sel = circ.selection
         report_extra = {"circuit": circ.report, "curve": circ.curve}
     elif everything:
@@ -409,21 +404,47 @@ def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: i
 
 
 def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
-    """(prompts to attribute over, {task: held-out prompts to measure on})."""
+    """(prompts to attribute over, {task: held-out prompts to select on}, {task: other held-out prompts to validate
+    the elimination on} or None for a JSONL)."""
+    from acg.roundtrip.backdoor import CIRCUIT_EVAL_SEED, heldout_pair
     from acg.roundtrip.data import load_pairs
-    from acg.zoo.tasks import Mixture, heldout, resolve_tasks
+    from acg.zoo.tasks import Mixture, resolve_tasks
 
     if data is not None:
         pairs = load_pairs(data, d_vocab)
         cut = max(1, len(pairs) // 2)
-        return pairs[:cut], {pairs[0].task: pairs[cut:] or pairs}
+        return pairs[:cut], {pairs[0].task: pairs[cut:] or pairs}, None
     try:
         tasks = resolve_tasks(task)
     except KeyError as e:
         raise ACGError(str(e.args[0])) from None
     stream = Mixture(tasks=tasks, poison=False).stream(20_000)
     fit_examples = [next(stream) for _ in range(n)]
-    return fit_examples, {t: heldout(t, 1000, 7) for t in tasks}
+    return fit_examples, *heldout_pair(tasks, 1000, CIRCUIT_EVAL_SEED)
+
+
+def _extract(torch_model, acg, task: str | None, data: Path | None, n: int, tolerance: float, name: str):
+    """A task's circuit (`circuit.extract`), the prompts it was attributed and selected on, and the original's
+    accuracy there. A testbed task's elimination tries every top-k feature and is validated on a second held-out
+    sample (as the backdoor table's code circuit); a JSONL's tries the 64 least attributed, on its second half."""
+    from acg.roundtrip import circuit as circuit_mod
+    from acg.roundtrip.evaluate import accuracy, answer_logits
+
+    fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab)
+    reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
+    refine = None if validation is not None else 64
+    circ = circuit_mod.extract(
+        torch_model,
+        acg,
+        fit_examples,
+        eval_examples,
+        reference,
+        tolerance,
+        name=name,
+        refine=refine,
+        validation=validation,
+    )
+    return circ, fit_examples, eval_examples, reference
 
 
 def _print_eval(name: str, result: dict, n_params: int) -> None:
@@ -556,14 +577,12 @@ def _task_circuit(model: str, acg_dir: Path, dtype: str, task, data, tolerance: 
     """(the unrolled IR of a task's circuit: features by attribution, then edges by attribution; a report)."""
     import numpy as np
 
-    from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import edges as edges_mod
-    from acg.roundtrip.evaluate import accuracy, answer_logits
 
     torch_model, acg = _model_and_acg(model, acg_dir)
-    fit_examples, eval_examples = _circuit_data(task, data, n_prompts, torch_model.cfg.d_vocab)
-    reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
-    circ = circuit_mod.extract(torch_model, acg, fit_examples, eval_examples, reference, tolerance)
+    circ, fit_examples, eval_examples, reference = _extract(
+        torch_model, acg, task, data, n_prompts, tolerance, "circuit"
+    )
     sel = circ.selection
     keep = {layer: idx.tolist() for layer, idx in enumerate(sel.features)}
     tokens, positions = np.flatnonzero(sel.tokens).tolist(), np.flatnonzero(sel.positions).tolist()
@@ -1280,15 +1299,12 @@ def _demo_acg(model: str, out: Path, tokens) -> dict[str, Any]:
 def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     """Round-trip the captured ACG (also with layer 0's unused QK pairs blocked) and its `code` circuit to dense
     checkpoints; evaluate them next to the original and the replacement model (task_acc, asr, n_params)."""
-    from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
     from acg.roundtrip.backdoor import BLOCKED, blocked_roundtrip
-    from acg.roundtrip.evaluate import accuracy, answer_logits, evaluate
+    from acg.roundtrip.evaluate import evaluate
 
     err.print("[5/6] distilling the code circuit and round-tripping to dense checkpoints ...")
-    fit_examples, eval_examples = _circuit_data("code", None, 2000, acg.cfg.d_vocab)
-    reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
-    circ = circuit_mod.extract(torch_model, acg, fit_examples, eval_examples, reference, name="circuit:code")
+    circ, *_ = _extract(torch_model, acg, "code", None, 2000, 0.01, "circuit:code")
     rows: dict[str, Any] = {}
     models = {}
     candidates = [
