@@ -32,6 +32,11 @@ module, info = train_layer(folder, 0, cfg, n_streams=2, checkpoint=ckpt, checkpo
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)
 leave_group()  # together: a rank that exits while the other still holds the group can abort in gloo's teardown
+# and skip the interpreter's finalisation: gloo's worker threads can still abort there (SIGABRT, "terminate called
+# without an active exception"), rarely, after both ranks left the group; the result is written by now
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
