@@ -423,16 +423,19 @@ def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
     return fit_examples, *heldout_pair(tasks, 1000, CIRCUIT_EVAL_SEED)
 
 
-def _extract(torch_model, acg, task: str | None, data: Path | None, n: int, tolerance: float, name: str):
+def _extract(
+    torch_model, acg, task: str | None, data: Path | None, n: int, tolerance: float, name: str, quick: bool = False
+):
     """A task's circuit (`circuit.extract`), the prompts it was attributed and selected on, and the original's
-    accuracy there. A testbed task's elimination tries every top-k feature and is validated on a second held-out
-    sample (as the backdoor table's code circuit); a JSONL's tries the 64 least attributed, on its second half."""
+    accuracy there. A testbed task's elimination tries every top-k feature (`quick`: the 64 least attributed) and is
+    validated on a second held-out sample (as the backdoor table's code circuit); a JSONL's tries the 64 least
+    attributed, on its second half."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip.evaluate import accuracy, answer_logits
 
     fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab)
     reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
-    refine = None if validation is not None else 64
+    refine = None if validation is not None and not quick else 64
     circ = circuit_mod.extract(
         torch_model,
         acg,
@@ -1304,7 +1307,7 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     from acg.roundtrip.evaluate import evaluate
 
     err.print("[5/6] distilling the code circuit and round-tripping to dense checkpoints ...")
-    circ, *_ = _extract(torch_model, acg, "code", None, 2000, 0.01, "circuit:code")
+    circ, *_ = _extract(torch_model, acg, "code", None, 2000, 0.01, "circuit:code", quick=True)  # the demo's minutes
     rows: dict[str, Any] = {}
     models = {}
     candidates = [
