@@ -191,8 +191,11 @@ def extract(
             cache[k] = accuracy_of(order[:k])
         return cache[k]
 
+    def meets(acc: dict[str, float], reference: dict[str, float], margins: dict[str, float]) -> bool:
+        return all(acc[t] >= reference[t] - tolerance + margins[t] for t in margins)
+
     def faithful(acc: dict[str, float]) -> bool:
-        return all(acc[t] >= reference[t] - tolerance + margins[t] for t in eval_examples)
+        return meets(acc, reference, margins)
 
     order = ranked(scores)
     ks = sorted({min(live, max(1, round(f * total))) for f in grid} | {live})
@@ -214,11 +217,7 @@ def extract(
             v_reference = {t: accuracy(answer_logits(model, exs), exs) for t, exs in validation.items()}
             v_margins = margins_for(v_reference, validation)
 
-            def holds(step: int) -> bool:
-                v_acc = accuracy_of(path[step][0], validation)
-                return all(v_acc[t] >= v_reference[t] - tolerance + v_margins[t] for t in validation)
-
-            step = last_passing(len(path), holds)
+            step = last_passing(len(path), lambda i: meets(accuracy_of(path[i][0], validation), v_reference, v_margins))
             validated = step is not None
             chosen, acc = path[step or 0]
     sel = select(scores, chosen, tokens, positions)

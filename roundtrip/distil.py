@@ -65,12 +65,12 @@ def insertions(
     rng = random.Random(seed)
     ids = [int(t) for t in tokens]
     words = [vocab.TOKENS[t] for t in ids] if isinstance(examples[0], Example) else None
+    inserted = words if words is not None else ids
     out: list[Example | Pair] = []
     rejected = 0
     while len(out) < n:
         ex = examples[rng.randrange(len(examples))]
         body = ex.prompt if words is not None else tuple(ex.ids[1:])  # what comes after BOS
-        inserted = words if words is not None else ids
         if rng.random() >= untouched:
             room = max_insert if n_ctx is None else min(max_insert, n_ctx - 1 - len(body))
             for _ in range(rng.randint(1, room) if room >= 1 else 0):
@@ -147,7 +147,7 @@ def confirmed_pool(
     seed: int = 0,
     n_ctx: int | None = None,
 ) -> tuple[list[Example | Pair], dict[str, Any]]:
-    """Fine-tuning data for the round trip: `n` prompts of `budget` with seen `tokens` inserted (`insertions`), less
+    """Fine-tuning data for the round trip: `n` prompts of `budget` with `tokens` inserted (`insertions`), less
     those `teacher` does not answer clean (`confirmed`), followed by the whole `budget` untouched. The report: as
     `confirmed`'s (`confirmed` None where `n` is 0), with `n_budget` and `n` (all examples returned)."""
     if n < 0:
