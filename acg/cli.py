@@ -431,23 +431,13 @@ def _extract(
     validated on a second held-out sample (as the backdoor table's code circuit); a JSONL's tries the 64 least
     attributed, on its second half."""
     from acg.roundtrip import circuit as circuit_mod
-    from acg.roundtrip.evaluate import accuracy, answer_logits
 
     fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab)
-    reference = {t: accuracy(answer_logits(torch_model, exs), exs) for t, exs in eval_examples.items()}
     refine = None if validation is not None and not quick else 64
     circ = circuit_mod.extract(
-        torch_model,
-        acg,
-        fit_examples,
-        eval_examples,
-        reference,
-        tolerance,
-        name=name,
-        refine=refine,
-        validation=validation,
+        torch_model, acg, fit_examples, eval_examples, None, tolerance, name=name, refine=refine, validation=validation
     )
-    return circ, fit_examples, eval_examples, reference
+    return circ, fit_examples, eval_examples, circ.reference
 
 
 def _print_eval(name: str, result: dict, n_params: int) -> None:

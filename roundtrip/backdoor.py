@@ -42,7 +42,7 @@ from acg.ir.atomic import atomic_file
 from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
 from acg.roundtrip.distil import confirmed_pool
-from acg.roundtrip.evaluate import accuracy, answer_logits, copy_split, evaluate
+from acg.roundtrip.evaluate import copy_split, evaluate
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, resolve_tasks
 
@@ -117,13 +117,12 @@ def code_circuit(model, acg, budget, n_fit: int = 2000, n_eval: int = 1000, tole
     tasks = resolve_tasks("code")
     fit_examples = [ex for ex in budget if ex.task in tasks][:n_fit]
     eval_examples, validation = heldout_pair(tasks, n_eval, CIRCUIT_EVAL_SEED)
-    reference = {t: accuracy(answer_logits(model, exs), exs) for t, exs in eval_examples.items()}
     return circuit.extract(
         model,
         acg,
         fit_examples,
         eval_examples,
-        reference,
+        None,
         tolerance,
         name="circuit:code",
         refine=None,

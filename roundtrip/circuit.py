@@ -137,7 +137,7 @@ def extract(
     acg: ACG,
     fit_examples: Sequence[Example],
     eval_examples: dict[str, Sequence[Example]],
-    reference: dict[str, float],
+    reference: dict[str, float] | None = None,
     tolerance: float = 0.01,
     grid: Sequence[float] = GRID,
     bisect_steps: int = 4,
@@ -146,14 +146,14 @@ def extract(
     margin: float | None = None,
     validation: dict[str, Sequence[Example]] | None = None,
 ) -> Circuit:
-    """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of
-    `reference` on every task in `eval_examples` (module docstring). Candidates are the features with non-zero
-    attribution on `fit_examples` (one that never fired on them scores 0 and adds nothing to a top-k); where no k meets
-    the target, k = all candidates, and `target_met` is False. Where it is met, the `refine` least attributed features
-    of the top k (None: all of them) are then ablated one at a time, least first, and each is left out where the
-    target still holds (backward elimination: the report's `k_top` is the top-k size, `refined_away` how many it
-    left out). Each decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts; `margin`
-    None: per task, `selection_margin` (the report's `margin`).
+    """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of `reference`
+    (None: the model's own accuracy there) on every task in `eval_examples` (module docstring). Candidates are the
+    features with non-zero attribution on `fit_examples` (one that never fired on them scores 0 and adds nothing to a
+    top-k); where no k meets the target, k = all candidates, and `target_met` is False. Where it is met, the `refine`
+    least attributed features of the top k (None: all of them) are then ablated one at a time, least first, and each is
+    left out where the target still holds (backward elimination: the report's `k_top` is the top-k size, `refined_away`
+    how many it left out). Each decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts;
+    `margin` None: per task, `selection_margin` (the report's `margin`).
 
     `validation` (prompts per task, none of them in `eval_examples`): the elimination's path (the circuit after each
     removal it kept) is checked against them, and the smallest circuit on it that holds the same target there too
@@ -163,6 +163,8 @@ def extract(
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if margin is not None and not 0 <= margin <= tolerance:
         raise ValueError(f"margin must be in [0, tolerance = {tolerance}], got {margin}")
+    if reference is None:
+        reference = {t: accuracy(answer_logits(model, exs), exs) for t, exs in eval_examples.items()}
 
     def margins_for(reference: dict[str, float], examples: dict[str, Sequence[Example]]) -> dict[str, float]:
         return {

@@ -69,6 +69,8 @@ def test_extraction_finds_the_planted_circuit():
     assert out.report["task_acc"] == ref
     k1 = next(p for p in out.curve if p["k"] == 1)
     assert k1["task_acc"]["t"] == 0.5  # one of the two features alone answers half the prompts
+    own = circuit.extract(model, acg, data, {"t": data}, tolerance=0.01)  # reference: the model's own accuracy
+    assert own.reference == ref and own.report["k"] == 2
 
 
 def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_first():
