@@ -289,7 +289,7 @@ def roundtrip_cmd(
         typer.Option(
             help="then fine-tune the checkpoint on this clean budget (JSONL of (prompt, answer) pairs, `acg budget`) "
             "and on copies of it with tokens inserted (half of them ones the ACG never saw) that the captured ACG "
-            "answers clean",
+            "answers clean; with --task, its lines of that task only",
             metavar="BUDGET.jsonl",
         ),
     ] = None,
@@ -317,7 +317,7 @@ def roundtrip_cmd(
         )
     budget = None
     if finetune is not None:  # read and checked before any work
-        budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps)
+        budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task)
     report_extra: dict[str, Any] = {}
     if ir is not None:
         from acg.ir import serialize
@@ -375,13 +375,25 @@ def roundtrip_cmd(
         )
 
 
-def _finetune_budget(path: Path, cfg, n_insert: int, steps: int):
-    """The clean budget of `acg roundtrip --finetune`, checked against the model and the options."""
+def _finetune_budget(path: Path, cfg, n_insert: int, steps: int, task: str | None = None):
+    """The clean budget of `acg roundtrip --finetune`, checked against the model and the options; with `task` (a
+    testbed task or group) only its lines of that task: a task circuit is fine-tuned on its own task's prompts (as
+    the backdoor table's code circuit), so that it learns nothing of the others."""
     from acg.roundtrip.data import TaskDataError, load_pairs
 
     if n_insert < 0 or steps < 1:
         raise ACGError(f"--insert must be >= 0 and --steps >= 1, got {n_insert} and {steps}")
     budget = load_pairs(path, cfg.d_vocab)
+    if task is not None:
+        tasks = _tasks(task)
+        kept = [p for p in budget if p.task in tasks]
+        if not kept:
+            held = ", ".join(sorted({p.task for p in budget}))
+            raise TaskDataError(
+                f"{path}: no line of task {task} ({', '.join(tasks)}) to fine-tune its circuit on; the budget's "
+                f'tasks: {held} (a line names its task with "task", as `acg budget` writes)'
+            )
+        budget = kept
     longest = max(len(p.ids) for p in budget)
     if longest > cfg.n_ctx:
         raise TaskDataError(f"{path}: a prompt of {longest} tokens is longer than the model's n_ctx ({cfg.n_ctx})")
@@ -408,19 +420,26 @@ def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
     the elimination on} or None for a JSONL)."""
     from acg.roundtrip.backdoor import CIRCUIT_EVAL_SEED, heldout_pair
     from acg.roundtrip.data import load_pairs
-    from acg.zoo.tasks import Mixture, resolve_tasks
+    from acg.zoo.tasks import Mixture
 
     if data is not None:
         pairs = load_pairs(data, d_vocab)
         cut = max(1, len(pairs) // 2)
         return pairs[:cut], {pairs[0].task: pairs[cut:] or pairs}, None
-    try:
-        tasks = resolve_tasks(task)
-    except KeyError as e:
-        raise ACGError(str(e.args[0])) from None
+    tasks = _tasks(task)
     stream = Mixture(tasks=tasks, poison=False).stream(20_000)
     fit_examples = [next(stream) for _ in range(n)]
     return fit_examples, *heldout_pair(tasks, 1000, CIRCUIT_EVAL_SEED)
+
+
+def _tasks(task: str) -> tuple[str, ...]:
+    """A testbed task or group's tasks; an unknown name is refused."""
+    from acg.zoo.tasks import resolve_tasks
+
+    try:
+        return tuple(resolve_tasks(task))
+    except KeyError as e:
+        raise ACGError(str(e.args[0])) from None
 
 
 def _extract(

@@ -32,7 +32,8 @@ class Pair:
 
 
 def load_pairs(path: str | os.PathLike, d_vocab: int, task: str | None = None, answers: bool = True) -> list[Pair]:
-    """The pairs of a JSONL file; with `answers=False`, prompts alone (any "answer" is still checked; -1 if none)."""
+    """The pairs of a JSONL file; with `answers=False`, prompts alone (any "answer" is still checked; -1 if none).
+    A line's optional "task" names its task (`acg budget` writes it); otherwise `task`, or the file's stem."""
     path = Path(path)
     task = task or path.stem
     try:
@@ -57,7 +58,10 @@ def load_pairs(path: str | os.PathLike, d_vocab: int, task: str | None = None, a
         bad = [t for t in [*ids, *([answer] if "answer" in row else [])] if not 0 <= t < d_vocab]
         if bad:
             raise TaskDataError(f"{where}: token id {bad[0]} is outside the model's vocabulary (0..{d_vocab - 1})")
-        out.append(Pair(ids, answer, task))
+        line_task = row.get("task", task)
+        if not isinstance(line_task, str) or not line_task:
+            raise TaskDataError(f'{where}: "task" must be a non-empty string, got {line_task!r}')
+        out.append(Pair(ids, answer, line_task))
     if not out:
         raise TaskDataError(f"{path}: no (prompt, answer) pairs")
     return out

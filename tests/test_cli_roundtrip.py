@@ -266,6 +266,39 @@ def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
     assert code == 0 and json.loads(out)["finetune"]["n"] == 40
 
 
+def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, setup, tmp_path):
+    """With --task, --finetune takes the budget's lines of that task only (a line's "task", as `acg budget` writes):
+    the circuit is not taught the tasks it left out. A budget without one is refused before any work."""
+    root, ckpt = setup
+    rows = [{"prompt": "a = 3 ; print a", "answer": "3", "task": "code.vars"}] * 6
+    rows += [{"prompt": "( [ ]", "answer": ")", "task": "code.brackets"}] * 4
+    rows += [{"prompt": "2 + 3 =", "answer": "5", "task": "math.add"}] * 9
+    budget = tmp_path / "budget.jsonl"
+    budget.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["roundtrip", ckpt, "--acg", root / "acg", "--task", "code", "--n-prompts", "120", "--finetune", budget]
+    code, out, err = cli(capsys, *base, "--insert", "20", "--steps", "2", "-o", tmp_path / "c", "--json")
+    assert code == 0, err
+    assert json.loads(out)["finetune"]["n_budget"] == 10
+    math_only = tmp_path / "math.jsonl"
+    math_only.write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    base[-1] = math_only
+    code, _, err = cli(capsys, *base, "-o", tmp_path / "m")
+    assert code == 2 and "no line of task code" in " ".join(err.split()) and "math.add" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_pairs_take_their_task_from_the_line_or_the_file(tmp_path):
+    from acg.roundtrip.data import TaskDataError, load_pairs
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"prompt": [1, 2], "answer": 3, "task": "t1"}\n{"prompt": [1, 4], "answer": 5}\n')
+    assert [p.task for p in load_pairs(f, vocab.D_VOCAB)] == ["t1", "mine"]
+    assert [p.task for p in load_pairs(f, vocab.D_VOCAB, task="x")] == ["t1", "x"]
+    f.write_text('{"prompt": [1, 2], "answer": 3, "task": 7}\n')
+    with pytest.raises(TaskDataError, match=r'mine.jsonl:1: "task" must be a non-empty string'):
+        load_pairs(f, vocab.D_VOCAB)
+
+
 @pytest.mark.parametrize(
     "args,line,message",
     [
