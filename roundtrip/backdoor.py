@@ -238,7 +238,8 @@ def run(
     for suffix, pairs, block in (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK)):
         (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, dense.select_captured(acg), p, b))
         add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
-    tuned(rt, "full", report)  # the last: blocked
+        if block is not None:
+            tuned(rt, "full", report)
     circ, s = timed(lambda: code_circuit(model, acg, budget))
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
@@ -247,7 +248,8 @@ def run(
         report.update(circuit=circ.report, curve=circ.curve, n_edges=edges)
         report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
         add("roundtrip code" + suffix, rt_code, s + s2, report["n_params"], report=report)
-    tuned(rt_code, "code", report)  # the last: blocked
+        if block is not None:
+            tuned(rt_code, "code", report)
     add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
