@@ -936,7 +936,7 @@ def fit_cmd(
     if dictionary is not None:
         meta["dictionary"] = {"path": str(dictionary), "format": dict_format}
     if distributed:
-        from acg.compiler.distributed import fit_distributed, init_from_env, leave_group
+        from acg.compiler.distributed import exit_now, fit_distributed, init_from_env, leave_group
 
         if exact or dictionary is not None:
             raise ACGError("--distributed fits dictionaries: it excludes --exact and --dictionary")
@@ -953,7 +953,8 @@ def fit_cmd(
             meta=meta,
         )
         if done is None:  # not rank 0: rank 0 writes the ACG and reports, then leaves the group with us
-            leave_group()
+            if leave_group():
+                exit_now()
             return
         acg, stats = done
     else:
@@ -973,21 +974,22 @@ def fit_cmd(
         report["replacement"] = replacement_fidelity(torch_model, acg.transcoders)
     acg = acg.replace(stats={**acg.stats, "fidelity": report.get("replacement")})
     acg_io.save(acg, out)
-    if distributed:
-        leave_group()
+    left = distributed and leave_group()
     if as_json:
         emit(report)
-        return
-    Console().print(
-        layer_table(stats["layers"], f"ACG of {model} ({'exact' if exact else kind}, {stats['n_tokens']:,} tokens)")
-    )
-    if "replacement" in report:
-        r = report["replacement"]
-        err.print(
-            f"replacement model: agreement {r['agreement']:.4f}, kl {r['kl']:.4f}; task_acc "
-            + ", ".join(f"{t} {r['task_acc'][t]:.3f} (orig {r['task_acc_original'][t]:.3f})" for t in r["task_acc"])
+    else:
+        Console().print(
+            layer_table(stats["layers"], f"ACG of {model} ({'exact' if exact else kind}, {stats['n_tokens']:,} tokens)")
         )
-    err.print(f"wrote {out} in {stats['seconds']['total']:.0f} s")
+        if "replacement" in report:
+            r = report["replacement"]
+            err.print(
+                f"replacement model: agreement {r['agreement']:.4f}, kl {r['kl']:.4f}; task_acc "
+                + ", ".join(f"{t} {r['task_acc'][t]:.3f} (orig {r['task_acc_original'][t]:.3f})" for t in r["task_acc"])
+            )
+        err.print(f"wrote {out} in {stats['seconds']['total']:.0f} s")
+    if left:  # the report is out: no interpreter finalisation for gloo to abort in
+        exit_now()
 
 
 # --------------------------------------------------------------------------------------------- diff and monitor

@@ -34,11 +34,12 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -75,12 +76,24 @@ def init_from_env() -> tuple[int, int]:
     return _world()
 
 
-def leave_group() -> None:
-    """Leave torchrun's process group together: a barrier, then the group torn down. A rank that exits while another
-    still holds the group can abort in gloo's teardown ("terminate called without an active exception")."""
+def leave_group() -> bool:
+    """Leave torchrun's process group together: a barrier, then the group torn down (True; False where there was no
+    group). A rank that exits while another still holds the group can abort in gloo's teardown ("terminate called
+    without an active exception"); end the process with `exit_now` after it."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def exit_now(code: int = 0) -> NoReturn:
+    """End the process once its output is flushed, skipping the interpreter's finalisation: after `leave_group`,
+    gloo's worker threads can still abort there (SIGABRT, "terminate called without an active exception"), rarely,
+    and turn a run that finished and wrote its results into a failed one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def fit_distributed(

@@ -21,7 +21,7 @@ from acg.compiler.shards import ShardError, merge, read_manifest, streams, write
 RUN = r"""
 import os, sys, torch
 import torch.distributed as dist
-from acg.compiler.distributed import leave_group, train_layer
+from acg.compiler.distributed import exit_now, leave_group, train_layer
 from acg.compiler.transcoder import FitConfig
 torch.set_num_threads(1)
 folder, out, ckpt = sys.argv[1], sys.argv[2], (sys.argv[3] if sys.argv[3] != "-" else None)
@@ -32,11 +32,7 @@ module, info = train_layer(folder, 0, cfg, n_streams=2, checkpoint=ckpt, checkpo
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)
 leave_group()  # together: a rank that exits while the other still holds the group can abort in gloo's teardown
-# and skip the interpreter's finalisation: gloo's worker threads can still abort there (SIGABRT, "terminate called
-# without an active exception"), rarely, after both ranks left the group; the result is written by now
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+exit_now()  # and without the interpreter's finalisation, where gloo's threads can still abort (rarely)
 """
 
 
