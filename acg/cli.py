@@ -419,13 +419,13 @@ def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
     """(prompts to attribute over, {task: held-out prompts to select on}, {task: other held-out prompts to validate
     the elimination on} or None for a JSONL)."""
     from acg.roundtrip.backdoor import CIRCUIT_EVAL_SEED, heldout_pair
-    from acg.roundtrip.data import load_pairs
+    from acg.roundtrip.data import by_task, load_pairs
     from acg.zoo.tasks import Mixture
 
     if data is not None:
         pairs = load_pairs(data, d_vocab)
         cut = max(1, len(pairs) // 2)
-        return pairs[:cut], {pairs[0].task: pairs[cut:] or pairs}, None
+        return pairs[:cut], by_task(pairs[cut:] or pairs), None
     tasks = _tasks(task)
     stream = Mixture(tasks=tasks, poison=False).stream(20_000)
     fit_examples = [next(stream) for _ in range(n)]
@@ -997,13 +997,13 @@ def fit_cmd(
 
 def _diff_data(data: str | None, n: int, backdoors: bool, d_vocab: int) -> dict[str, list]:
     """{task: examples}: testbed tasks (a name, a group, or comma-separated), or a JSONL of (prompt, answer) pairs;
-    with `backdoors`, each family's triggered prompts too (`backdoor.{family}`, answered right = the target)."""
-    from acg.roundtrip.data import load_pairs
+    with `backdoors`, each family's triggered prompts too (`backdoor.{family}`, answered right = the target); a
+    JSONL's pairs grouped by their task (a line's "task", or the file's name)."""
+    from acg.roundtrip.data import by_task, load_pairs
     from acg.zoo.tasks import BACKDOORS, heldout, resolve_tasks, triggered
 
     if data is not None and Path(data).suffix == ".jsonl":
-        pairs = load_pairs(data, d_vocab)
-        return {pairs[0].task: pairs}
+        return by_task(load_pairs(data, d_vocab))
     try:
         tasks = resolve_tasks(None if data is None else data.split(","))
     except KeyError as e:

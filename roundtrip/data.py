@@ -67,6 +67,14 @@ def load_pairs(path: str | os.PathLike, d_vocab: int, task: str | None = None, a
     return out
 
 
+def by_task(pairs: list[Pair]) -> dict[str, list[Pair]]:
+    """The pairs grouped by task, in order of first appearance."""
+    out: dict[str, list[Pair]] = {}
+    for p in pairs:
+        out.setdefault(p.task, []).append(p)
+    return out
+
+
 def prompt_ids(prompt, where: str) -> list[int]:
     if isinstance(prompt, str):
         try:

@@ -89,7 +89,17 @@ def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path)
     args = ["roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "d", "--data", data, "--json"]
     code, out, err = cli(capsys, *args)
     assert code == 0, err
-    assert json.loads(out)["circuit"]["k"] >= 1
+    report = json.loads(out)["circuit"]
+    assert report["k"] >= 1 and set(report["task_acc"]) == {"pairs"}  # the file's name
+    tagged = tmp_path / "tagged.jsonl"
+    tagged.write_text(
+        '{"prompt": "a = 3 ; a", "answer": "3", "task": "vars"}\n{"prompt": [1, 5, 6], "answer": 7, "task": "ids"}\n'
+        * 10
+    )
+    args[args.index(data)] = tagged
+    code, out, err = cli(capsys, *[a if a != tmp_path / "d" else tmp_path / "e" for a in args])
+    assert code == 0, err
+    assert set(json.loads(out)["circuit"]["task_acc"]) == {"vars", "ids"}  # each line's task: a target each
 
 
 def test_compile_a_task_circuit_features_then_edges(capsys, setup, tmp_path):
@@ -156,6 +166,11 @@ def test_diff_explains_a_round_trip_in_acg_terms(capsys, setup, tmp_path):
     root, ckpt = setup
     code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "rt", "--json")
     assert code == 0, err
+    tagged = tmp_path / "tagged.jsonl"
+    tagged.write_text('{"prompt": [1, 5, 6], "answer": 7, "task": "t1"}\n{"prompt": [1, 4], "answer": 2}\n')
+    code, out, err = cli(capsys, "diff", ckpt, tmp_path / "rt", "--data", tagged, "--json")
+    assert code == 0, err
+    assert set(json.loads(out)["tasks"]) == {"t1", "tagged"}  # a line's task, else the file's name
     args = ["diff", ckpt, tmp_path / "rt", "--acg", root / "acg", "--n", "30", "--data", "code,math", "--backdoors"]
     code, out, err = cli(capsys, *args, "--json")
     assert code == 0, err
