@@ -432,8 +432,8 @@ def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
     return fit_examples, *heldout_pair(tasks, 1000, CIRCUIT_EVAL_SEED)
 
 
-def _tasks(task: str) -> tuple[str, ...]:
-    """A testbed task or group's tasks; an unknown name is refused."""
+def _tasks(task: str | list[str] | None) -> tuple[str, ...]:
+    """The testbed tasks a name, a group or a list of them names (None: every task); an unknown name is refused."""
     from acg.zoo.tasks import resolve_tasks
 
     try:
@@ -1000,14 +1000,11 @@ def _diff_data(data: str | None, n: int, backdoors: bool, d_vocab: int) -> dict[
     with `backdoors`, each family's triggered prompts too (`backdoor.{family}`, answered right = the target); a
     JSONL's pairs grouped by their task (a line's "task", or the file's name)."""
     from acg.roundtrip.data import by_task, load_pairs
-    from acg.zoo.tasks import BACKDOORS, heldout, resolve_tasks, triggered
+    from acg.zoo.tasks import BACKDOORS, heldout, triggered
 
     if data is not None and Path(data).suffix == ".jsonl":
         return by_task(load_pairs(data, d_vocab))
-    try:
-        tasks = resolve_tasks(None if data is None else data.split(","))
-    except KeyError as e:
-        raise ACGError(str(e.args[0])) from None
+    tasks = _tasks(None if data is None else data.split(","))
     out: dict[str, list] = {t: heldout(t, n, 0) for t in tasks}
     if backdoors:
         out.update({f"backdoor.{f}": triggered(f, max(1, n // 8), 0) for f in BACKDOORS})
