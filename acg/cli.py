@@ -289,7 +289,7 @@ def roundtrip_cmd(
         typer.Option(
             help="then fine-tune the checkpoint on this clean budget (JSONL of (prompt, answer) pairs, `acg budget`) "
             "and on copies of it with tokens inserted (half of them ones the ACG never saw) that the captured ACG "
-            "answers clean; with --task, its lines of that task only",
+            "answers clean; with --task or --data, its lines of the circuit's tasks only",
             metavar="BUDGET.jsonl",
         ),
     ] = None,
@@ -317,7 +317,7 @@ def roundtrip_cmd(
         )
     budget = None
     if finetune is not None:  # read and checked before any work
-        budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task)
+        budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task, data)
     report_extra: dict[str, Any] = {}
     if ir is not None:
         from acg.ir import serialize
@@ -375,25 +375,36 @@ def roundtrip_cmd(
         )
 
 
-def _finetune_budget(path: Path, cfg, n_insert: int, steps: int, task: str | None = None):
-    """The clean budget of `acg roundtrip --finetune`, checked against the model and the options; with `task` (a
-    testbed task or group) only its lines of that task: a task circuit is fine-tuned on its own task's prompts (as
-    the backdoor table's code circuit), so that it learns nothing of the others."""
+def _finetune_budget(path: Path, cfg, n_insert: int, steps: int, task: str | None = None, data: Path | None = None):
+    """The clean budget of `acg roundtrip --finetune`, checked against the model and the options. A task circuit is
+    fine-tuned on its own task's lines only (as the backdoor table's code circuit), so that it is not taught the tasks
+    it left out: with `task` (a testbed task or group) a budget without a line of it is refused; with `data` (a
+    JSONL circuit) the budget's lines of the tasks `data` names are taken where it has any, else all of it (said on
+    stderr)."""
     from acg.roundtrip.data import TaskDataError, load_pairs
 
     if n_insert < 0 or steps < 1:
         raise ACGError(f"--insert must be >= 0 and --steps >= 1, got {n_insert} and {steps}")
     budget = load_pairs(path, cfg.d_vocab)
+    held = sorted({p.task for p in budget})
     if task is not None:
         tasks = _tasks(task)
-        kept = [p for p in budget if p.task in tasks]
-        if not kept:
-            held = ", ".join(sorted({p.task for p in budget}))
+        budget = [p for p in budget if p.task in tasks]
+        if not budget:
             raise TaskDataError(
                 f"{path}: no line of task {task} ({', '.join(tasks)}) to fine-tune its circuit on; the budget's "
-                f'tasks: {held} (a line names its task with "task", as `acg budget` writes)'
+                f'tasks: {", ".join(held)} (a line names its task with "task", as `acg budget` writes)'
             )
-        budget = kept
+    elif data is not None:
+        tasks = tuple(dict.fromkeys(p.task for p in load_pairs(data, cfg.d_vocab)))
+        kept = [p for p in budget if p.task in tasks]
+        if kept:
+            budget = kept
+        else:
+            err.print(
+                f"--finetune: {path} names none of the tasks of {data} ({', '.join(tasks)}; it holds "
+                f"{', '.join(held)}): fine-tuning the circuit on all of it"
+            )
     longest = max(len(p.ids) for p in budget)
     if longest > cfg.n_ctx:
         raise TaskDataError(f"{path}: a prompt of {longest} tokens is longer than the model's n_ctx ({cfg.n_ctx})")
@@ -412,7 +423,8 @@ def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: i
     data, report = recipe_data(acg, budget, n_insert, seed)
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
     tuned = defence.finetune(start, base, data, steps, seed, progress=True)
-    return tuned, {**report, "steps": steps, "seed": seed, "batch_size": base.batch_size}
+    tasks = sorted({p.task for p in budget})
+    return tuned, {**report, "tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size}
 
 
 def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):

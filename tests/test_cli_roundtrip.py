@@ -283,7 +283,8 @@ def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
 
 def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, setup, tmp_path):
     """With --task, --finetune takes the budget's lines of that task only (a line's "task", as `acg budget` writes):
-    the circuit is not taught the tasks it left out. A budget without one is refused before any work."""
+    the circuit is not taught the tasks it left out. A budget without one is refused before any work. With --data,
+    the lines of the tasks the JSONL names, or the whole budget (said on stderr) where it has none of them."""
     root, ckpt = setup
     rows = [{"prompt": "a = 3 ; print a", "answer": "3", "task": "code.vars"}] * 6
     rows += [{"prompt": "( [ ]", "answer": ")", "task": "code.brackets"}] * 4
@@ -293,7 +294,18 @@ def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, se
     base = ["roundtrip", ckpt, "--acg", root / "acg", "--task", "code", "--n-prompts", "120", "--finetune", budget]
     code, out, err = cli(capsys, *base, "--insert", "20", "--steps", "2", "-o", tmp_path / "c", "--json")
     assert code == 0, err
-    assert json.loads(out)["finetune"]["n_budget"] == 10
+    report = json.loads(out)["finetune"]
+    assert report["n_budget"] == 10 and report["tasks"] == ["code.brackets", "code.vars"]
+    data = tmp_path / "vars.jsonl"  # a JSONL circuit of one task: the budget's lines of it, where it has any
+    data.write_text('{"prompt": "a = 3 ; print a", "answer": "3", "task": "code.vars"}\n' * 8)
+    by_data = [*base[:4], "--data", data, *base[6:]]
+    code, out, err = cli(capsys, *by_data, "--insert", "10", "--steps", "2", "-o", tmp_path / "d", "--json")
+    assert code == 0, err
+    assert json.loads(out)["finetune"]["tasks"] == ["code.vars"] and json.loads(out)["finetune"]["n_budget"] == 6
+    data.write_text('{"prompt": "a = 3 ; print a", "answer": "3"}\n' * 8)  # task "vars": none in the budget
+    code, out, err = cli(capsys, *by_data, "--insert", "10", "--steps", "2", "-o", tmp_path / "e", "--json")
+    assert code == 0, err
+    assert json.loads(out)["finetune"]["n_budget"] == 19 and "names none of the tasks" in " ".join(err.split())
     math_only = tmp_path / "math.jsonl"
     math_only.write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
     base[-1] = math_only
