@@ -457,10 +457,10 @@ def _tasks(task: str | list[str] | None) -> tuple[str, ...]:
 def _extract(
     torch_model, acg, task: str | None, data: Path | None, n: int, tolerance: float, name: str, quick: bool = False
 ):
-    """A task's circuit (`circuit.extract`), the prompts it was attributed and selected on, and the original's
-    accuracy there. A testbed task's elimination tries every top-k feature (`quick`: the 64 least attributed) and is
-    validated on a second held-out sample (as the backdoor table's code circuit); a JSONL's tries the 64 least
-    attributed, on its second half."""
+    """A task's circuit (`circuit.extract`; the original's accuracy on the selection prompts is its `reference`) and the
+    prompts it was attributed and selected on. A testbed task's elimination tries every top-k feature (`quick`: the 64
+    least attributed) and is validated on a second held-out sample (as the backdoor table's code circuit); a JSONL's
+    tries the 64 least attributed, on its second half."""
     from acg.roundtrip import circuit as circuit_mod
 
     fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab)
@@ -468,7 +468,7 @@ def _extract(
     circ = circuit_mod.extract(
         torch_model, acg, fit_examples, eval_examples, None, tolerance, name=name, refine=refine, validation=validation
     )
-    return circ, fit_examples, eval_examples, circ.reference
+    return circ, fit_examples, eval_examples
 
 
 def _print_eval(name: str, result: dict, n_params: int) -> None:
@@ -604,14 +604,12 @@ def _task_circuit(model: str, acg_dir: Path, dtype: str, task, data, tolerance: 
     from acg.roundtrip import edges as edges_mod
 
     torch_model, acg = _model_and_acg(model, acg_dir)
-    circ, fit_examples, eval_examples, reference = _extract(
-        torch_model, acg, task, data, n_prompts, tolerance, "circuit"
-    )
+    circ, fit_examples, eval_examples = _extract(torch_model, acg, task, data, n_prompts, tolerance, "circuit")
     sel = circ.selection
     keep = {layer: idx.tolist() for layer, idx in enumerate(sel.features)}
     tokens, positions = np.flatnonzero(sel.tokens).tolist(), np.flatnonzero(sel.positions).tolist()
     found = edges_mod.extract_edges(
-        acg, keep, fit_examples, eval_examples, reference, tolerance, tokens, positions, dtype=dtype, progress=True
+        acg, keep, fit_examples, eval_examples, circ.reference, tolerance, tokens, positions, dtype=dtype, progress=True
     )
     report = {"circuit": circ.report, "curve": circ.curve, "edges": found.report, "edge_curve": found.curve}
     return found.graph, report

@@ -163,8 +163,12 @@ def extract(
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if margin is not None and not 0 <= margin <= tolerance:
         raise ValueError(f"margin must be in [0, tolerance = {tolerance}], got {margin}")
+
+    def own_accuracy(examples: dict[str, Sequence[Example]]) -> dict[str, float]:
+        return {t: accuracy(answer_logits(model, exs), exs) for t, exs in examples.items()}
+
     if reference is None:
-        reference = {t: accuracy(answer_logits(model, exs), exs) for t, exs in eval_examples.items()}
+        reference = own_accuracy(eval_examples)
 
     def margins_for(reference: dict[str, float], examples: dict[str, Sequence[Example]]) -> dict[str, float]:
         return {
@@ -216,7 +220,7 @@ def extract(
                 path.append((trial, trial_acc))
         chosen, acc = path[-1]
         if validation is not None:
-            v_reference = {t: accuracy(answer_logits(model, exs), exs) for t, exs in validation.items()}
+            v_reference = own_accuracy(validation)
             v_margins = margins_for(v_reference, validation)
 
             step = last_passing(len(path), lambda i: meets(accuracy_of(path[i][0], validation), v_reference, v_margins))
