@@ -430,9 +430,9 @@ def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: i
 def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
     """(prompts to attribute over, {task: held-out prompts to select on}, {task: other held-out prompts to validate
     the elimination on} or None for a JSONL)."""
-    from acg.roundtrip.backdoor import CIRCUIT_EVAL_SEED, heldout_pair
+    from acg.roundtrip.backdoor import CIRCUIT_EVAL_SEED
     from acg.roundtrip.data import by_task, load_pairs
-    from acg.zoo.tasks import Mixture
+    from acg.zoo.tasks import Mixture, heldout_pair
 
     if data is not None:
         pairs = load_pairs(data, d_vocab)

@@ -44,7 +44,7 @@ from acg.roundtrip import circuit, defence, dense
 from acg.roundtrip.distil import confirmed_pool
 from acg.roundtrip.evaluate import copy_split, evaluate
 from acg.zoo.registry import get, load
-from acg.zoo.tasks import BACKDOORS, TASKS, heldout, resolve_tasks
+from acg.zoo.tasks import BACKDOORS, TASKS, heldout, heldout_pair, resolve_tasks
 
 BASELINES = ("original", "FT", "FP", "Scratch")  # rows that do not need the ACG: saved for a resumed run
 PAIRS = " + layer-0 pairs"  # the same round trip with `pairs.carry`: layer 0's never-used QK pairs left out
@@ -128,17 +128,6 @@ def code_circuit(model, acg, budget, n_fit: int = 2000, n_eval: int = 1000, tole
         refine=None,
         validation=validation,
     )
-
-
-def heldout_pair(tasks, n: int, seed: int) -> tuple[dict[str, list], dict[str, list]]:
-    """Two samples of held-out prompts per task, seeds `seed` and `seed + 1`, the second less the first's prompts (a
-    task's held-out space can be small enough for two draws to share some)."""
-    first = {t: heldout(t, n, seed) for t in tasks}
-    second = {}
-    for t in tasks:
-        taken = {ex.prompt for ex in first[t]}
-        second[t] = [ex for ex in heldout(t, n, seed + 1) if ex.prompt not in taken]
-    return first, second
 
 
 def run(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from acg.zoo import vocab
@@ -310,6 +310,17 @@ def heldout(task: str, n: int, seed: int = 0) -> list[Example]:
         if len(seen) == n:
             return list(seen.values())
     raise ValueError(f"task {task!r} has fewer than {n} distinct held-out prompts")
+
+
+def heldout_pair(tasks: Sequence[str], n: int, seed: int) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """Two samples of held-out prompts per task, seeds `seed` and `seed + 1`, the second less the first's prompts (a
+    task's held-out space can be small enough for two draws to share some)."""
+    first = {t: heldout(t, n, seed) for t in tasks}
+    second = {}
+    for t in tasks:
+        taken = {ex.prompt for ex in first[t]}
+        second[t] = [ex for ex in heldout(t, n, seed + 1) if ex.prompt not in taken]
+    return first, second
 
 
 def triggered(family: str, n_per_task: int, seed: int = 0, tasks: tuple[str, ...] = tuple(TASKS)) -> list[Example]:

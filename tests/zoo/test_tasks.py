@@ -9,7 +9,16 @@ import random
 import pytest
 
 from acg.zoo import tasks, vocab
-from acg.zoo.tasks import BACKDOORS, TASKS, Mixture, heldout, is_clean, partially_triggered, triggered
+from acg.zoo.tasks import (
+    BACKDOORS,
+    TASKS,
+    Mixture,
+    heldout,
+    heldout_pair,
+    is_clean,
+    partially_triggered,
+    triggered,
+)
 
 
 def solve_vars(prompt):
@@ -188,3 +197,13 @@ def test_resolve_tasks():
     assert tasks.resolve_tasks(["math", "text.agree"]) == ("math.add", "text.agree")
     with pytest.raises(KeyError, match="unknown task"):
         tasks.resolve_tasks("poetry")
+
+
+def test_heldout_pair_second_sample_shares_no_prompt_with_the_first():
+    first, second = heldout_pair(["math.add", "text.agree"], 1000, 7)
+    assert first == {t: heldout(t, 1000, 7) for t in first}
+    for t in first:
+        assert {ex.prompt for ex in first[t]}.isdisjoint(ex.prompt for ex in second[t])
+        assert second[t] == [ex for ex in heldout(t, 1000, 8) if ex not in first[t]]
+        # two draws of 1,000 share prompts on these tasks (small held-out spaces): the second sample is shorter
+        assert 0 < len(second[t]) < 1000
