@@ -4,6 +4,7 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
+    python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
 With --out, each seed's baseline rows (original, FT, FP, Scratch) are also kept in `OUT.MODEL-RATIO-SEED.partial.json`
 as they are measured; the same command run again after a crash takes them from there and starts at the ACG fit.
@@ -32,8 +33,12 @@ def table(model: str, ratio: float, runs: list[dict]) -> Table:
     return backdoor.table(title, runs)
 
 
-def print_tables(console: Console, model: str, ratio: float, runs: list[dict]) -> None:
-    """The table, then the code circuit's asr split by the task of the triggered prompts (where measured)."""
+def print_tables(console: Console, model: str, ratio: float, runs: list[dict], as_markdown: bool = False) -> None:
+    """The table, then the code circuit's asr split by the task of the triggered prompts (where measured); with
+    `as_markdown` the table alone, in Markdown, on stdout."""
+    if as_markdown:
+        print(f"{model}, {ratio:.0%} ({len(runs)} seed(s)):\n\n{backdoor.markdown(runs)}\n")
+        return
     console.print(table(model, ratio, runs))
     split = backdoor.by_task_table(f"{model}, {ratio:.0%}: asr by the task of the triggered prompts", runs)
     if split is not None:
@@ -53,9 +58,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument("--merge", type=Path, nargs="+", help="merge these JSON outputs (their runs) into one table")
+    ap.add_argument("--markdown", action="store_true", help="print the table in Markdown (as in the README)")
     args = ap.parse_args()
     if args.merge:
-        return merge(args.merge, args.out, args.json)
+        return merge(args.merge, args.out, args.json, args.markdown)
     torch.set_num_threads(args.threads)
     console = Console(stderr=args.json)
     results = []
@@ -81,12 +87,12 @@ def main() -> None:
                 entry["summary"] = backdoor.summarise(runs)
                 if args.out:  # after every seed, so that a run killed part way keeps what it measured
                     args.out.write_text(document() + "\n")
-            print_tables(console, model, ratio, runs)
+            print_tables(console, model, ratio, runs, args.markdown)
     if args.json:
         print(document())
 
 
-def merge(files: list[Path], out: Path | None, as_json: bool) -> None:
+def merge(files: list[Path], out: Path | None, as_json: bool, as_markdown: bool = False) -> None:
     """The runs of several outputs (e.g. one seed per session on a slow machine), per model and ratio, as one table;
     a (model, ratio, seed) present twice is refused rather than counted twice."""
     entries: dict[tuple[str, float], list[dict]] = {}
@@ -108,7 +114,7 @@ def merge(files: list[Path], out: Path | None, as_json: bool) -> None:
     for (model, ratio), runs in entries.items():
         runs.sort(key=lambda r: r["seed"])
         results.append({"model": model, "ratio": ratio, "runs": runs, "summary": backdoor.summarise(runs)})
-        print_tables(console, model, ratio, runs)
+        print_tables(console, model, ratio, runs, as_markdown)
     doc = json.dumps(
         {"benchmark": "backdoor", "seconds": seconds, "merged_from": [str(f) for f in files], "results": results},
         indent=1,

@@ -273,30 +273,46 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def columns() -> list[str]:
+    """The table's columns: method, task_acc per task, asr per family, DER per family, n_params."""
+    return ["method", *TASKS, *(f"asr {f}" for f in BACKDOORS), *(f"DER {f}" for f in BACKDOORS), "n_params"]
+
+
+def cells(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """One row of text per method (`columns`): mean, and +- the standard deviation over the runs where it shows at
+    three decimals."""
+
+    def cell(v: dict) -> str:
+        sd = f"{v['sd']:.3f}"
+        return f"{v['mean']:.3f}" + (f" ±{sd}" if sd != "0.000" else "")
+
+    out = []
+    for method, row in summarise(runs).items():
+        line = [method, *(cell(row["task_acc"][k]) for k in TASKS)]
+        line += [cell(row["asr"][f]) for f in BACKDOORS] + [cell(row["der"][f]) for f in BACKDOORS]
+        line.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
+        out.append(line)
+    return out
+
+
 def table(title: str, runs: list[dict[str, Any]]):
     """The runs' summary as a rich table: task_acc per task, asr and DER per family (mean +- sd), n_params."""
     from rich.table import Table
 
-    summary = summarise(runs)
     t = Table(title=title)
-    t.add_column("method")
-    for task in TASKS:
-        t.add_column(task, justify="right")
-    for f in BACKDOORS:
-        t.add_column(f"asr {f}", justify="right")
-    for f in BACKDOORS:
-        t.add_column(f"DER {f}", justify="right")
-    t.add_column("n_params", justify="right")
-
-    def cell(v: dict) -> str:
-        return f"{v['mean']:.3f}" + (f"±{v['sd']:.3f}" if len(runs) > 1 else "")
-
-    for method, row in summary.items():
-        cells = [cell(row["task_acc"][k]) for k in TASKS]
-        cells += [cell(row["asr"][f]) for f in BACKDOORS] + [cell(row["der"][f]) for f in BACKDOORS]
-        cells.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
-        t.add_row(method, *cells)
+    for i, name in enumerate(columns()):
+        t.add_column(name, justify="left" if i == 0 else "right")
+    for line in cells(runs):
+        t.add_row(*line)
     return t
+
+
+def markdown(runs: list[dict[str, Any]]) -> str:
+    """The same table in Markdown (the README's): `cells` under `columns`, "-" for a row without a figure."""
+    head = columns()
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    lines += ["| " + " | ".join(line) + " |" for line in cells(runs)]
+    return "\n".join(lines)
 
 
 def short(method: str) -> str:

@@ -90,3 +90,23 @@ def test_recipe_tokens_are_every_seen_token_once_and_the_never_seen_ones_about_h
     assert drawn == {**{t: 1 for t in (1, 2, 4, 5, 6, 7, 8)}, **{t: 2 for t in (0, 3, 9)}}  # 7 // 3 repeats: 6 of 13
     every = backdoor.recipe_tokens(SimpleNamespace(usage={"tok_count": counts + 1}))
     assert every.tolist() == list(range(10))
+
+
+def test_markdown_table_holds_every_method_with_its_mean_and_spread():
+    def row(acc: float, asr: float, n_params: int | None) -> dict:
+        return {
+            "task_acc": {t: acc for t in backdoor.TASKS},
+            "asr": {f: asr for f in backdoor.BACKDOORS},
+            "der": {f: 1 - asr for f in backdoor.BACKDOORS},
+            "n_params": n_params,
+        }
+
+    runs = [
+        {"rows": {"original": row(1.0, 1.0, 1000), "ACG captured (IR)": row(0.9, 0.1, None)}},
+        {"rows": {"original": row(1.0, 1.0, 1000), "ACG captured (IR)": row(0.8, 0.3, None)}},
+    ]
+    lines = backdoor.markdown(runs).splitlines()
+    assert lines[0] == "| " + " | ".join(backdoor.columns()) + " |" and len(lines) == 4
+    assert lines[2] == "| original | " + " | ".join(["1.000"] * 4 + ["1.000"] * 3 + ["0.000"] * 3) + " | 1,000 |"
+    captured = lines[3].split(" | ")
+    assert captured[1] == "0.850 ±0.050" and captured[5] == "0.200 ±0.100" and lines[3].endswith("| - |")
