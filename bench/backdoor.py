@@ -98,15 +98,24 @@ def merge(files: list[Path], out: Path | None, as_json: bool, as_markdown: bool 
     entries: dict[tuple[str, float], list[dict]] = {}
     seconds = 0.0
     for f in files:
-        doc = json.loads(f.read_text())
+        try:
+            doc = json.loads(f.read_text())
+            found = [(e["model"], e["ratio"], e["runs"]) for e in doc["results"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"{f}: not a bench/backdoor.py JSON output ({type(e).__name__}: {e})")
         seconds += doc.get("seconds", 0.0)
-        for entry in doc["results"]:
-            runs = entries.setdefault((entry["model"], entry["ratio"]), [])
+        for model, ratio, new in found:
+            runs = entries.setdefault((model, ratio), [])
             seen = {r["seed"] for r in runs}
-            for r in entry["runs"]:
+            for r in new:
                 if r["seed"] in seen:
+                    sys.exit(f"{f}: {model} ratio {ratio} seed {r['seed']} is already in an earlier file")
+                if runs and list(r["rows"]) != list(runs[0]["rows"]):  # runs of another version of the bench
+                    theirs, ours = set(r["rows"]), set(runs[0]["rows"])
                     sys.exit(
-                        f"{f}: {entry['model']} ratio {entry['ratio']} seed {r['seed']} is already in an earlier file"
+                        f"{f}: {model} ratio {ratio} seed {r['seed']} has other rows than seed {runs[0]['seed']} "
+                        f"(only here: {sorted(theirs - ours) or 'none'}; only there: {sorted(ours - theirs) or 'none'})"
+                        ": runs of different versions of the bench do not make one table"
                     )
                 runs.append(r)
     results = []
