@@ -35,9 +35,9 @@ def table(model: str, ratio: float, runs: list[dict]) -> Table:
 
 def print_tables(console: Console, model: str, ratio: float, runs: list[dict], as_markdown: bool = False) -> None:
     """The table, then the code circuit's asr split by the task of the triggered prompts (where measured); with
-    `as_markdown` the table alone, in Markdown, on stdout."""
+    `as_markdown` the table alone, in Markdown, where the console writes (stderr under --json) and never wrapped."""
     if as_markdown:
-        print(f"{model}, {ratio:.0%} ({len(runs)} seed(s)):\n\n{backdoor.markdown(runs)}\n")
+        print(f"{model}, {ratio:.0%} ({len(runs)} seed(s)):\n\n{backdoor.markdown(runs)}\n", file=console.file)
         return
     console.print(table(model, ratio, runs))
     split = backdoor.by_task_table(f"{model}, {ratio:.0%}: asr by the task of the triggered prompts", runs)
