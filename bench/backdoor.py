@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,18 @@ def print_tables(console: Console, model: str, ratio: float, runs: list[dict], a
         console.print(split)
 
 
+def code_version() -> dict[str, str | bool | None]:
+    """The commit the bench ran on and whether the tree had uncommitted changes (None outside a git checkout)."""
+
+    def git(*a: str) -> str | None:
+        done = subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="testbed-s")
@@ -68,7 +81,12 @@ def main() -> None:
     start = time.perf_counter()
 
     def document() -> str:
-        doc = {"benchmark": "backdoor", "seconds": time.perf_counter() - start, "results": results}
+        doc = {
+            "benchmark": "backdoor",
+            "seconds": time.perf_counter() - start,
+            "code": code_version(),
+            "results": results,
+        }
         return json.dumps(doc, indent=1, default=float)
 
     def log(line: str) -> None:
@@ -101,6 +119,9 @@ def merge(files: list[Path], out: Path | None, as_json: bool, as_markdown: bool 
         try:
             doc = json.loads(f.read_text())
             found = [(e["model"], e["ratio"], e["runs"]) for e in doc["results"]]
+            for _, _, runs in found:
+                for r in runs:
+                    r["seed"], r["rows"]["original"]  # every run: a seed, and rows with the original's (for DER)
         except (OSError, ValueError, KeyError, TypeError) as e:
             sys.exit(f"{f}: not a bench/backdoor.py JSON output ({type(e).__name__}: {e})")
         seconds += doc.get("seconds", 0.0)

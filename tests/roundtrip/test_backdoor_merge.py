@@ -53,3 +53,6 @@ def test_merge_joins_seeds_and_refuses_repeats_other_rows_and_other_files(tmp_pa
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert "not a bench/backdoor.py JSON output" in refused(a, bad)
+    bad.write_text(json.dumps({"results": [{"model": "m", "ratio": 0.05, "runs": [{"rows": {}}]}]}))
+    assert "not a bench/backdoor.py JSON output" in refused(a, bad)
+    assert bench.code_version()["commit"] is None or len(bench.code_version()["commit"]) == 40
