@@ -79,12 +79,13 @@ def main() -> None:
     console = Console(stderr=args.json)
     results = []
     start = time.perf_counter()
+    version = code_version()  # the code at launch, recorded in every write of the JSON
 
     def document() -> str:
         doc = {
             "benchmark": "backdoor",
             "seconds": time.perf_counter() - start,
-            "code": code_version(),
+            "code": version,
             "results": results,
         }
         return json.dumps(doc, indent=1, default=float)
@@ -119,9 +120,9 @@ def merge(files: list[Path], out: Path | None, as_json: bool, as_markdown: bool 
         try:
             doc = json.loads(f.read_text())
             found = [(e["model"], e["ratio"], e["runs"]) for e in doc["results"]]
-            for _, _, runs in found:
-                for r in runs:
-                    r["seed"], r["rows"]["original"]  # every run: a seed, and rows with the original's (for DER)
+            for _, _, listed in found:  # every run needs a seed, and rows with the original's (for DER)
+                for r in listed:
+                    r["seed"], r["rows"]["original"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             sys.exit(f"{f}: not a bench/backdoor.py JSON output ({type(e).__name__}: {e})")
         seconds += doc.get("seconds", 0.0)
