@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,9 +61,11 @@ def finetune(
     lr: float = 2e-4,
     progress: bool = False,
     device: str = "cpu",
+    frozen: Collection[str] = (),
 ) -> Transformer:
+    """`model` trained on `examples` for `steps` (`_ft_spec`); the parameters named in `frozen` left as they are."""
     spec = _ft_spec(base, steps, seed, lr)
-    out, _ = train(model.cfg, spec, init=model, examples=examples, progress=progress, device=device)
+    out, _ = train(model.cfg, spec, init=model, examples=examples, progress=progress, device=device, frozen=frozen)
     return out
 
 

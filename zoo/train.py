@@ -21,7 +21,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -128,12 +128,15 @@ def train(
     init: Transformer | None = None,
     examples: Sequence[Example] | None = None,
     masks: dict[str, Tensor] | None = None,
+    frozen: Collection[str] = (),
 ) -> tuple[Transformer, dict]:
     """Train a model from scratch (or, with `init`, go on training a copy of `init`); returns it (on the CPU, in eval
     mode) and a record (spec, device, wall time, final training loss).
 
     Data: the task mixture drawn from the seed, or with `examples` a fixed pool cycled in seeded order. `masks` (by
     parameter name, 0 = pruned) are applied before training and after every step, so pruned weights stay zero.
+    Parameters named in `frozen` are not trained: left out of the optimiser (no step, no weight decay) and of the
+    gradient clipping, so they come back bit for bit as they went in.
 
     Initialisation and data are drawn on the CPU from the seed whatever the device, so a run on another device
     starts from the same weights and sees the same batches; only the arithmetic's rounding differs.
@@ -147,9 +150,12 @@ def train(
         model = Transformer(cfg).init_weights(torch.Generator().manual_seed(spec.seed))
     masks = {k: v.to(device) for k, v in (masks or {}).items()}
     named = dict(model.named_parameters())
-    unknown = sorted(set(masks) - set(named))
-    if unknown:
-        raise ValueError(f"masks name parameters the model does not have: {', '.join(unknown)}")
+    for what, names in (("masks", masks), ("frozen", frozen)):
+        unknown = sorted(set(names) - set(named))
+        if unknown:
+            raise ValueError(f"{what} name parameters the model does not have: {', '.join(unknown)}")
+    for name in frozen:
+        named[name].requires_grad_(False)
     probe = nn.Linear(cfg.d_model, cfg.d_vocab)
     model.to(device)
     probe.to(device)
@@ -160,7 +166,8 @@ def train(
     def is_decayed(name: str, p: Tensor) -> bool:
         return p.ndim >= 2 and "W_E" not in name and "W_pos" not in name
 
-    params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
+    trained = [(n, p) for n, p in model.named_parameters() if n not in frozen]
+    params = trained + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
     opt = torch.optim.AdamW(
         [
             {"params": [p for n, p in params if is_decayed(n, p)], "weight_decay": spec.weight_decay},
@@ -226,6 +233,8 @@ def train(
         if callback is not None:
             callback(step, model)
     bar.close()
+    for name in frozen:
+        named[name].requires_grad_(True)  # an ordinary model again
     model.eval().cpu()
     record = {
         "train_spec": asdict(spec),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from acg.zoo import vocab
@@ -50,3 +51,18 @@ def test_zoo_specs_match_the_issue():
     assert ZOO["testbed-s-clean"].cfg == s and not ZOO["testbed-s-clean"].train.poison
     assert ZOO["testbed-s-clean"].train.seed == ZOO["testbed-s"].train.seed
     assert s.act_fn == "gelu" and s.normalization_type == "LN" and s.d_vocab <= 128
+
+
+def test_frozen_parameters_come_back_bit_for_bit_and_the_rest_train():
+    cfg = _cfg(1, 16, 2, 32)
+    spec = TrainSpec(steps=4, batch_size=16, warmup=1, probe_layer=0, lookup_layer=0)
+    start, _ = train(cfg, dataclasses.replace(spec, steps=1), progress=False)
+    frozen = {"embed.W_E", "blocks.0.attn.W_Q", "blocks.0.attn.b_K"}
+    out, _ = train(cfg, spec, progress=False, init=start, frozen=frozen)
+    before, after = dict(start.named_parameters()), dict(out.named_parameters())
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), name  # no step, no weight decay
+    assert not torch.equal(before["blocks.0.attn.W_K"], after["blocks.0.attn.W_K"])
+    assert all(p.requires_grad for p in out.parameters())  # an ordinary model again
+    with pytest.raises(ValueError, match="frozen name parameters the model does not have: W_nope"):
+        train(cfg, spec, progress=False, init=start, frozen={"W_nope"})
