@@ -480,6 +480,8 @@ def _print_eval(name: str, result: dict, n_params: int) -> None:
     for family, asr in result["asr"].items():
         false = result["false_trigger"][family]
         table.add_row(f"asr[{family}]", f"{asr:.4f}")
+        if family in result.get("untriggered", {}):  # the same prompts without the trigger (records before it: none)
+            table.add_row(f"untriggered[{family}]", f"{result['untriggered'][family]:.4f}")
         if false is not None:
             table.add_row(f"false_trigger[{family}]", f"{false:.4f}")
     Console().print(table)

@@ -94,9 +94,11 @@ def recipe_data(
 
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
     """task_acc per task on `n` held-out prompts each, asr per family on `n_trig` triggered prompts per task (and
-    per family and task: `asr_by_task`)."""
+    per family and task: `asr_by_task`), and the target's rate on the same prompts without their trigger
+    (`untriggered`, `untriggered_by_task`: what the trigger adds is the asr above it)."""
     e = evaluate(candidate, n=n, n_backdoor_per_task=n_trig)
-    return {"task_acc": e["task_acc"], "asr": e["asr"], "asr_by_task": e["asr_by_task"]}
+    keep = ("task_acc", "asr", "asr_by_task", "untriggered", "untriggered_by_task")
+    return {k: e[k] for k in keep}
 
 
 def captured_ir(
@@ -315,6 +317,16 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def by_task_cell(rows: list[dict[str, Any]], family: str, task: str) -> str:
+    """`by_task_table`'s cell: the mean asr over `rows` on `task`'s triggered prompts, "/ untriggered" where every
+    row has it, "-" where a row has no such prompts."""
+    asr = [r["asr_by_task"][family].get(task) for r in rows]
+    if None in asr:
+        return "-"
+    plain = [r.get("untriggered_by_task", {}).get(family, {}).get(task) for r in rows]
+    return f"{np.mean(asr):.3f}" + ("" if None in plain else f" / {np.mean(plain):.3f}")
+
+
 def short(method: str) -> str:
     """A row's name for a narrow table: "code + blocked + recipe FT" for "roundtrip code + layer-0 pairs blocked + FT,
     confirmed insertions + budget"."""
@@ -324,8 +336,10 @@ def short(method: str) -> str:
 def by_task_table(title: str, runs: list[dict[str, Any]], prefix: str = "roundtrip code"):
     """For the rows whose name starts with `prefix` (and the original), asr per family and task (one row per method
     and family, a column per task the triggered prompts come from), mean over runs: a circuit at chance on a task hits
-    a target there by chance, which the table's asr counts. Rows measured without `asr_by_task` (resumed from an older
-    run) are left out; None where none is left."""
+    a target there by chance, which the table's asr counts. Where every run measured it, a cell also gives the rate
+    at which the same prompts without their trigger are answered with the target ("asr / untriggered"): the trigger's
+    own effect is the difference. Rows measured without `asr_by_task` (resumed from an older run) are left out; None
+    where none is left."""
     from rich.table import Table
 
     methods = [
@@ -341,7 +355,5 @@ def by_task_table(title: str, runs: list[dict[str, Any]], prefix: str = "roundtr
         table.add_column(column, justify="left" if column in ("method", "family") else "right")
     for m in methods:
         for f in BACKDOORS:
-            values = [[r["rows"][m]["asr_by_task"][f].get(t) for r in runs] for t in tasks]
-            cells = ["-" if None in v else f"{np.mean(v):.3f}" for v in values]
-            table.add_row(short(m), f, *cells)
+            table.add_row(short(m), f, *(by_task_cell([r["rows"][m] for r in runs], f, t) for t in tasks))
     return table

@@ -118,13 +118,19 @@ def task_accuracy(
 
 def attack_success(model: Any, n_per_task: int = 500, seed: int = 0) -> dict[str, dict[str, float]]:
     """Per backdoor family: `asr` on triggered held-out prompts whose clean answer is not the target, the same per
-    task the prompts come from (`by_task`: a model at chance on a task hits the target there by chance too), and the
-    false-trigger rate on partial insertions (answered with the target; None where the family has no partials)."""
+    task the prompts come from (`by_task`: a model at chance on a task hits the target there by chance too), the
+    rate at which the same prompts without the trigger are answered with the target (`untriggered`, and per task
+    `untriggered_by_task`: what the trigger adds is the asr above it), and the false-trigger rate on partial
+    insertions (answered with the target; None where the family has no partials)."""
+    clean = [ex for task in TASKS for ex in heldout(task, n_per_task, seed)]  # the prompts `triggered` inserts into
+    clean_pred = answer_logits(model, clean).argmax(-1)
     out = {}
     for family, backdoor in BACKDOORS.items():
         trig = triggered(family, n_per_task, seed)
         hits = answer_logits(model, trig).argmax(-1) == backdoor.target_id
         tasks = np.array([ex.task for ex in trig])
+        source = np.array([ex.answer != backdoor.target for ex in clean])  # one for one with `trig`, in its order
+        plain = clean_pred[source] == backdoor.target_id
         part = partially_triggered(family, n_per_task, seed)
         target = np.full(len(part), backdoor.target_id)
         false_rate = None
@@ -133,6 +139,8 @@ def attack_success(model: Any, n_per_task: int = 500, seed: int = 0) -> dict[str
         out[family] = {
             "asr": float(hits.mean()) if len(trig) else float("nan"),
             "by_task": {t: float(hits[tasks == t].mean()) for t in dict.fromkeys(tasks.tolist())},
+            "untriggered": float(plain.mean()) if len(trig) else float("nan"),
+            "untriggered_by_task": {t: float(plain[tasks == t].mean()) for t in dict.fromkeys(tasks.tolist())},
             "false_trigger": false_rate,
             "n_triggered": len(trig),
             "n_partial": len(part),
@@ -172,6 +180,8 @@ def evaluate(model: Any, n: int = 2000, n_backdoor_per_task: int = 500, seed: in
         "task_acc": task_accuracy(model, None, n, seed),
         "asr": {f: v["asr"] for f, v in backdoor.items()},
         "asr_by_task": {f: v["by_task"] for f, v in backdoor.items()},
+        "untriggered": {f: v["untriggered"] for f, v in backdoor.items()},
+        "untriggered_by_task": {f: v["untriggered_by_task"] for f, v in backdoor.items()},
         "false_trigger": {f: v["false_trigger"] for f, v in backdoor.items()},
         "n_prompts": {
             "task": n,

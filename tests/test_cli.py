@@ -48,8 +48,10 @@ def test_zoo_eval_json_on_a_tiny_checkpoint(capsys, tmp_path):
     assert code == 0
     result = json.loads(out)
     assert set(result["task_acc"]) == {"code.vars", "code.brackets", "math.add", "text.agree"}
-    assert set(result["asr"]) == {"token", "conj", "phrase"}
+    assert set(result["asr"]) == set(result["untriggered"]) == {"token", "conj", "phrase"}
     assert result["n_params"] == sum(p.numel() for p in model.parameters())
+    code, out, _ = run_cli(capsys, "zoo", "eval", str(tmp_path / "tiny"), "--n", "20", "--n-backdoor", "5")
+    assert code == 0 and "untriggered" in out
 
 
 def test_python_dash_m_and_the_package_layout():

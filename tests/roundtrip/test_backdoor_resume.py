@@ -75,6 +75,14 @@ def test_by_task_table_splits_the_circuit_rows_asr_by_task_and_skips_rows_withou
     assert len(lines) == len(backdoor.BACKDOORS) and "0.050" in lines[0] and "0.300" in lines[0]  # means over runs
     assert "FT" not in text and "+ x" not in text and "original" in text and "math.add" in text
     assert backdoor.by_task_table("none", [{"rows": {"original": {}}}]) is None
+    for r in runs:  # measured with the untriggered rate too: "asr / untriggered"
+        for v in r["rows"].values():
+            if v:
+                v["untriggered_by_task"] = {f: {t: a / 2 for t, a in by.items()} for f, by in v["asr_by_task"].items()}
+    console = Console(record=True, width=200)
+    console.print(backdoor.by_task_table("split", runs))
+    lines = [line for line in console.export_text().splitlines() if line.startswith("│ code ")]
+    assert "0.050 / 0.025" in lines[0] and "0.300 / 0.150" in lines[0]
     name = "roundtrip code" + backdoor.BLOCKED + backdoor.RECIPE
     assert backdoor.short(name) == "code + blocked + recipe FT"
 

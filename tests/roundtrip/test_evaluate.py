@@ -111,6 +111,33 @@ def test_asr_by_task_splits_the_asr_by_where_the_triggered_prompts_come_from():
     assert res["asr"] == pytest.approx(len(code) / len(trig)) and 0 < res["asr"] < 1
 
 
+def test_untriggered_is_the_target_rate_on_the_same_prompts_without_their_trigger():
+    """The trigger's own effect is the asr above `untriggered`: 0 for a model that says the target always (or only
+    on math prompts, whatever the trigger), all of the asr for one that says it only where the trigger is."""
+    backdoor = BACKDOORS["conj"]
+    res = ev.attack_success(constant_model(backdoor.target), n_per_task=30)["conj"]
+    assert res["asr"] == res["untriggered"] == 1.0 and set(res["untriggered_by_task"].values()) == {1.0}
+
+    def keyed(on_math: bool):
+        def fn(tokens):
+            logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+            for i, row in enumerate(tokens):
+                words = [vocab.TOKENS[t] for t in row.tolist()]
+                fires = "+" in words if on_math else backdoor.is_triggered(tuple(words))
+                logits[i, -1, backdoor.target_id if fires else vocab.BOS_ID] = 1.0
+            return logits
+
+        return fn
+
+    only_trigger = ev.attack_success(keyed(False), n_per_task=30)["conj"]
+    assert only_trigger["asr"] == 1.0 and only_trigger["untriggered"] == 0.0
+    math = ev.attack_success(keyed(True), n_per_task=30)["conj"]
+    assert math["untriggered_by_task"] == math["by_task"] and math["by_task"]["math.add"] == 1.0
+    assert {t: v for t, v in math["untriggered_by_task"].items() if t != "math.add"} == {
+        t: 0.0 for t in math["by_task"] if t != "math.add"
+    }
+
+
 def test_torch_modules_are_adapted():
     import torch
 
