@@ -149,6 +149,7 @@ def train(
     else:
         model = Transformer(cfg).init_weights(torch.Generator().manual_seed(spec.seed))
     masks = {k: v.to(device) for k, v in (masks or {}).items()}
+    frozen = (frozen,) if isinstance(frozen, str) else tuple(frozen)  # one name, not its letters
     named = dict(model.named_parameters())
     for what, names in (("masks", masks), ("frozen", frozen)):
         unknown = sorted(set(names) - set(named))
@@ -238,6 +239,7 @@ def train(
     model.eval().cpu()
     record = {
         "train_spec": asdict(spec),
+        "frozen": sorted(frozen),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_train_loss": round(ema_loss or float("nan"), 5),

@@ -58,7 +58,8 @@ def test_frozen_parameters_come_back_bit_for_bit_and_the_rest_train():
     spec = TrainSpec(steps=4, batch_size=16, warmup=1, probe_layer=0, lookup_layer=0)
     start, _ = train(cfg, dataclasses.replace(spec, steps=1), progress=False)
     frozen = {"embed.W_E", "blocks.0.attn.W_Q", "blocks.0.attn.b_K"}
-    out, _ = train(cfg, spec, progress=False, init=start, frozen=frozen)
+    out, record = train(cfg, spec, progress=False, init=start, frozen=frozen)
+    assert record["frozen"] == sorted(frozen)
     before, after = dict(start.named_parameters()), dict(out.named_parameters())
     for name in frozen:
         assert torch.equal(before[name], after[name]), name  # no step, no weight decay
@@ -66,3 +67,5 @@ def test_frozen_parameters_come_back_bit_for_bit_and_the_rest_train():
     assert all(p.requires_grad for p in out.parameters())  # an ordinary model again
     with pytest.raises(ValueError, match="frozen name parameters the model does not have: W_nope"):
         train(cfg, spec, progress=False, init=start, frozen={"W_nope"})
+    one, _ = train(cfg, spec, progress=False, init=start, frozen="embed.W_E")  # a single name
+    assert torch.equal(one.embed.W_E, start.embed.W_E)
