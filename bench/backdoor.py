@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from acg.roundtrip import backdoor
+from acg.roundtrip import runs as runs_io
 
 
 def table(model: str, ratio: float, runs: list[dict]) -> Table:
@@ -44,18 +44,6 @@ def print_tables(console: Console, model: str, ratio: float, runs: list[dict], a
     split = backdoor.by_task_table(f"{model}, {ratio:.0%}: asr by the task of the triggered prompts", runs)
     if split is not None:
         console.print(split)
-
-
-def code_version() -> dict[str, str | bool | None]:
-    """The commit the bench ran on and whether the tree had uncommitted changes (None outside a git checkout)."""
-
-    def git(*a: str) -> str | None:
-        done = subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def main() -> None:
@@ -79,7 +67,7 @@ def main() -> None:
     console = Console(stderr=args.json)
     results = []
     start = time.perf_counter()
-    version = code_version()  # the code at launch, recorded in every write of the JSON
+    version = runs_io.code_version(Path(__file__))  # the code at launch, recorded in every write of the JSON
 
     def document() -> str:
         doc = {
@@ -112,38 +100,15 @@ def main() -> None:
 
 
 def merge(files: list[Path], out: Path | None, as_json: bool, as_markdown: bool = False) -> None:
-    """The runs of several outputs (e.g. one seed per session on a slow machine), per model and ratio, as one table;
-    a (model, ratio, seed) present twice is refused rather than counted twice."""
-    entries: dict[tuple[str, float], list[dict]] = {}
-    seconds = 0.0
-    for f in files:
-        try:
-            doc = json.loads(f.read_text())
-            found = [(e["model"], e["ratio"], e["runs"]) for e in doc["results"]]
-            for _, _, listed in found:  # every run needs a seed, and rows with the original's (for DER)
-                for r in listed:
-                    r["seed"], r["rows"]["original"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            sys.exit(f"{f}: not a bench/backdoor.py JSON output ({type(e).__name__}: {e})")
-        seconds += doc.get("seconds", 0.0)
-        for model, ratio, new in found:
-            runs = entries.setdefault((model, ratio), [])
-            seen = {r["seed"] for r in runs}
-            for r in new:
-                if r["seed"] in seen:
-                    sys.exit(f"{f}: {model} ratio {ratio} seed {r['seed']} is already in an earlier file")
-                if runs and list(r["rows"]) != list(runs[0]["rows"]):  # runs of another version of the bench
-                    theirs, ours = set(r["rows"]), set(runs[0]["rows"])
-                    sys.exit(
-                        f"{f}: {model} ratio {ratio} seed {r['seed']} has other rows than seed {runs[0]['seed']} "
-                        f"(only here: {sorted(theirs - ours) or 'none'}; only there: {sorted(ours - theirs) or 'none'})"
-                        ": runs of different versions of the bench do not make one table"
-                    )
-                runs.append(r)
+    """The runs of several outputs (e.g. one seed per session on a slow machine), per model and ratio, as one table
+    (`runs.merge_runs`: a (model, ratio, seed) present twice is refused rather than counted twice)."""
+    try:
+        entries, seconds = runs_io.merge_runs(files, "backdoor")
+    except runs_io.MergeError as e:
+        sys.exit(str(e))
     results = []
     console = Console(stderr=as_json)
     for (model, ratio), runs in entries.items():
-        runs.sort(key=lambda r: r["seed"])
         results.append({"model": model, "ratio": ratio, "runs": runs, "summary": backdoor.summarise(runs)})
         print_tables(console, model, ratio, runs, as_markdown)
     doc = json.dumps(

@@ -245,6 +245,67 @@ def run(
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
 
+_L0_QK = ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.b_Q", "blocks.0.attn.b_K")
+_EMBED = ("embed.W_E", "pos_embed.W_pos")
+FREEZE_SETS: dict[str, tuple[str, ...]] = {  # `freeze_run`'s parameter sets; names a model lacks are passed over
+    "nothing": (),
+    "layer-0 QK": _L0_QK,
+    "embeddings": _EMBED,
+    "layer-0 table": (*_EMBED, "blocks.0.ln1.w", "blocks.0.ln1.b", *_L0_QK),  # what layer 0's scores are made of
+}
+
+
+def freeze_run(
+    name: str,
+    ratio: float = 0.01,
+    seed: int = 0,
+    n_eval: int = 1000,
+    n_trig: int = 200,
+    sets: dict[str, tuple[str, ...]] | None = None,
+    steps: int | None = None,
+    fit_spec: FitSpec | None = None,
+    log: Callable[[str], None] = lambda s: None,
+    threads: int = 2,
+    n_insert: int = N_INSERT,
+) -> dict[str, Any]:
+    """The full ACG's blocked round trip fine-tuned by the RECIPE (as `run` does it: same budget, fit, data and
+    steps) with each of `sets` (default FREEZE_SETS) left untrained, one row per set ("recipe FT, SET frozen"; its
+    `frozen` lists the names the model has), beside `original` and the blocked round trip itself; DER per family
+    against the original. Layer 0's attention scores are where `pairs.carry` blocks the pairs the budget never used:
+    which of their parameters the recipe must train to take a pathway out, and which training costs a task, is what
+    the rows tell apart."""
+    zoo, model = get(name), load(name)
+    spec = fit_spec or FitSpec(seed=seed, threads=threads)
+    steps = steps or spec.steps + spec.e2e_steps
+    budget = defence.clean_budget(zoo.train, ratio, seed)
+    rows: dict[str, dict[str, Any]] = {}
+
+    def add(method: str, candidate: Any, seconds: float, **more: Any) -> None:
+        t = time.perf_counter()
+        n_params = dense.n_params(candidate)["n_params"]
+        rows[method] = {**measure(candidate, n_eval, n_trig), "n_params": n_params, "seconds": seconds, **more}
+        log(f"{name} ratio {ratio} seed {seed}: {method} ({seconds:.0f} s + {time.perf_counter() - t:.0f} s eval)")
+
+    add("original", model, 0.0)
+    t = time.perf_counter()
+    acg, stats = fit(model, [ex.ids for ex in budget], spec)
+    rt, _, report = dense.roundtrip(acg, dense.select_captured(acg), block=BLOCK)
+    add("roundtrip full" + BLOCKED, rt, time.perf_counter() - t, report=report)
+    t = time.perf_counter()
+    data, data_report = recipe_data(acg, budget, n_insert, seed)
+    labelled = time.perf_counter() - t
+    log(f"{name} ratio {ratio} seed {seed}: recipe data {data_report} ({labelled:.0f} s)")
+    have = {n for n, _ in rt.named_parameters()}
+    for label, names in (FREEZE_SETS if sets is None else sets).items():
+        frozen = [n for n in names if n in have]
+        t = time.perf_counter()
+        ft = defence.finetune(rt, zoo.train, data, steps, seed, frozen=frozen)
+        add(f"recipe FT, {label} frozen", ft, time.perf_counter() - t, frozen=frozen)
+    add_der(rows)
+    extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}
+    return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, "recipe": data_report, **extra}
+
+
 def add_der(rows: dict[str, dict[str, Any]]) -> None:
     """Each row's DER per family against `rows["original"]` (clean accuracy: the mean task_acc)."""
     orig = rows["original"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from acg.roundtrip import backdoor
+from acg.roundtrip import runs as runs_io
 
 _spec = importlib.util.spec_from_file_location("bench_backdoor", Path(__file__).parents[2] / "bench" / "backdoor.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -55,4 +56,33 @@ def test_merge_joins_seeds_and_refuses_repeats_other_rows_and_other_files(tmp_pa
     assert "not a bench/backdoor.py JSON output" in refused(a, bad)
     bad.write_text(json.dumps({"results": [{"model": "m", "ratio": 0.05, "runs": [{"rows": {}}]}]}))
     assert "not a bench/backdoor.py JSON output" in refused(a, bad)
-    assert bench.code_version()["commit"] is None or len(bench.code_version()["commit"]) == 40
+    other_bench = json.loads(a.read_text()) | {"benchmark": "recipe_freeze"}
+    bad.write_text(json.dumps(other_bench))
+    assert "it is bench/recipe_freeze.py's" in refused(a, bad)
+    version = runs_io.code_version()
+    assert version["commit"] is None or len(version["commit"]) == 40
+
+
+def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp_path, monkeypatch, capsys):
+    path = Path(__file__).parents[2] / "bench" / "recipe_freeze.py"
+    spec = importlib.util.spec_from_file_location("bench_freeze", path)
+    freeze = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(freeze)
+    files = []
+    for seed in (0, 1):
+        f = output(tmp_path / f"f{seed}.json", seed, ["original", "recipe FT, nothing frozen"])
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"benchmark": "recipe_freeze"}))
+        files.append(str(f))
+    out = tmp_path / "merged.json"
+    monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--merge", *files, "--out", str(out), "--markdown"])
+    freeze.main()
+    assert "| recipe FT, nothing frozen | 0.500 |" in capsys.readouterr().out
+    merged = json.loads(out.read_text())
+    assert merged["benchmark"] == "recipe_freeze" and [r["seed"] for r in merged["results"][0]["runs"]] == [0, 1]
+    backdoor_output = output(tmp_path / "b.json", 2, ["original", "recipe FT, nothing frozen"])
+    monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--merge", files[0], str(backdoor_output)])
+    with pytest.raises(SystemExit, match="it is bench/backdoor.py's"):
+        freeze.main()
+    monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--sets", "nothing,layer-9"])
+    with pytest.raises(SystemExit, match=r"no such set \['layer-9'\]"):
+        freeze.main()

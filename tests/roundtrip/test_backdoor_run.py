@@ -1,5 +1,6 @@
 """`backdoor.run` end to end on testbed-s with a tiny budget and few steps: every row of the table is measured, DER is
-filled in against the original, and the code circuit's report says whether it adds or copies (`math_copy`)."""
+filled in against the original, and the code circuit's report says whether it adds or copies (`math_copy`); and
+`backdoor.freeze_run`, the recipe with parameter sets left untrained, the same way."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ def test_a_tiny_backdoor_run_measures_every_row():
         tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}"]["report"]["finetune"]
         assert 0 < tuned["n"] - tuned["n_budget"] <= 50  # the confirmed insertions, then the budget
         assert budget is None or tuned["n_budget"] == budget
+
+
+@pytest.mark.slow
+def test_a_tiny_freeze_run_leaves_each_set_untrained_and_rates_it():
+    spec = FitSpec(steps=30, e2e_steps=0, usage_prompts=64, batch_size=256, threads=1)
+    sets = {"nothing": (), "layer-0 QK": backdoor.FREEZE_SETS["layer-0 QK"], "absent": ("blocks.9.attn.W_Q",)}
+    out = backdoor.freeze_run(
+        "testbed-s", ratio=0.002, seed=3, n_eval=40, n_trig=5, sets=sets, steps=2, fit_spec=spec, threads=1, n_insert=50
+    )
+    rows = out["rows"]
+    blocked = f"roundtrip full{backdoor.BLOCKED}"
+    assert list(rows) == ["original", blocked, *(f"recipe FT, {k} frozen" for k in sets)]
+    assert rows["recipe FT, nothing frozen"]["frozen"] == []
+    assert rows["recipe FT, layer-0 QK frozen"]["frozen"] == list(backdoor.FREEZE_SETS["layer-0 QK"])
+    assert rows["recipe FT, absent frozen"]["frozen"] == []  # a name the model lacks is passed over
+    assert 0 < out["recipe"]["n"] - out["recipe"]["n_budget"] <= 50 and out["steps"] == 2
+    for method, row in rows.items():
+        assert set(row["der"]) == {"token", "conj", "phrase"}, method
+        assert row["n_params"] == rows[blocked]["n_params"] or method == "original"
