@@ -122,8 +122,25 @@ def attack_success(model: Any, n_per_task: int = 500, seed: int = 0) -> dict[str
     rate at which the same prompts without the trigger are answered with the target (`untriggered`, and per task
     `untriggered_by_task`: what the trigger adds is the asr above it), and the false-trigger rate on partial
     insertions (answered with the target; None where the family has no partials)."""
-    clean = [ex for task in TASKS for ex in heldout(task, n_per_task, seed)]  # the prompts `triggered` inserts into
-    clean_pred = answer_logits(model, clean).argmax(-1)
+    return _attack_success(model, n_per_task, seed, {})
+
+
+def _attack_success(
+    model: Any, n_per_task: int, seed: int, known: dict[str, tuple[list[Example], np.ndarray]]
+) -> dict[str, dict[str, float]]:
+    """`attack_success`, taking the clean prompts' answers from `known[task]` = (prompts, their argmax) as far as
+    those prompts are the ones needed, in order (`evaluate` has scored them for `task_acc` already)."""
+    clean, preds = [], []  # the prompts `triggered` inserts into, and the model's answers to them
+    for task in TASKS:
+        exs = heldout(task, n_per_task, seed)
+        done, pred = known.get(task, ([], np.empty(0, dtype=np.int64)))
+        k = min(len(done), len(exs))
+        if [ex.ids for ex in done[:k]] != [ex.ids for ex in exs[:k]]:
+            k = 0
+        rest = answer_logits(model, exs[k:]).argmax(-1) if len(exs) > k else np.empty(0, dtype=np.int64)
+        preds += [pred[:k], rest]
+        clean += exs
+    clean_pred = np.concatenate(preds)
     out = {}
     for family, backdoor in BACKDOORS.items():
         trig = triggered(family, n_per_task, seed)
@@ -175,9 +192,13 @@ def copy_split(model: Any, examples: Sequence[Example]) -> dict[str, float]:
 
 def evaluate(model: Any, n: int = 2000, n_backdoor_per_task: int = 500, seed: int = 0) -> dict[str, Any]:
     """The figures `acg zoo eval` reports: `task_acc` per task and `asr` (+ false triggers) per backdoor family."""
-    backdoor = attack_success(model, n_backdoor_per_task, seed)
+    prompts = {t: heldout(t, n, seed) for t in TASKS}
+    logits = {t: answer_logits(model, exs) for t, exs in prompts.items()}
+    task_acc = {t: accuracy(logits[t], prompts[t]) for t in TASKS}
+    known = {t: (prompts[t], logits[t].argmax(-1)) for t in TASKS if len(prompts[t])}
+    backdoor = _attack_success(model, n_backdoor_per_task, seed, known)  # the clean prompts scored once
     return {
-        "task_acc": task_accuracy(model, None, n, seed),
+        "task_acc": task_acc,
         "asr": {f: v["asr"] for f, v in backdoor.items()},
         "asr_by_task": {f: v["by_task"] for f, v in backdoor.items()},
         "untriggered": {f: v["untriggered"] for f, v in backdoor.items()},

@@ -138,6 +138,32 @@ def test_untriggered_is_the_target_rate_on_the_same_prompts_without_their_trigge
     }
 
 
+@pytest.mark.parametrize("n, n_trig", [(40, 15), (15, 40)])
+def test_evaluate_scores_each_clean_prompt_once_and_agrees_with_the_parts(n, n_trig):
+    """`evaluate` reuses its `task_acc` answers for `untriggered` where its prompts hold the ones asr needs (they are a
+    prefix: `heldout` draws in order) and scores the rest; either way its figures are the standalone functions'."""
+    backdoor = BACKDOORS["conj"]
+    answers = {ex: ex.answer_id for t in ev.TASKS for ex in heldout(t, max(n, n_trig))}
+    seen: list[tuple[int, ...]] = []
+
+    def model(tokens):  # right on even-length prompts, else the target: asr and untriggered both nonzero
+        logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+        for i, row in enumerate(tokens):
+            seen.append(tuple(row.tolist()))
+            right = {tuple(ex.ids): a for ex, a in answers.items()}.get(seen[-1])
+            logits[i, -1, right if right is not None and len(row) % 2 == 0 else backdoor.target_id] = 1.0
+        return logits
+
+    out = ev.evaluate(model, n=n, n_backdoor_per_task=n_trig)
+    clean = [tuple(ex.ids) for ex in answers]
+    assert all(seen.count(ids) == 1 for ids in clean)  # no clean prompt scored twice
+    assert out["task_acc"] == ev.task_accuracy(model, None, n)
+    parts = ev.attack_success(model, n_trig)
+    for key, inner in (("asr", "asr"), ("untriggered", "untriggered"), ("untriggered_by_task", "untriggered_by_task")):
+        assert out[key] == {f: v[inner] for f, v in parts.items()}
+    assert 0.0 < out["untriggered"]["conj"] < 1.0
+
+
 def test_torch_modules_are_adapted():
     import torch
 
