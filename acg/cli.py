@@ -315,9 +315,14 @@ def roundtrip_cmd(
         raise ACGError(
             "--pairs widens the heads beyond d_model / n_heads, which GPT-2 cannot hold: drop --hf or --pairs"
         )
+    data_pairs = None
+    if data is not None:  # read once, for the circuit and for the budget's lines of its tasks
+        from acg.roundtrip.data import load_pairs
+
+        data_pairs = load_pairs(data, torch_model.cfg.d_vocab)
     budget = None
     if finetune is not None:  # read and checked before any work
-        budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task, data)
+        budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task, data, data_pairs)
     report_extra: dict[str, Any] = {}
     if ir is not None:
         from acg.ir import serialize
@@ -326,7 +331,8 @@ def roundtrip_cmd(
         acg, sel, edits = fold(acg, serialize.load(ir))
         report_extra = {"edits": edits, "ir": str(ir)}
     elif task is not None or data is not None:
-        circ, *_ = _extract(torch_model, acg, task, data, n_prompts, tolerance, f"circuit:{task or data}")
+        name = f"circuit:{task or data}"
+        circ, *_ = _extract(torch_model, acg, task, data, n_prompts, tolerance, name, pairs=data_pairs)
         sel = circ.selection
         report_extra = {"circuit": circ.report, "curve": circ.curve}
     elif everything:
@@ -375,12 +381,20 @@ def roundtrip_cmd(
         )
 
 
-def _finetune_budget(path: Path, cfg, n_insert: int, steps: int, task: str | None = None, data: Path | None = None):
+def _finetune_budget(
+    path: Path,
+    cfg,
+    n_insert: int,
+    steps: int,
+    task: str | None = None,
+    data: Path | None = None,
+    data_pairs: list | None = None,
+):
     """The clean budget of `acg roundtrip --finetune`, checked against the model and the options. A task circuit is
     fine-tuned on its own task's lines only (as the backdoor table's code circuit), so that it is not taught the tasks
     it left out: with `task` (a testbed task or group) a budget without a line of it is refused; with `data` (a
-    JSONL circuit) the budget's lines of the tasks `data` names are taken where it has any, else all of it (said on
-    stderr)."""
+    JSONL circuit; `data_pairs` its lines where already read) the budget's lines of the tasks `data` names are taken
+    where it has any, else all of it (said on stderr)."""
     from acg.roundtrip.data import TaskDataError, load_pairs
 
     if n_insert < 0 or steps < 1:
@@ -396,7 +410,7 @@ def _finetune_budget(path: Path, cfg, n_insert: int, steps: int, task: str | Non
                 f'tasks: {", ".join(held)} (a line names its task with "task", as `acg budget` writes)'
             )
     elif data is not None:
-        tasks = tuple(dict.fromkeys(p.task for p in load_pairs(data, cfg.d_vocab)))
+        tasks = tuple(dict.fromkeys(p.task for p in (data_pairs or load_pairs(data, cfg.d_vocab))))
         kept = [p for p in budget if p.task in tasks]
         if kept:
             budget = kept
@@ -427,15 +441,15 @@ def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: i
     return tuned, {**report, "tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size}
 
 
-def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int):
+def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int, pairs: list | None = None):
     """(prompts to attribute over, {task: held-out prompts to select on}, {task: other held-out prompts to validate
-    the elimination on} or None for a JSONL)."""
+    the elimination on} or None for a JSONL; `pairs`: its lines where already read)."""
     from acg.roundtrip.backdoor import CIRCUIT_EVAL_SEED
     from acg.roundtrip.data import by_task, load_pairs
     from acg.zoo.tasks import Mixture, heldout_pair
 
     if data is not None:
-        pairs = load_pairs(data, d_vocab)
+        pairs = pairs or load_pairs(data, d_vocab)
         cut = max(1, len(pairs) // 2)
         return pairs[:cut], by_task(pairs[cut:] or pairs), None
     tasks = _tasks(task)
@@ -455,7 +469,15 @@ def _tasks(task: str | list[str] | None) -> tuple[str, ...]:
 
 
 def _extract(
-    torch_model, acg, task: str | None, data: Path | None, n: int, tolerance: float, name: str, quick: bool = False
+    torch_model,
+    acg,
+    task: str | None,
+    data: Path | None,
+    n: int,
+    tolerance: float,
+    name: str,
+    quick: bool = False,
+    pairs: list | None = None,
 ):
     """A task's circuit (`circuit.extract`; the original's accuracy on the selection prompts is its `reference`) and the
     prompts it was attributed and selected on. A testbed task's elimination tries every top-k feature (`quick`: the 64
@@ -463,7 +485,7 @@ def _extract(
     tries the 64 least attributed, on its second half."""
     from acg.roundtrip import circuit as circuit_mod
 
-    fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab)
+    fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab, pairs)
     refine = None if validation is not None and not quick else 64
     circ = circuit_mod.extract(
         torch_model, acg, fit_examples, eval_examples, None, tolerance, name=name, refine=refine, validation=validation

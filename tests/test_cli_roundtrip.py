@@ -4,6 +4,7 @@ circuit, a user's JSONL circuit; bad input is refused with one paragraph and no 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,10 +282,18 @@ def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
     assert code == 0 and json.loads(out)["finetune"]["n"] == 40
 
 
-def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, setup, tmp_path):
+def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, setup, tmp_path, monkeypatch):
     """With --task, --finetune takes the budget's lines of that task only (a line's "task", as `acg budget` writes):
     the circuit is not taught the tasks it left out. A budget without one is refused before any work. With --data,
-    the lines of the tasks the JSONL names, or the whole budget (said on stderr) where it has none of them."""
+    the lines of the tasks the JSONL names (the JSONL read once), or the whole budget (said on stderr) where it has
+    none of them."""
+    from acg.roundtrip import data as data_mod
+
+    reads: list[str] = []
+    load_pairs = data_mod.load_pairs
+    monkeypatch.setattr(
+        data_mod, "load_pairs", lambda path, *a, **k: reads.append(Path(path).name) or load_pairs(path, *a, **k)
+    )
     root, ckpt = setup
     rows = [{"prompt": "a = 3 ; print a", "answer": "3", "task": "code.vars"}] * 6
     rows += [{"prompt": "( [ ]", "answer": ")", "task": "code.brackets"}] * 4
@@ -302,6 +311,7 @@ def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, se
     code, out, err = cli(capsys, *by_data, "--insert", "10", "--steps", "2", "-o", tmp_path / "d", "--json")
     assert code == 0, err
     assert json.loads(out)["finetune"]["tasks"] == ["code.vars"] and json.loads(out)["finetune"]["n_budget"] == 6
+    assert reads[-2:] == ["vars.jsonl", "budget.jsonl"]  # the circuit's data once, then the budget
     data.write_text('{"prompt": "a = 3 ; print a", "answer": "3"}\n' * 8)  # task "vars": none in the budget
     code, out, err = cli(capsys, *by_data, "--insert", "10", "--steps", "2", "-o", tmp_path / "e", "--json")
     assert code == 0, err
