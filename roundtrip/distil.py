@@ -158,26 +158,6 @@ def confirmed_pool(
     return kept + list(budget), {**report, "n_budget": len(budget), "n": len(kept) + len(budget)}
 
 
-def own_answers(examples: Sequence[Example | Pair], model: Any) -> tuple[list[Example | Pair], dict[str, Any]]:
-    """The examples relabelled with `model`'s own answers (for a testbed example its clean answer too, so that
-    prompts made from it by `insertions` keep the label): what a task circuit already says on the prompts of tasks
-    it left out. Fine-tuned on these with insertions, the circuit learns that an insertion changes nothing there,
-    whatever it answers, and is taught none of those tasks. The report: `n`, and `right` (the share of the model's
-    answers that are the examples' own)."""
-    if not examples:
-        raise ValueError("no examples to label")
-    answers = answer_logits(model, examples).argmax(-1)
-    out: list[Example | Pair] = []
-    for ex, y in zip(examples, answers, strict=True):
-        if isinstance(ex, Example):
-            word = vocab.TOKENS[int(y)]
-            out.append(dataclasses.replace(ex, answer=word, clean_answer=word))
-        else:
-            out.append(dataclasses.replace(ex, answer_id=int(y)))
-    right = float(np.mean([int(y) == _clean_id(ex) for ex, y in zip(examples, answers, strict=True)]))
-    return out, {"n": len(out), "right": right}
-
-
 def _pool(teacher: Any, examples: Sequence[Example], batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Examples grouped by length, with the teacher's log-probabilities at every position: [(tokens, logp)]."""
     fn = as_logits_fn(teacher)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from acg.roundtrip.data import Pair
-from acg.roundtrip.distil import agreed_labels, confirmed, confirmed_pool, distil, insertions, own_answers
+from acg.roundtrip.distil import agreed_labels, confirmed, confirmed_pool, distil, insertions
 from acg.zoo import vocab
 from acg.zoo.tasks import heldout
 from tests.helpers import random_model
@@ -115,29 +115,6 @@ def test_confirmed_keeps_exactly_the_prompts_on_which_the_teacher_gives_the_clea
     assert not any("big" in ex.prompt and ex.clean_answer != "9" for ex in kept)
     with pytest.raises(ValueError, match="no examples"):
         confirmed([], teacher)
-
-
-def test_own_answers_label_each_prompt_with_what_the_model_says_and_insertions_keep_it(examples):
-    # a "circuit" right on prompts with an even digit answer, else answering "7"
-    model = _answering(lambda p, a: a if int(a) % 2 == 0 else "7", examples)
-    own, report = own_answers(examples, model)
-    said = ["7" if int(ex.clean_answer) % 2 else ex.clean_answer for ex in examples]
-    assert [ex.answer for ex in own] == said and [ex.clean_answer for ex in own] == said
-    assert [ex.prompt for ex in own] == [ex.prompt for ex in examples]
-    assert report["n"] == len(examples) and report["right"] == np.mean(
-        [a == ex.answer for a, ex in zip(said, examples, strict=True)]
-    )
-    assert 0 < report["right"] < 1
-    inserted, _ = insertions(own, [vocab.TOKEN_ID[t] for t in INSERTED], 50, seed=4)
-    label = {tuple(ex.ids): a for ex, a in zip(examples, said, strict=True)}
-    for ex in inserted:  # each made from one of `own`, labelled as it was
-        bare = tuple(t for t in ex.ids if vocab.TOKENS[t] not in INSERTED)
-        assert ex.answer == label[bare]
-    pairs = [Pair(ids=ex.ids, answer_id=ex.answer_id) for ex in examples]
-    own_pairs, _ = own_answers(pairs, model)
-    assert [vocab.TOKENS[p.answer_id] for p in own_pairs] == said
-    with pytest.raises(ValueError, match="no examples"):
-        own_answers([], model)
 
 
 def test_a_users_pairs_get_the_same_insertions_as_the_examples_they_hold(examples):
