@@ -42,6 +42,7 @@ Columns as `bench/backdoor.py`'s: task_acc per task, asr and DER per family (mea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -105,6 +106,7 @@ def run(
     spec = FitSpec(seed=seed, threads=threads)
     steps = spec.steps + spec.e2e_steps
     budget = defence.clean_budget(zoo.train, ratio, seed)
+    base = dataclasses.replace(zoo.train, threads=threads)  # fine-tuned on the bench's threads too
     rows: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {"n_budget": len(budget), "steps": steps, "n_prompts": n_prompts}
 
@@ -168,7 +170,7 @@ def run(
             confirming = time.perf_counter() - t
 
     def tuned(start, data, seconds: float = 0.0) -> tuple[Any, dict]:  # `seconds` spent before: the labelling
-        return defence.finetune(start, zoo.train, data, steps, seed), {"seconds": seconds}
+        return defence.finetune(start, base, data, steps, seed), {"seconds": seconds}
 
     for blind, suffix in ((False, ""), (True, ", blind")):
         timed(f"FT + insertions{suffix}", lambda b=blind: tuned(model, pools[b]))

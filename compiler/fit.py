@@ -63,8 +63,17 @@ def fit(
     """Fit an ACG to `model` on `corpus`; returns it and a report (per-layer metrics, timings).
 
     `transcoders`: dictionaries trained elsewhere (`interop.load_dictionary`), used as they are instead of fitting;
-    the usage statistics, labels and metrics are still computed on `corpus`."""
+    the usage statistics, labels and metrics are still computed on `corpus`. It runs on `spec.threads` CPU threads
+    and gives the caller's number back when it returns."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
+    try:
+        return _fit(model, corpus, spec, progress, meta, transcoders)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit(model, corpus, spec: FitSpec, progress: bool, meta, transcoders) -> tuple[ACG, dict]:
     check(fit_estimate(model.cfg, spec, sum(len(seq) for seq in corpus)))  # refuse before a long run that cannot fit
     t0 = time.perf_counter()
     model = model.float().eval()

@@ -26,6 +26,7 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -157,6 +158,7 @@ def run(
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
     steps = steps or spec.steps + spec.e2e_steps
     budget = defence.clean_budget(zoo.train, ratio, seed)
+    base = dataclasses.replace(zoo.train, threads=threads)  # the baselines and the recipe train on `threads` too
     rows: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {"n_budget": len(budget), "steps": steps, "device": device, "threads": threads}
 
@@ -190,13 +192,13 @@ def run(
         add("original", model, 0.0, dense.n_params(model)["n_params"])
     kw = {"progress": progress, "device": device}
     if not reused("FT"):
-        ft, s = timed(lambda: defence.finetune(model, zoo.train, budget, steps, seed, **kw))
+        ft, s = timed(lambda: defence.finetune(model, base, budget, steps, seed, **kw))
         add("FT", ft, s, dense.n_params(ft)["n_params"])
     if not reused("FP"):
-        (fp, fp_report), s = timed(lambda: defence.fine_prune(model, zoo.train, budget, steps, seed, **kw))
+        (fp, fp_report), s = timed(lambda: defence.fine_prune(model, base, budget, steps, seed, **kw))
         add("FP", fp, s, dense.n_params(fp)["n_params"], report=fp_report)
     if not reused("Scratch"):
-        sc, s = timed(lambda: defence.scratch(model, zoo.train, budget, steps, seed, **kw))
+        sc, s = timed(lambda: defence.scratch(model, base, budget, steps, seed, **kw))
         add("Scratch", sc, s, dense.n_params(sc)["n_params"])
     (acg, stats), s = timed(lambda: fit(model, [ex.ids for ex in budget], spec, progress=progress))
     extra["fit"] = {"seconds": stats["seconds"], "layers": stats["layers"]}
@@ -222,7 +224,7 @@ def run(
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:
         data, data_report, s = recipe[scope]
-        ft, s2 = timed(lambda: defence.finetune(start, zoo.train, data, steps, seed, **kw))
+        ft, s2 = timed(lambda: defence.finetune(start, base, data, steps, seed, **kw))
         method = f"roundtrip {scope}{BLOCKED}{RECIPE}"
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report={**report, "finetune": data_report})
 
@@ -278,6 +280,7 @@ def freeze_run(
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
     steps = steps or spec.steps + spec.e2e_steps
     budget = defence.clean_budget(zoo.train, ratio, seed)
+    base = dataclasses.replace(zoo.train, threads=threads)
     rows: dict[str, dict[str, Any]] = {}
 
     def add(method: str, candidate: Any, seconds: float, **more: Any) -> None:
@@ -299,7 +302,7 @@ def freeze_run(
     for label, names in (FREEZE_SETS if sets is None else sets).items():
         frozen = [n for n in names if n in have]
         t = time.perf_counter()
-        ft = defence.finetune(rt, zoo.train, data, steps, seed, frozen=frozen)
+        ft = defence.finetune(rt, base, data, steps, seed, frozen=frozen)
         add(f"recipe FT, {label} frozen", ft, time.perf_counter() - t, frozen=frozen)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}

@@ -139,10 +139,29 @@ def train(
     gradient clipping, so they come back bit for bit as they went in.
 
     Initialisation and data are drawn on the CPU from the seed whatever the device, so a run on another device
-    starts from the same weights and sees the same batches; only the arithmetic's rounding differs.
+    starts from the same weights and sees the same batches; only the arithmetic's rounding differs. It runs on
+    `spec.threads` CPU threads and gives the caller's number back when it returns.
     """
-    device = torch.device(device)
+    previous = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
+    try:
+        return _train(cfg, spec, progress, callback, device, init, examples, masks, frozen)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    cfg: TransformerConfig,
+    spec: TrainSpec,
+    progress: bool,
+    callback: Callable[[int, Transformer], None] | None,
+    device: str | torch.device,
+    init: Transformer | None,
+    examples: Sequence[Example] | None,
+    masks: dict[str, Tensor] | None,
+    frozen: Collection[str],
+) -> tuple[Transformer, dict]:
+    device = torch.device(device)
     torch.manual_seed(spec.seed)
     if init is not None:
         model = copy.deepcopy(init).float().train()

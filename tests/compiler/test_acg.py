@@ -110,7 +110,9 @@ def test_capture_restricted_to_named_weights_touches_nothing_else(fitted):
 def test_unseen_token_is_dropped_by_capture():
     model = random_model(seed=53, d_vocab=13, n_ctx=12, act_fn="relu")
     corpus = [[1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]] * 30  # tokens 0 and 8..12 never occur
-    acg, _ = fit(model, corpus, FitSpec(width=32, steps=60, usage_prompts=40), progress=False)
+    threads = torch.get_num_threads()
+    acg, _ = fit(model, corpus, FitSpec(width=32, steps=60, usage_prompts=40, threads=threads + 1), progress=False)
+    assert torch.get_num_threads() == threads  # the fit's own threads, the caller's given back
     assert acg.usage["tok_count"][[0, 8, 12]].sum() == 0
     graph = lower(acg, keep_errors=False, dtype="float64", usage=True)
     captured, _ = run_pipeline(graph, [("capture")])

@@ -69,3 +69,19 @@ def test_frozen_parameters_come_back_bit_for_bit_and_the_rest_train():
         train(cfg, spec, progress=False, init=start, frozen={"W_nope"})
     one, _ = train(cfg, spec, progress=False, init=start, frozen="embed.W_E")  # a single name
     assert torch.equal(one.embed.W_E, start.embed.W_E)
+
+
+def test_training_runs_on_its_specs_threads_and_gives_the_callers_back():
+    cfg = _cfg(1, 16, 2, 32)
+    spec = TrainSpec(steps=2, batch_size=8, warmup=1, probe_layer=0, lookup_layer=0, threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    try:
+        train(cfg, spec, progress=False, callback=lambda step, model: seen.append(torch.get_num_threads()))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="W_nope"):  # given back on an error too
+            train(cfg, spec, progress=False, frozen={"W_nope"})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
