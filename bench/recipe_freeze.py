@@ -8,9 +8,10 @@ with parameter sets left untrained, side by side, on one defender's clean budget
 The recipe (confirmed insertions + the budget, the FT baseline's steps) takes the backdoor pathways out of the blocked
 round trip, and on testbed-s at 1% it costs `code.brackets` about 2 points. Layer 0's attention scores are where the
 round trip blocks the QK pairs the budget never used; the sets (`backdoor.FREEZE_SETS`) are nothing, layer 0's
-W_Q/W_K/b_Q/b_K, the embeddings (W_E, W_pos), and all of those with layer 0's first norm (its "table"). Rows: the
-original, the blocked round trip before fine-tuning, then one per set; columns as `bench/backdoor.py`'s (task_acc
-per task, asr and DER per family, mean over seeds +- the standard deviation, n_params).
+W_Q/W_K/b_Q/b_K, the embeddings (W_E, W_pos; and each alone), and all of those with layer 0's first norm (its
+"table"). Rows: the original, the blocked round trip before fine-tuning, then one per set; columns as
+`bench/backdoor.py`'s (task_acc per task, asr and DER per family, mean over seeds +- the standard deviation,
+n_params).
 """
 
 from __future__ import annotations

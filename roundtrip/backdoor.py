@@ -253,6 +253,8 @@ FREEZE_SETS: dict[str, tuple[str, ...]] = {  # `freeze_run`'s parameter sets; na
     "nothing": (),
     "layer-0 QK": _L0_QK,
     "embeddings": _EMBED,
+    "token embeddings": _EMBED[:1],
+    "position embeddings": _EMBED[1:],
     "layer-0 table": (*_EMBED, "blocks.0.ln1.w", "blocks.0.ln1.b", *_L0_QK),  # what layer 0's scores are made of
 }
 
