@@ -40,17 +40,16 @@ def _runs_of(f: Path, benchmark: str) -> tuple[dict[str, Any], list[tuple[str, f
     what = f"not a bench/{benchmark}.py JSON output"
     try:
         doc = json.loads(f.read_text())
-        if doc.get("benchmark", benchmark) != benchmark:
-            raise MergeError(f"{f}: {what} (it is bench/{doc['benchmark']}.py's)")
+        named = doc.get("benchmark", benchmark)
         found = [(e["model"], e["ratio"], e["runs"]) for e in doc["results"]]
         for _, _, listed in found:
             for r in listed:
                 if "seed" not in r or "original" not in r["rows"]:  # DER needs the original's row
                     raise KeyError("seed" if "seed" not in r else "rows.original")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        if isinstance(e, MergeError):
-            raise
         raise MergeError(f"{f}: {what} ({type(e).__name__}: {e})") from e
+    if named != benchmark:
+        raise MergeError(f"{f}: {what} (it is bench/{named}.py's)")
     return doc, found
 
 
