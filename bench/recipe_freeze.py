@@ -2,14 +2,15 @@
 with parameter sets left untrained, side by side, on one defender's clean budget per seed.
 
     python bench/recipe_freeze.py [--models testbed-s] [--ratios 0.01] [--seeds 0,1,2] [--sets nothing,layer-0 QK]
-                                  [--json] [--out FILE]
+                                  [--lrs 2e-4,1e-4] [--json] [--out FILE]
     python bench/recipe_freeze.py --merge A.json B.json ... [--out FILE] [--markdown]
 
 The recipe (confirmed insertions + the budget, the FT baseline's steps) takes the backdoor pathways out of the blocked
 round trip, and on testbed-s at 1% it costs `code.brackets` about 2 points. Layer 0's attention scores are where the
 round trip blocks the QK pairs the budget never used; the sets (`backdoor.FREEZE_SETS`) are nothing, layer 0's
 W_Q/W_K/b_Q/b_K, the embeddings (W_E, W_pos; and each alone), and all of those with layer 0's first norm (its
-"table"). Rows: the original, the blocked round trip before fine-tuning, then one per set; columns as
+"table"); `--lrs` fine-tunes each set at each learning rate (default: the recipe's). Rows: the original, the
+blocked round trip before fine-tuning, then one per set and rate; columns as
 `bench/backdoor.py`'s (task_acc per task, asr and DER per family, mean over seeds +- the standard deviation,
 n_params).
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from acg.roundtrip import backdoor
+from acg.roundtrip import backdoor, defence
 from acg.roundtrip import runs as runs_io
 
 NAME = "recipe_freeze"
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.01")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sets", default=",".join(backdoor.FREEZE_SETS), help="which of backdoor.FREEZE_SETS, in order")
+    ap.add_argument("--lrs", default=f"{defence.FT_LR:g}", help="fine-tuning learning rates, each set at each")
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
     ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -65,6 +67,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"--sets: no such set {unknown}; the sets are {list(backdoor.FREEZE_SETS)}")
     sets = {s: backdoor.FREEZE_SETS[s] for s in args.sets.split(",")}
+    lrs = learning_rates(args.lrs)
     torch.set_num_threads(args.threads)
     start, version = time.perf_counter(), runs_io.code_version(Path(__file__))
     entries: dict[tuple[str, float], list[dict]] = {}
@@ -76,11 +79,22 @@ def main() -> None:
         for ratio in map(float, args.ratios.split(",")):
             runs = entries.setdefault((model, ratio), [])
             for seed in map(int, args.seeds.split(",")):
-                kw = {"sets": sets, "threads": args.threads, "log": log}
+                kw = {"sets": sets, "lrs": lrs, "threads": args.threads, "log": log}
                 runs.append(backdoor.freeze_run(model, ratio, seed, args.n_eval, args.n_trig, **kw))
                 if args.out:  # after every seed, so that a run killed part way keeps what it measured
                     args.out.write_text(document(entries, time.perf_counter() - start, code=version) + "\n")
     finish(console, args, entries, {"seconds": time.perf_counter() - start, "code": version})
+
+
+def learning_rates(text: str) -> list[float]:
+    """`--lrs`: comma-separated positive numbers, each once; exits with what is wrong otherwise."""
+    try:
+        lrs = [float(x) for x in text.split(",")]
+    except ValueError:
+        sys.exit(f"--lrs: not a list of numbers: {text!r}")
+    if not all(0 < lr < float("inf") for lr in lrs) or len(set(lrs)) < len(lrs):
+        sys.exit(f"--lrs: each rate must be a positive number, given once: {text!r}")
+    return lrs
 
 
 def document(entries: dict[tuple[str, float], list[dict]], seconds: float, **extra) -> str:

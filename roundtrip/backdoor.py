@@ -271,13 +271,15 @@ def freeze_run(
     log: Callable[[str], None] = lambda s: None,
     threads: int = 2,
     n_insert: int = N_INSERT,
+    lrs: Sequence[float] = (defence.FT_LR,),
 ) -> dict[str, Any]:
     """The full ACG's blocked round trip fine-tuned by the RECIPE (as `run` does it: same budget, fit, data and
-    steps) with each of `sets` (default FREEZE_SETS) left untrained, one row per set ("recipe FT, SET frozen"; its
-    `frozen` lists the names the model has), beside `original` and the blocked round trip itself; DER per family
-    against the original. Layer 0's attention scores are where `pairs.carry` blocks the pairs the budget never used:
-    which of their parameters the recipe must train to take a pathway out, and which training costs a task, is what
-    the rows tell apart."""
+    steps) with each of `sets` (default FREEZE_SETS) left untrained, at each learning rate of `lrs`: one row per set
+    and rate ("recipe FT, SET frozen", with ", lr X" after it for a rate other than `defence.FT_LR`; its `frozen`
+    lists the names the model has, its `lr` the rate), beside `original` and the blocked round trip itself; DER per
+    family against the original. Layer 0's attention scores are where `pairs.carry` blocks the pairs the budget never
+    used: which of their parameters the recipe must train to take a pathway out, and which training costs a task, is
+    what the rows tell apart; the rate, how far the fine-tuning may move what it trains."""
     zoo, model = get(name), load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
     steps = steps or spec.steps + spec.e2e_steps
@@ -303,9 +305,11 @@ def freeze_run(
     have = {n for n, _ in rt.named_parameters()}
     for label, names in (FREEZE_SETS if sets is None else sets).items():
         frozen = [n for n in names if n in have]
-        t = time.perf_counter()
-        ft = defence.finetune(rt, base, data, steps, seed, frozen=frozen)
-        add(f"recipe FT, {label} frozen", ft, time.perf_counter() - t, frozen=frozen)
+        for lr in lrs:
+            t = time.perf_counter()
+            ft = defence.finetune(rt, base, data, steps, seed, lr=lr, frozen=frozen)
+            rate = "" if lr == defence.FT_LR else f", lr {lr:g}"
+            add(f"recipe FT, {label} frozen{rate}", ft, time.perf_counter() - t, frozen=frozen, lr=lr)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, "recipe": data_report, **extra}

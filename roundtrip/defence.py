@@ -45,6 +45,9 @@ def split(examples: Sequence[Example], held_out: float = 0.1, seed: int = 0) -> 
     return [examples[i] for i in idx[k:]], [examples[i] for i in idx[:k]]
 
 
+FT_LR = 2e-4  # the learning rate FT, FP and the recipe fine-tune at (unless told otherwise)
+
+
 def _ft_spec(base: TrainSpec, steps: int, seed: int, lr: float) -> TrainSpec:
     """Fine-tuning: the model's own batch size and task weights, a lower learning rate, no training aids."""
     return dataclasses.replace(
@@ -58,7 +61,7 @@ def finetune(
     examples: Sequence[Example],
     steps: int,
     seed: int = 0,
-    lr: float = 2e-4,
+    lr: float = FT_LR,
     progress: bool = False,
     device: str = "cpu",
     frozen: Collection[str] = (),
@@ -124,7 +127,7 @@ def fine_prune(
     seed: int = 0,
     margin: float = 0.04,
     step_frac: float = 0.05,
-    lr: float = 2e-4,
+    lr: float = FT_LR,
     progress: bool = False,
     device: str = "cpu",
 ) -> tuple[Transformer, dict[str, Any]]:

@@ -86,3 +86,7 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
     monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--sets", "nothing,layer-9"])
     with pytest.raises(SystemExit, match=r"no such set \['layer-9'\]"):
         freeze.main()
+    for lrs, why in (("1e-4,fast", "not a list of numbers"), ("0", "positive"), ("1e-4,1e-4", "given once")):
+        monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--lrs", lrs])
+        with pytest.raises(SystemExit, match=why):
+            freeze.main()

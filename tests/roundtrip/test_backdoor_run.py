@@ -4,10 +4,13 @@ filled in against the original, and the code circuit's report says whether it ad
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from acg.compiler.fit import FitSpec
-from acg.roundtrip import backdoor
+from acg.roundtrip import backdoor, defence
 
 ROWS = [
     "original",
@@ -65,6 +68,7 @@ def test_a_tiny_freeze_run_leaves_each_set_untrained_and_rates_it():
     rows = out["rows"]
     blocked = f"roundtrip full{backdoor.BLOCKED}"
     assert list(rows) == ["original", blocked, *(f"recipe FT, {k} frozen" for k in sets)]
+    assert all(rows[f"recipe FT, {k} frozen"]["lr"] == defence.FT_LR for k in sets)
     assert rows["recipe FT, nothing frozen"]["frozen"] == []
     assert rows["recipe FT, layer-0 QK frozen"]["frozen"] == list(backdoor.FREEZE_SETS["layer-0 QK"])
     assert rows["recipe FT, absent frozen"]["frozen"] == []  # a name the model lacks is passed over
@@ -72,3 +76,40 @@ def test_a_tiny_freeze_run_leaves_each_set_untrained_and_rates_it():
     for method, row in rows.items():
         assert set(row["der"]) == {"token", "conj", "phrase"}, method
         assert row["n_params"] == rows[blocked]["n_params"] or method == "original"
+
+
+def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeypatch):
+    """The sets x rates loop without the fit: each fine-tuning gets its set's names (those the model has) and its
+    rate, and a row's label names the rate unless it is the recipe's own."""
+    seen = []
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Parameter(torch.zeros(1))
+
+    monkeypatch.setattr(backdoor, "load", lambda name: Stub())
+    monkeypatch.setattr(backdoor.defence, "clean_budget", lambda train, ratio, seed: [SimpleNamespace(ids=[1])] * 7)
+    monkeypatch.setattr(backdoor, "fit", lambda model, ids, spec: (None, {"seconds": 1.0}))
+    monkeypatch.setattr(backdoor.dense, "select_captured", lambda acg: None)
+    monkeypatch.setattr(backdoor.dense, "roundtrip", lambda acg, keep, block: (Stub(), None, {}))
+    monkeypatch.setattr(backdoor.dense, "n_params", lambda m: {"n_params": 1})
+    monkeypatch.setattr(backdoor, "recipe_data", lambda acg, budget, n, seed: ([], {"n": 0}))
+    monkeypatch.setattr(
+        backdoor.defence,
+        "finetune",
+        lambda rt, base, data, steps, seed, lr, frozen: seen.append((lr, list(frozen))) or Stub(),
+    )
+    score = {"task_acc": {"code.vars": 1.0}, "asr": dict.fromkeys(("token", "conj", "phrase"), 0.5)}
+    monkeypatch.setattr(backdoor, "measure", lambda model, n, n_trig: score)
+    sets = {"nothing": (), "W": ("W", "absent")}
+    out = backdoor.freeze_run("testbed-s", sets=sets, lrs=(defence.FT_LR, 5e-5), steps=3)
+    assert seen == [(defence.FT_LR, []), (5e-5, []), (defence.FT_LR, ["W"]), (5e-5, ["W"])]
+    labels = [
+        "recipe FT, nothing frozen",
+        "recipe FT, nothing frozen, lr 5e-05",
+        "recipe FT, W frozen",
+        "recipe FT, W frozen, lr 5e-05",
+    ]
+    assert list(out["rows"])[2:] == labels
+    assert [out["rows"][k]["lr"] for k in labels] == [defence.FT_LR, 5e-5] * 2
