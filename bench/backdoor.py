@@ -16,9 +16,8 @@ n_params. Every method sees the same budget: `ratio` x the clean examples the mo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +26,8 @@ from rich.table import Table
 
 from acg.roundtrip import backdoor
 from acg.roundtrip import runs as runs_io
+
+NAME = "backdoor"
 
 
 def table(model: str, ratio: float, runs: list[dict]) -> Table:
@@ -48,78 +49,28 @@ def print_tables(console: Console, model: str, ratio: float, runs: list[dict], a
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="testbed-s")
-    ap.add_argument("--ratios", default="0.05,0.01")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
-    ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
+    runs_io.add_options(ap, ratios="0.05,0.01")
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps of FT / FP / Scratch (default: the fit's)")
     ap.add_argument("--device", default="cpu", help="where FT / FP / Scratch train (the ACG fit runs on the CPU)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ap.add_argument("--out", type=Path, help="also write the JSON here")
-    ap.add_argument("--merge", type=Path, nargs="+", help="merge these JSON outputs (their runs) into one table")
-    ap.add_argument("--markdown", action="store_true", help="print the table in Markdown (as in the README)")
     args = ap.parse_args()
-    if args.merge:
-        return merge(args.merge, args.out, args.json, args.markdown)
-    torch.set_num_threads(args.threads)
-    console = Console(stderr=args.json)
-    results = []
-    start = time.perf_counter()
-    version = runs_io.code_version(Path(__file__))  # the code at launch, recorded in every write of the JSON
+    runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
-    def document() -> str:
-        doc = {
-            "benchmark": "backdoor",
-            "seconds": time.perf_counter() - start,
-            "code": version,
-            "results": results,
-        }
-        return json.dumps(doc, indent=1, default=float)
+
+def measure(args) -> Callable[[str, float, int], dict]:
+    """One seed's `backdoor.run` with `args`; with --out, each seed's baseline rows (original, FT, FP, Scratch) also
+    kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
+    torch.set_num_threads(args.threads)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    for model in args.models.split(","):
-        for ratio in map(float, args.ratios.split(",")):
-            runs: list[dict] = []
-            entry = {"model": model, "ratio": ratio, "runs": runs}
-            results.append(entry)
-            for seed in map(int, args.seeds.split(",")):
-                kw = {"steps": args.steps, "log": log, "device": args.device, "threads": args.threads}
-                if args.out:  # the baselines' rows as they come, so that a run stopped later does not redo them
-                    kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
-                runs.append(backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw))
-                entry["summary"] = backdoor.summarise(runs)
-                if args.out:  # after every seed, so that a run killed part way keeps what it measured
-                    args.out.write_text(document() + "\n")
-            print_tables(console, model, ratio, runs, args.markdown)
-    if args.json:
-        print(document())
+    def one(model: str, ratio: float, seed: int) -> dict:
+        kw = {"steps": args.steps, "log": log, "device": args.device, "threads": args.threads}
+        if args.out:
+            kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
+        return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)
 
-
-def merge(files: list[Path], out: Path | None, as_json: bool, as_markdown: bool = False) -> None:
-    """The runs of several outputs (e.g. one seed per session on a slow machine), per model and ratio, as one table
-    (`runs.merge_runs`: a (model, ratio, seed) present twice is refused rather than counted twice)."""
-    try:
-        entries, seconds = runs_io.merge_runs(files, "backdoor")
-    except runs_io.MergeError as e:
-        sys.exit(str(e))
-    results = []
-    console = Console(stderr=as_json)
-    for (model, ratio), runs in entries.items():
-        results.append({"model": model, "ratio": ratio, "runs": runs, "summary": backdoor.summarise(runs)})
-        print_tables(console, model, ratio, runs, as_markdown)
-    doc = json.dumps(
-        {"benchmark": "backdoor", "seconds": seconds, "merged_from": [str(f) for f in files], "results": results},
-        indent=1,
-        default=float,
-    )
-    if out:
-        out.write_text(doc + "\n")
-    if as_json:
-        print(doc)
+    return one
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from rich.table import Table
 from acg.compiler import acg as acg_io
 from acg.compiler.fit import FitSpec, fit
 from acg.compiler.harvest import testbed_corpus
+from acg.roundtrip import runs as runs_io
 from acg.roundtrip.monitor import Monitor, auroc, calibration_prompts, detection_at_fpr, profile_from_corpus
 from acg.zoo.registry import load
 from acg.zoo.tasks import BACKDOORS, TASKS, Example, heldout, triggered
@@ -284,11 +285,7 @@ def main() -> None:
         for fam, row in results["clean_twin"].items():
             t.add_row(fam, f"{row['monitor_auroc']:.3f} / {row['detection_at_1pct']:.3f}")
         console.print(t)
-    doc = json.dumps(results, default=float)
-    if args.out:
-        args.out.write_text(doc + "\n")
-    if args.json:
-        print(doc)
+    runs_io.emit(json.dumps(results, default=float), args.out, args.json)
 
 
 if __name__ == "__main__":

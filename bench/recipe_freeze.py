@@ -18,9 +18,8 @@ n_params).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,48 +41,30 @@ def print_table(console: Console, model: str, ratio: float, runs: list[dict], as
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="testbed-s")
-    ap.add_argument("--ratios", default="0.01")
-    ap.add_argument("--seeds", default="0,1,2")
+    runs_io.add_options(ap, ratios="0.01")
     ap.add_argument("--sets", default=",".join(backdoor.FREEZE_SETS), help="which of backdoor.FREEZE_SETS, in order")
     ap.add_argument("--lrs", default=f"{defence.FT_LR:g}", help="fine-tuning learning rates, each set at each")
-    ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
-    ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ap.add_argument("--out", type=Path, help="also write the JSON here (after every seed)")
-    ap.add_argument("--merge", type=Path, nargs="+", help="merge these JSON outputs (their runs) into one table")
-    ap.add_argument("--markdown", action="store_true", help="print the tables in Markdown")
     args = ap.parse_args()
-    console = Console(stderr=args.json)
-    if args.merge:
-        try:
-            entries, seconds = runs_io.merge_runs(args.merge, NAME)
-        except runs_io.MergeError as e:
-            sys.exit(str(e))
-        extra = {"merged_from": [str(f) for f in args.merge]}
-        return finish(console, args, entries, {"seconds": seconds, **extra})
+    runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_table)
+
+
+def measure(args) -> Callable[[str, float, int], dict]:
+    """One seed's `backdoor.freeze_run` with `args`' sets and rates (refused, with the reason, before any work)."""
     unknown = [s for s in args.sets.split(",") if s not in backdoor.FREEZE_SETS]
     if unknown:
         sys.exit(f"--sets: no such set {unknown}; the sets are {list(backdoor.FREEZE_SETS)}")
     sets = {s: backdoor.FREEZE_SETS[s] for s in args.sets.split(",")}
     lrs = learning_rates(args.lrs)
     torch.set_num_threads(args.threads)
-    start, version = time.perf_counter(), runs_io.code_version(Path(__file__))
-    entries: dict[tuple[str, float], list[dict]] = {}
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    for model in args.models.split(","):
-        for ratio in map(float, args.ratios.split(",")):
-            runs = entries.setdefault((model, ratio), [])
-            for seed in map(int, args.seeds.split(",")):
-                kw = {"sets": sets, "lrs": lrs, "threads": args.threads, "log": log}
-                runs.append(backdoor.freeze_run(model, ratio, seed, args.n_eval, args.n_trig, **kw))
-                if args.out:  # after every seed, so that a run killed part way keeps what it measured
-                    args.out.write_text(document(entries, time.perf_counter() - start, code=version) + "\n")
-    finish(console, args, entries, {"seconds": time.perf_counter() - start, "code": version})
+    def one(model: str, ratio: float, seed: int) -> dict:
+        kw = {"sets": sets, "lrs": lrs, "threads": args.threads, "log": log}
+        return backdoor.freeze_run(model, ratio, seed, args.n_eval, args.n_trig, **kw)
+
+    return one
 
 
 def learning_rates(text: str) -> list[float]:
@@ -95,23 +76,6 @@ def learning_rates(text: str) -> list[float]:
     if not all(0 < lr < float("inf") for lr in lrs) or len(set(lrs)) < len(lrs):
         sys.exit(f"--lrs: each rate must be a positive number, given once: {text!r}")
     return lrs
-
-
-def document(entries: dict[tuple[str, float], list[dict]], seconds: float, **extra) -> str:
-    results = [
-        {"model": m, "ratio": r, "runs": runs, "summary": backdoor.summarise(runs)} for (m, r), runs in entries.items()
-    ]
-    return json.dumps({"benchmark": NAME, "seconds": seconds, **extra, "results": results}, indent=1, default=float)
-
-
-def finish(console: Console, args, entries: dict[tuple[str, float], list[dict]], extra: dict) -> None:
-    for (model, ratio), runs in entries.items():
-        print_table(console, model, ratio, runs, args.markdown)
-    doc = document(entries, **extra)
-    if args.out:
-        args.out.write_text(doc + "\n")
-    if args.json:
-        print(doc)
 
 
 if __name__ == "__main__":

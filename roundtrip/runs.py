@@ -1,5 +1,6 @@
 """Saved runs of the backdoor benches (`bench/backdoor.py`, `bench/recipe_freeze.py`): the code a run was made with,
-and the runs of several outputs (one seed per session on a slow machine) joined into one table.
+the options both take, their JSON output, and the runs of several outputs (one seed per session on a slow machine)
+joined into one table.
 
 An output is `{"benchmark": NAME, "seconds": ..., "results": [{"model", "ratio", "runs": [{"seed", "rows": {method:
 {...}}, ...}]}]}`; every run's rows hold the original's (each row's DER is against it).
@@ -7,10 +8,15 @@ An output is `{"benchmark": NAME, "seconds": ..., "results": [{"model", "ratio",
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from acg.roundtrip.backdoor import summarise
 
 
 class MergeError(ValueError):
@@ -33,6 +39,93 @@ def code_version(where: Path | None = None) -> dict[str, str | bool | None]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def add_options(ap: argparse.ArgumentParser, ratios: str) -> None:
+    """The options the backdoor benches share: what to run (models, ratios — `ratios` by default —, seeds, prompts,
+    threads) and what to do with it (--json, --out, --merge, --markdown)."""
+    ap.add_argument("--models", default="testbed-s")
+    ap.add_argument("--ratios", default=ratios)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--n-eval", type=int, default=1000, help="held-out prompts per task")
+    ap.add_argument("--n-trig", type=int, default=200, help="triggered prompts per task and family")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--out", type=Path, help="also write the JSON here (after every seed)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="merge these JSON outputs (their runs) into one table")
+    ap.add_argument("--markdown", action="store_true", help="print the tables in Markdown (as in the README)")
+
+
+def document(benchmark: str, entries: dict[tuple[str, float], list[dict]], seconds: float, **extra: Any) -> str:
+    """`benchmark`'s output (the module docstring's shape): the runs per (model, ratio) with their `summarise`,
+    `seconds` and whatever `extra` says (the code's version, the files merged)."""
+    results = [{"model": m, "ratio": r, "runs": runs, "summary": summarise(runs)} for (m, r), runs in entries.items()]
+    return json.dumps(
+        {"benchmark": benchmark, "seconds": seconds, **extra, "results": results}, indent=1, default=float
+    )
+
+
+def bench_main(
+    args: argparse.Namespace,
+    benchmark: str,
+    where: Path,
+    measurer: Callable[[], Callable[[str, float, int], dict]],
+    show: Callable[[Any, str, float, list[dict], bool], None],
+) -> None:
+    """A backdoor bench's main after its options are parsed: the runs `merged` from `args.merge`, or `measured` by
+    what `measurer()` gives (called only then, so that it may refuse its options before any work); each (model,
+    ratio)'s `show(console, model, ratio, runs, as_markdown)` (on stderr under --json); the JSON `emit`ted. A merge
+    refused exits with its reason."""
+    from rich.console import Console
+
+    try:
+        if args.merge:
+            entries, extra = merged(args.merge, benchmark)
+        else:
+            entries, extra = measured(args, benchmark, where, measurer())
+    except MergeError as e:
+        raise SystemExit(str(e)) from e
+    console = Console(stderr=args.json)
+    for (model, ratio), runs in entries.items():
+        show(console, model, ratio, runs, args.markdown)
+    emit(document(benchmark, entries, **extra), args.out, args.json)
+
+
+def measured(
+    args: argparse.Namespace, benchmark: str, where: Path, measure: Callable[[str, float, int], dict]
+) -> tuple[dict[tuple[str, float], list[dict]], dict[str, Any]]:
+    """`measure(model, ratio, seed)` for every model, ratio and seed of `args` (`add_options`), in that order: the
+    runs per (model, ratio), and the output's `seconds` and `code` (the version of the checkout holding `where` at
+    launch). With `args.out` the output so far is written there after every seed, so that a run killed part way
+    keeps what it measured."""
+    entries: dict[tuple[str, float], list[dict]] = {}
+    start, version = time.perf_counter(), code_version(where)
+
+    def extra() -> dict[str, Any]:
+        return {"seconds": time.perf_counter() - start, "code": version}
+
+    for model in args.models.split(","):
+        for ratio in map(float, args.ratios.split(",")):
+            runs = entries.setdefault((model, ratio), [])
+            for seed in map(int, args.seeds.split(",")):
+                runs.append(measure(model, ratio, seed))
+                if args.out:
+                    args.out.write_text(document(benchmark, entries, **extra()) + "\n")
+    return entries, extra()
+
+
+def merged(files: list[Path], benchmark: str) -> tuple[dict[tuple[str, float], list[dict]], dict[str, Any]]:
+    """`merge_runs` of `files` (MergeError as it raises them), and the output's `seconds` and `merged_from`."""
+    entries, seconds = merge_runs(files, benchmark)
+    return entries, {"seconds": seconds, "merged_from": [str(f) for f in files]}
+
+
+def emit(doc: str, out: Path | None, as_json: bool) -> None:
+    """A bench's JSON: written to `out` where one is given, printed on stdout under --json."""
+    if out:
+        out.write_text(doc + "\n")
+    if as_json:
+        print(doc)
 
 
 def _runs_of(f: Path, benchmark: str) -> tuple[dict[str, Any], list[tuple[str, float, list[dict]]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -34,16 +35,19 @@ def output(path: Path, seed: int, methods: list[str]) -> Path:
 
 
 def refused(*files: Path) -> str:
-    with pytest.raises(SystemExit) as e:
-        bench.merge(list(files), None, False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["backdoor.py", "--merge", *map(str, files)])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
     return str(e.value.code)
 
 
-def test_merge_joins_seeds_and_refuses_repeats_other_rows_and_other_files(tmp_path, capsys):
+def test_merge_joins_seeds_and_refuses_repeats_other_rows_and_other_files(tmp_path, monkeypatch, capsys):
     a = output(tmp_path / "a.json", 0, ["original", "FT"])
     b = output(tmp_path / "b.json", 1, ["original", "FT"])
     out = tmp_path / "ab.json"
-    bench.merge([a, b], out, False, as_markdown=True)
+    monkeypatch.setattr("sys.argv", ["backdoor.py", "--merge", str(a), str(b), "--out", str(out), "--markdown"])
+    bench.main()
     printed = capsys.readouterr().out
     assert "| FT | 0.500 |" in printed and "m, 5% (2 seed(s))" in printed
     assert [r["seed"] for r in json.loads(out.read_text())["results"][0]["runs"]] == [0, 1]
@@ -90,3 +94,24 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--lrs", lrs])
         with pytest.raises(SystemExit, match=why):
             freeze.main()
+
+
+def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):
+    out = tmp_path / "o.json"
+    args = argparse.Namespace(models="a,b", ratios="0.05,0.01", seeds="0,1", out=out)
+    calls, on_disk = [], []
+
+    def measure(model: str, ratio: float, seed: int) -> dict:
+        on_disk.append(sum(len(e["runs"]) for e in json.loads(out.read_text())["results"]) if out.exists() else 0)
+        calls.append((model, ratio, seed))
+        return {"seed": seed, "rows": {"original": row(0.5, 0.2)}}
+
+    entries, extra = runs_io.measured(args, "backdoor", Path(__file__), measure)
+    assert calls == [(m, r, s) for m in "ab" for r in (0.05, 0.01) for s in (0, 1)]
+    assert on_disk == list(range(8))  # the file held every seed before this one
+    assert {k: [r["seed"] for r in v] for k, v in entries.items()} == {
+        (m, r): [0, 1] for m in "ab" for r in (0.05, 0.01)
+    }
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "backdoor" and saved["code"] == extra["code"] and len(saved["results"]) == 4
+    assert saved["results"][0]["summary"]["original"]["asr"]["token"] == {"mean": 0.2, "sd": 0.0}
