@@ -16,11 +16,9 @@ n_params. Every method sees the same budget: `ratio` x the clean examples the mo
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -59,13 +57,9 @@ def main() -> None:
 def measure(args) -> Callable[[str, float, int], dict]:
     """One seed's `backdoor.run` with `args`; with --out, each seed's baseline rows (original, FT, FP, Scratch) also
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
-    torch.set_num_threads(args.threads)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
     def one(model: str, ratio: float, seed: int) -> dict:
-        kw = {"steps": args.steps, "log": log, "device": args.device, "threads": args.threads}
+        kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

@@ -22,7 +22,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from acg.roundtrip import backdoor, defence
@@ -55,13 +54,9 @@ def measure(args) -> Callable[[str, float, int], dict]:
         sys.exit(f"--sets: no such set {unknown}; the sets are {list(backdoor.FREEZE_SETS)}")
     sets = {s: backdoor.FREEZE_SETS[s] for s in args.sets.split(",")}
     lrs = learning_rates(args.lrs)
-    torch.set_num_threads(args.threads)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
     def one(model: str, ratio: float, seed: int) -> dict:
-        kw = {"sets": sets, "lrs": lrs, "threads": args.threads, "log": log}
+        kw = {"sets": sets, "lrs": lrs, "threads": args.threads, "log": runs_io.log}
         return backdoor.freeze_run(model, ratio, seed, args.n_eval, args.n_trig, **kw)
 
     return one

@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from acg.roundtrip.backdoor import summarise
 
@@ -73,7 +76,8 @@ def bench_main(
     show: Callable[[Any, str, float, list[dict], bool], None],
 ) -> None:
     """A backdoor bench's main after its options are parsed: the runs `merged` from `args.merge`, or `measured` by
-    what `measurer()` gives (called only then, so that it may refuse its options before any work); each (model,
+    what `measurer()` gives (called only then, so that it may refuse its options before any work; on `args.threads`
+    torch threads); each (model,
     ratio)'s `show(console, model, ratio, runs, as_markdown)` (on stderr under --json); the JSON `emit`ted. A merge
     refused exits with its reason."""
     from rich.console import Console
@@ -82,7 +86,9 @@ def bench_main(
         if args.merge:
             entries, extra = merged(args.merge, benchmark)
         else:
-            entries, extra = measured(args, benchmark, where, measurer())
+            measure = measurer()
+            torch.set_num_threads(args.threads)
+            entries, extra = measured(args, benchmark, where, measure)
     except MergeError as e:
         raise SystemExit(str(e)) from e
     console = Console(stderr=args.json)
@@ -118,6 +124,11 @@ def merged(files: list[Path], benchmark: str) -> tuple[dict[tuple[str, float], l
     """`merge_runs` of `files` (MergeError as it raises them), and the output's `seconds` and `merged_from`."""
     entries, seconds = merge_runs(files, benchmark)
     return entries, {"seconds": seconds, "merged_from": [str(f) for f in files]}
+
+
+def log(line: str) -> None:
+    """A bench's progress line, on stderr at once (stdout is the JSON's under --json)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def emit(doc: str, out: Path | None, as_json: bool) -> None:
