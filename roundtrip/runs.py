@@ -44,6 +44,39 @@ def code_version(where: Path | None = None) -> dict[str, str | bool | None]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+PACKAGES = ("torch", "numpy", "scipy", "numba", "onnx", "onnxruntime")  # what the fit and the evaluation run on
+
+
+def environment() -> dict[str, Any]:
+    """What a run's figures may depend on besides the code: Python, the packages in PACKAGES (None where not
+    installed), torch's thread count, the platform and the CPU's model name (Linux's /proc/cpuinfo; the platform's
+    processor string elsewhere). The same code fits differently on two machines or package sets (README: the
+    testbed-s fits of 28 November and 2 December), so each output says which it ran on."""
+    import platform
+    from importlib import metadata
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name") and ":" in ln]
+    cpu = names[0] if names else platform.processor() or None
+    return {
+        "python": platform.python_version(),
+        "packages": {p: version(p) for p in PACKAGES},
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": len(names) or None,
+    }
+
+
 def add_options(ap: argparse.ArgumentParser, ratios: str) -> None:
     """The options the backdoor benches share: what to run (models, ratios — `ratios` by default —, seeds, prompts,
     threads) and what to do with it (--json, --out, --merge, --markdown)."""
@@ -101,14 +134,14 @@ def measured(
     args: argparse.Namespace, benchmark: str, where: Path, measure: Callable[[str, float, int], dict]
 ) -> tuple[dict[tuple[str, float], list[dict]], dict[str, Any]]:
     """`measure(model, ratio, seed)` for every model, ratio and seed of `args` (`add_options`), in that order: the
-    runs per (model, ratio), and the output's `seconds` and `code` (the version of the checkout holding `where` at
-    launch). With `args.out` the output so far is written there after every seed, so that a run killed part way
-    keeps what it measured."""
+    runs per (model, ratio), and the output's `seconds`, `code` (the version of the checkout holding `where` at
+    launch) and `environment` (`environment()`, at launch). With `args.out` the output so far is written there after
+    every seed, so that a run killed part way keeps what it measured."""
     entries: dict[tuple[str, float], list[dict]] = {}
-    start, version = time.perf_counter(), code_version(where)
+    start, version, env = time.perf_counter(), code_version(where), environment()
 
     def extra() -> dict[str, Any]:
-        return {"seconds": time.perf_counter() - start, "code": version}
+        return {"seconds": time.perf_counter() - start, "code": version, "environment": env}
 
     for model in args.models.split(","):
         for ratio in map(float, args.ratios.split(",")):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import platform
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from acg.roundtrip import backdoor
@@ -115,3 +117,7 @@ def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp
     saved = json.loads(out.read_text())
     assert saved["benchmark"] == "backdoor" and saved["code"] == extra["code"] and len(saved["results"]) == 4
     assert saved["results"][0]["summary"]["original"]["asr"]["token"] == {"mean": 0.2, "sd": 0.0}
+    env = saved["environment"]  # what the figures may depend on besides the code
+    assert env == extra["environment"] and env["packages"]["torch"].startswith("2.13.0")
+    assert env["packages"]["numpy"] == np.__version__ and env["packages"]["scipy"] is not None
+    assert env["python"] == platform.python_version() and env["cpu"]
