@@ -9,10 +9,12 @@ and layer norms it is the first-order estimate. A feature's score is the mean ov
 Selection ranks all features of all layers together by score and keeps the top k; the faithfulness curve gives
 `task_acc` of the pruned replacement model against the fraction kept, and k is the smallest on a grid (refined by
 bisection) whose `task_acc` is within `tolerance` of the reference on every task of the set. The candidates are the
-features with non-zero attribution: where none of the grid's k meets the target, the circuit is all of them (not every
-feature of the dictionary), and the report says the target was missed. Where it is met, backward elimination refines
-the top k: its least attributed features (64 by default) are ablated one at a time, least first, and each is left out
-where the target still holds — first-order scores miss redundancy (two features doing one job both score high).
+features with non-zero attribution: where none of the grid's k meets the target (all of them together miss it: the
+dictionary itself is less faithful than the target asks), the report says the target was missed and the circuit is
+held instead to what all the candidates reach (per task the lower of the two; the report's `held_to`), so that it is
+the smallest circuit as faithful as the dictionary allows rather than every candidate. Then backward elimination
+refines the top k: its least attributed features (64 by default) are ablated one at a time, least first, and each is
+left out where the target still holds — first-order scores miss redundancy (two features doing one job both score high).
 Every decision is judged on the same prompts (the curve's), and many decisions on one sample favour a circuit that
 is lucky on it: the target is therefore held with a `margin` per task, by default one standard error of the
 reference accuracy on those prompts (sqrt(r (1 - r) / n)), at most half the tolerance, so that it still holds on
@@ -149,8 +151,10 @@ def extract(
     """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of `reference`
     (None: the model's own accuracy there) on every task in `eval_examples` (module docstring). Candidates are the
     features with non-zero attribution on `fit_examples` (one that never fired on them scores 0 and adds nothing to a
-    top-k); where no k meets the target, k = all candidates, and `target_met` is False. Where it is met, the `refine`
-    least attributed features of the top k (None: all of them) are then ablated one at a time, least first, and each is
+    top-k); where no k meets the target, `target_met` is False and the target is rebased on all the candidates'
+    accuracy where that is lower (`held_to`: the reference each decision then uses, on the eval prompts and on the
+    validation prompts alike; None where the target is met). The `refine` least attributed features of the top k (None:
+    all of them) are then ablated one at a time, least first, and each is
     left out where the target still holds (backward elimination: the report's `k_top` is the top-k size, `refined_away`
     how many it left out). Each decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts;
     `margin` None: per task, `selection_margin` (the report's `margin`).
@@ -200,32 +204,39 @@ def extract(
     def meets(acc: dict[str, float], reference: dict[str, float], margins: dict[str, float]) -> bool:
         return all(acc[t] >= reference[t] - tolerance + margins[t] for t in margins)
 
+    target = reference  # what each decision holds the circuit to (rebased where the candidates miss it)
+
     def faithful(acc: dict[str, float]) -> bool:
-        return meets(acc, reference, margins)
+        return meets(acc, target, margins)
 
     order = ranked(scores)
     ks = sorted({min(live, max(1, round(f * total))) for f in grid} | {live})
     good = smallest_passing(ks, lambda k: faithful(measure(k)), bisect_steps)
     target_met = good is not None
-    good = live if good is None else good
+    held_to = None
+    if not target_met:  # the candidates together miss it: hold the circuit to what they reach (module docstring)
+        target = held_to = lower_of(reference, measure(live))
+        margins = margins_for(target, eval_examples)
+        good = smallest_passing(ks, lambda k: faithful(measure(k)), bisect_steps) or live
     curve = [{"k": k, "fraction": k / total, "task_acc": cache[k]} for k in sorted(cache)]
     chosen, acc = list(order[:good]), measure(good)
+    path = [(chosen, acc)]  # the circuit after each removal kept
+    for feature in order[:good][::-1][: good if refine is None else refine]:  # least attributed first
+        trial = [f for f in path[-1][0] if f != feature]
+        trial_acc = accuracy_of(trial) if trial else None
+        if trial_acc is not None and faithful(trial_acc):
+            path.append((trial, trial_acc))
+    chosen, acc = path[-1]
     validated = None
-    if target_met:
-        path = [(chosen, acc)]  # the circuit after each removal kept
-        for feature in order[:good][::-1][: good if refine is None else refine]:  # least attributed first
-            trial = [f for f in path[-1][0] if f != feature]
-            trial_acc = accuracy_of(trial) if trial else None
-            if trial_acc is not None and faithful(trial_acc):
-                path.append((trial, trial_acc))
-        chosen, acc = path[-1]
-        if validation is not None:
-            v_reference = own_accuracy(validation)
-            v_margins = margins_for(v_reference, validation)
+    if validation is not None:
+        v_reference = own_accuracy(validation)
+        if held_to is not None:
+            v_reference = lower_of(v_reference, accuracy_of(order[:live], validation))
+        v_margins = margins_for(v_reference, validation)
 
-            step = last_passing(len(path), lambda i: meets(accuracy_of(path[i][0], validation), v_reference, v_margins))
-            validated = step is not None
-            chosen, acc = path[step or 0]
+        step = last_passing(len(path), lambda i: meets(accuracy_of(path[i][0], validation), v_reference, v_margins))
+        validated = step is not None
+        chosen, acc = path[step or 0]
     sel = select(scores, chosen, tokens, positions)
     sel = Selection(sel.features, sel.tokens, sel.positions, True, name, {"k": len(chosen), "tolerance": tolerance})
     report = {
@@ -238,11 +249,17 @@ def extract(
         "reference": reference,
         "margin": margins,
         "target_met": target_met,
+        "held_to": held_to,
         "validated": validated,
         "tokens_kept": int(tokens.sum()),
         "candidates": live,
     }
     return Circuit(sel, curve, scores, reference, target_met, report)
+
+
+def lower_of(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Per task, the lower of two accuracies."""
+    return {t: min(a[t], b[t]) for t in a}
 
 
 def last_passing(n: int, ok: Callable[[int], bool]) -> int | None:

@@ -138,13 +138,24 @@ def test_last_passing_finds_the_end_of_a_monotone_run_by_bisection():
     assert circuit.last_passing(1, upto(0)) == 0 and circuit.last_passing(1, upto(-1)) is None
 
 
-def test_a_missed_target_keeps_the_attributed_features_not_the_whole_dictionary():
+def test_a_missed_target_holds_the_circuit_to_what_the_candidates_reach_not_the_whole_dictionary():
     model, acg = _planted()
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
     out = circuit.extract(model, acg, data, {"t": data}, {"t": 2.0})  # accuracy 2.0: unreachable
     assert not out.target_met and out.report["k"] == out.report["candidates"] == 2
+    assert out.report["held_to"] == {"t": 1.0} and out.reference == out.report["reference"] == {"t": 2.0}
     assert out.selection.features[0].tolist() == [0, 1]  # features 2..9 fire on every token but never reach a logit
     assert max(p["k"] for p in out.curve) == 2
+    met = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0})
+    assert met.target_met and met.report["held_to"] is None
+    # three candidates, two of them redundant: the smallest circuit as faithful as all three, not all three
+    model, acg = _planted(redundant=True)
+    out = circuit.extract(model, acg, data, {"t": data}, {"t": 2.0}, validation={"t": data})
+    assert not out.target_met and out.report["candidates"] == 3 and out.report["held_to"] == {"t": 1.0}
+    assert out.report["k"] == 2 and out.report["task_acc"] == {"t": 1.0} and out.report["validated"] is True
+    # held to the candidates only where they fall short: a task they reach keeps its own reference
+    two = circuit.extract(model, acg, data, {"t": data, "u": data}, {"t": 2.0, "u": 0.5}, tolerance=0.01)
+    assert two.report["held_to"] == {"t": 1.0, "u": 0.5}
     with pytest.raises(dense.RoundtripError, match="no feature carries any attribution"):
         circuit.extract(model, acg, [Ex([0, 5], 3)] * 4, {"t": data}, {"t": 1.0})
 
