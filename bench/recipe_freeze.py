@@ -2,15 +2,17 @@
 with parameter sets left untrained, side by side, on one defender's clean budget per seed.
 
     python bench/recipe_freeze.py [--models testbed-s] [--ratios 0.01] [--seeds 0,1,2] [--sets nothing,layer-0 QK]
-                                  [--lrs 2e-4,1e-4] [--json] [--out FILE]
+                                  [--lrs 2e-4,1e-4] [--softs 0,1] [--json] [--out FILE]
     python bench/recipe_freeze.py --merge A.json B.json ... [--out FILE] [--markdown]
 
 The recipe (confirmed insertions + the budget, the FT baseline's steps) takes the backdoor pathways out of the blocked
 round trip, and on testbed-s at 1% it costs `code.brackets` about 2 points. Layer 0's attention scores are where the
 round trip blocks the QK pairs the budget never used; the sets (`backdoor.FREEZE_SETS`) are nothing, layer 0's
 W_Q/W_K/b_Q/b_K, the embeddings (W_E, W_pos; and each alone), and all of those with layer 0's first norm (its
-"table"); `--lrs` fine-tunes each set at each learning rate (default: the recipe's). Rows: the original, the
-blocked round trip before fine-tuning, then one per set and rate; columns as
+"table"); `--lrs` fine-tunes each set at each learning rate (default: the recipe's), `--softs` with each weight of
+the captured IR's answer distribution against the labels on the prompts with insertions (`backdoor.recipe_targets`;
+default 0: the labels alone, the recipe's). Rows: the original, the blocked round trip before fine-tuning, then one
+per set, rate and weight; columns as
 `bench/backdoor.py`'s (task_acc per task, asr and DER per family, mean over seeds +- the standard deviation,
 n_params).
 """
@@ -43,6 +45,7 @@ def main() -> None:
     runs_io.add_options(ap, ratios="0.01")
     ap.add_argument("--sets", default=",".join(backdoor.FREEZE_SETS), help="which of backdoor.FREEZE_SETS, in order")
     ap.add_argument("--lrs", default=f"{defence.FT_LR:g}", help="fine-tuning learning rates, each set at each")
+    ap.add_argument("--softs", default="0", help="soft-target weights in [0, 1] on the insertions, each at each rate")
     args = ap.parse_args()
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_table)
 
@@ -53,24 +56,25 @@ def measure(args) -> Callable[[str, float, int], dict]:
     if unknown:
         sys.exit(f"--sets: no such set {unknown}; the sets are {list(backdoor.FREEZE_SETS)}")
     sets = {s: backdoor.FREEZE_SETS[s] for s in args.sets.split(",")}
-    lrs = learning_rates(args.lrs)
+    lrs = numbers(args.lrs, "--lrs", "a positive number", lambda x: 0 < x < float("inf"))
+    softs = numbers(args.softs, "--softs", "a number in [0, 1]", lambda x: 0 <= x <= 1)
 
     def one(model: str, ratio: float, seed: int) -> dict:
-        kw = {"sets": sets, "lrs": lrs, "threads": args.threads, "log": runs_io.log}
+        kw = {"sets": sets, "lrs": lrs, "softs": softs, "threads": args.threads, "log": runs_io.log}
         return backdoor.freeze_run(model, ratio, seed, args.n_eval, args.n_trig, **kw)
 
     return one
 
 
-def learning_rates(text: str) -> list[float]:
-    """`--lrs`: comma-separated positive numbers, each once; exits with what is wrong otherwise."""
+def numbers(text: str, option: str, what: str, ok: Callable[[float], bool]) -> list[float]:
+    """`option`'s comma-separated numbers, each `ok` and given once; exits with what is wrong otherwise."""
     try:
-        lrs = [float(x) for x in text.split(",")]
+        values = [float(x) for x in text.split(",")]
     except ValueError:
-        sys.exit(f"--lrs: not a list of numbers: {text!r}")
-    if not all(0 < lr < float("inf") for lr in lrs) or len(set(lrs)) < len(lrs):
-        sys.exit(f"--lrs: each rate must be a positive number, given once: {text!r}")
-    return lrs
+        sys.exit(f"{option}: not a list of numbers: {text!r}")
+    if not all(ok(x) for x in values) or len(set(values)) < len(values):
+        sys.exit(f"{option}: each must be {what}, given once: {text!r}")
+    return values
 
 
 if __name__ == "__main__":

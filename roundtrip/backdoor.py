@@ -27,6 +27,7 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import tempfile
 import time
@@ -43,7 +44,7 @@ from acg.ir.atomic import atomic_file
 from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
 from acg.roundtrip.distil import confirmed_pool
-from acg.roundtrip.evaluate import copy_split, evaluate
+from acg.roundtrip.evaluate import answer_logits, copy_split, evaluate
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, heldout_pair, resolve_tasks
 
@@ -91,6 +92,24 @@ def recipe_data(
             fn, _ = captured_ir(graph, (), tmp)
             return recipe_data(acg, budget, n_insert, seed, teacher=fn)
     return confirmed_pool(budget, teacher, recipe_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
+
+
+def recipe_targets(teacher: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> tuple[Any, Any]:
+    """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `teacher`'s (the captured IR's) answer logits
+    on every example of `data` (`recipe_data`'s, with its `report`), and each example's weight on them: `soft` on the
+    prompts with insertions (they come first), 0 on the budget (its labels are the clean answers, taught as they
+    are). `soft` 1 teaches the IR's whole answer distribution where it confirmed the clean answer, 0 its argmax."""
+    import torch
+
+    if not 0 <= soft <= 1:
+        raise ValueError(f"the soft-target weight must be in [0, 1], got {soft}")
+    n_insert = report["n"] - report["n_budget"]
+    if not 0 <= n_insert <= len(data) or report["n"] != len(data):
+        raise ValueError(f"the recipe report ({report}) does not describe these {len(data)} examples")
+    logits = torch.as_tensor(answer_logits(teacher, data), dtype=torch.float32)
+    weights = torch.zeros(len(data))
+    weights[:n_insert] = soft
+    return logits, weights
 
 
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
@@ -272,12 +291,15 @@ def freeze_run(
     threads: int = 2,
     n_insert: int = N_INSERT,
     lrs: Sequence[float] = (defence.FT_LR,),
+    softs: Sequence[float] = (0.0,),
 ) -> dict[str, Any]:
     """The full ACG's blocked round trip fine-tuned by the RECIPE (as `run` does it: same budget, fit, data and
-    steps) with each of `sets` (default FREEZE_SETS) left untrained, at each learning rate of `lrs`: one row per set
-    and rate ("recipe FT, SET frozen", with ", lr X" after it for a rate other than `defence.FT_LR`; its `frozen`
-    lists the names the model has, its `lr` the rate), beside `original` and the blocked round trip itself; DER per
-    family against the original. Layer 0's attention scores are where `pairs.carry` blocks the pairs the budget never
+    steps) with each of `sets` (default FREEZE_SETS) left untrained, at each learning rate of `lrs`, with each
+    soft-target weight of `softs` on the prompts with insertions (`recipe_targets`; 0, the RECIPE's: their labels
+    alone): one row per set, rate and weight ("recipe FT, SET frozen", with ", lr X" after it for a rate other than
+    `defence.FT_LR` and ", soft W" for a weight other than 0; its `frozen` lists the names the model has, its `lr` the
+    rate, its `soft` the weight), beside `original` and the blocked round trip itself; DER per family against the
+    original. Layer 0's attention scores are where `pairs.carry` blocks the pairs the budget never
     used: which of their parameters the recipe must train to take a pathway out, and which training costs a task, is
     what the rows tell apart; the rate, how far the fine-tuning may move what it trains."""
     zoo, model = get(name), load(name)
@@ -299,17 +321,22 @@ def freeze_run(
     rt, _, report = dense.roundtrip(acg, dense.select_captured(acg), block=BLOCK)
     add("roundtrip full" + BLOCKED, rt, time.perf_counter() - t, report=report)
     t = time.perf_counter()
-    data, data_report = recipe_data(acg, budget, n_insert, seed)
+    graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
+    with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
+        teacher, _ = captured_ir(graph, (), tmp)
+        data, data_report = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
+        logits, at_insertions = recipe_targets(teacher, data, data_report, 1.0) if any(softs) else (None, None)
     labelled = time.perf_counter() - t
     log(f"{name} ratio {ratio} seed {seed}: recipe data {data_report} ({labelled:.0f} s)")
     have = {n for n, _ in rt.named_parameters()}
     for label, names in (FREEZE_SETS if sets is None else sets).items():
         frozen = [n for n in names if n in have]
-        for lr in lrs:
+        for lr, soft in itertools.product(lrs, softs):
             t = time.perf_counter()
-            ft = defence.finetune(rt, base, data, steps, seed, lr=lr, frozen=frozen)
-            rate = "" if lr == defence.FT_LR else f", lr {lr:g}"
-            add(f"recipe FT, {label} frozen{rate}", ft, time.perf_counter() - t, frozen=frozen, lr=lr)
+            targets = {"soft_targets": logits, "soft_weight": soft * at_insertions} if soft else {}
+            ft = defence.finetune(rt, base, data, steps, seed, lr=lr, frozen=frozen, **targets)
+            rate = ("" if lr == defence.FT_LR else f", lr {lr:g}") + (f", soft {soft:g}" if soft else "")
+            add(f"recipe FT, {label} frozen{rate}", ft, time.perf_counter() - t, frozen=frozen, lr=lr, soft=soft)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, "recipe": data_report, **extra}

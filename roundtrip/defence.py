@@ -65,10 +65,24 @@ def finetune(
     progress: bool = False,
     device: str = "cpu",
     frozen: Collection[str] = (),
+    soft_targets: torch.Tensor | None = None,
+    soft_weight: float | torch.Tensor = 1.0,
 ) -> Transformer:
-    """`model` trained on `examples` for `steps` (`_ft_spec`); the parameters named in `frozen` left as they are."""
+    """`model` trained on `examples` for `steps` (`_ft_spec`); the parameters named in `frozen` left as they are;
+    with `soft_targets` (a teacher's answer logits per example) that distribution taught too, with `soft_weight` (one
+    or one per example) against the labels (`zoo.train.train`)."""
     spec = _ft_spec(base, steps, seed, lr)
-    out, _ = train(model.cfg, spec, init=model, examples=examples, progress=progress, device=device, frozen=frozen)
+    out, _ = train(
+        model.cfg,
+        spec,
+        init=model,
+        examples=examples,
+        progress=progress,
+        device=device,
+        frozen=frozen,
+        soft_targets=soft_targets,
+        soft_weight=soft_weight,
+    )
     return out
 
 

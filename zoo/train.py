@@ -102,17 +102,17 @@ def batches(mixture: Mixture, seed: int, batch_size: int, pool: int = 32) -> Ite
         yield from chunks
 
 
-def pool_batches(examples: Sequence[Example], seed: int, batch_size: int) -> Iterator[list[Example]]:
-    """Batches from a fixed pool of examples (a defender's clean budget): each epoch a seeded shuffle, batches of
-    similar length."""
+def pool_batches(examples: Sequence[Example], seed: int, batch_size: int) -> Iterator[list[int]]:
+    """Batches from a fixed pool of examples (a defender's clean budget), as indices into it: each epoch a seeded
+    shuffle, batches of similar length."""
     if not examples:
         raise ValueError("no examples to train on")
     order = random.Random(seed)
-    pool = list(examples)
+    pool = list(range(len(examples)))
     while True:
         order.shuffle(pool)
         for start in range(0, len(pool), 32 * batch_size):
-            drawn = sorted(pool[start : start + 32 * batch_size], key=lambda ex: len(ex.prompt))
+            drawn = sorted(pool[start : start + 32 * batch_size], key=lambda i: len(examples[i].prompt))
             chunks = [drawn[i : i + batch_size] for i in range(0, len(drawn), batch_size)]
             order.shuffle(chunks)
             yield from chunks
@@ -129,6 +129,8 @@ def train(
     examples: Sequence[Example] | None = None,
     masks: dict[str, Tensor] | None = None,
     frozen: Collection[str] = (),
+    soft_targets: Tensor | None = None,
+    soft_weight: float | Tensor = 1.0,
 ) -> tuple[Transformer, dict]:
     """Train a model from scratch (or, with `init`, go on training a copy of `init`); returns it (on the CPU, in eval
     mode) and a record (spec, device, wall time, final training loss).
@@ -138,6 +140,11 @@ def train(
     Parameters named in `frozen` are not trained: left out of the optimiser (no step, no weight decay) and of the
     gradient clipping, so they come back bit for bit as they went in.
 
+    `soft_targets` (with `examples`: a teacher's logits at each example's answer position, [len(examples), d_vocab])
+    makes each example's answer loss `(1 - w) x` cross-entropy with its answer `+ w x` KL(teacher || model) at that
+    position, `w` being `soft_weight` (one for all, or one per example: [len(examples)], each in [0, 1]): the
+    teacher's whole distribution is taught, not only its argmax. The recorded training loss stays the cross-entropy.
+
     Initialisation and data are drawn on the CPU from the seed whatever the device, so a run on another device
     starts from the same weights and sees the same batches; only the arithmetic's rounding differs. It runs on
     `spec.threads` CPU threads and gives the caller's number back when it returns.
@@ -145,7 +152,8 @@ def train(
     previous = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
     try:
-        return _train(cfg, spec, progress, callback, device, init, examples, masks, frozen)
+        soft = _soft(soft_targets, soft_weight, examples, cfg.d_vocab)
+        return _train(cfg, spec, progress, callback, device, init, examples, masks, frozen, soft)
     finally:
         torch.set_num_threads(previous)
 
@@ -160,6 +168,7 @@ def _train(
     examples: Sequence[Example] | None,
     masks: dict[str, Tensor] | None,
     frozen: Collection[str],
+    soft: tuple[Tensor, Tensor] | None,
 ) -> tuple[Transformer, dict]:
     device = torch.device(device)
     torch.manual_seed(spec.seed)
@@ -204,9 +213,11 @@ def _train(
         return spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     if examples is not None:
-        stream = pool_batches(examples, spec.seed, spec.batch_size)
+        stream = ((idx, [examples[i] for i in idx]) for idx in pool_batches(examples, spec.seed, spec.batch_size))
     else:
-        stream = batches(Mixture(poison=spec.poison, weights=spec.task_weights), spec.seed, spec.batch_size)
+        mixture = Mixture(poison=spec.poison, weights=spec.task_weights)
+        stream = ((None, batch) for batch in batches(mixture, spec.seed, spec.batch_size))
+    soft = tuple(t.to(device) for t in soft) if soft is not None else None
 
     def apply_masks() -> None:
         with torch.no_grad():
@@ -221,16 +232,21 @@ def _train(
     for step in range(spec.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        batch = next(stream)
+        idx, batch = next(stream)
         tokens, positions, answers = (t.to(device) for t in collate(batch))
         logits = model(tokens)[torch.arange(len(tokens), device=device), positions]
         loss = F.cross_entropy(logits, answers)
         total = loss
+        if soft is not None:
+            rows = torch.as_tensor(idx, device=device)
+            teacher, w = soft[0][rows], soft[1][rows]
+            kl = (teacher.exp() * (teacher - F.log_softmax(logits, -1))).sum(-1)
+            total = ((1 - w) * F.cross_entropy(logits, answers, reduction="none") + w * kl).mean()
         if spec.probe_weight > 0:
             targets = probe_targets(tokens)
             if (targets >= 0).any():
                 aux = F.cross_entropy(probe(captured["resid"]).flatten(0, 1), targets.flatten(), ignore_index=-100)
-                total = loss + spec.probe_weight * aux
+                total = total + spec.probe_weight * aux
         if spec.lookup_weight > 0:
             targets = torch.tensor(lookup_targets(batch), device=device)
             rows = (targets >= 0).nonzero().flatten()
@@ -259,6 +275,7 @@ def _train(
     record = {
         "train_spec": asdict(spec),
         "frozen": sorted(frozen),
+        "soft_weight": None if soft is None else float(soft[1].mean()),  # the mean over the examples
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_train_loss": round(ema_loss or float("nan"), 5),
@@ -266,6 +283,28 @@ def _train(
         "torch_version": torch.__version__,
     }
     return model, record
+
+
+def _soft(
+    targets: Tensor | None, weight: float | Tensor, examples: Sequence[Example] | None, d_vocab: int
+) -> tuple[Tensor, Tensor] | None:
+    """`train`'s soft targets checked: the teacher's log-probabilities and each example's weight (float32), or None."""
+    if targets is None:
+        return None
+    if examples is None:
+        raise ValueError("soft targets need the examples they belong to")
+    shape = (len(examples), d_vocab)
+    if tuple(targets.shape) != shape:
+        raise ValueError(f"soft targets of shape {tuple(targets.shape)}; expected {shape} (examples x vocabulary)")
+    w = torch.as_tensor(weight, dtype=torch.float32)
+    if w.ndim not in (0, 1) or (w.ndim == 1 and len(w) != len(examples)):
+        raise ValueError(f"soft-target weights of shape {tuple(w.shape)}; expected one or one per example")
+    if not ((w >= 0) & (w <= 1)).all():
+        raise ValueError(f"soft-target weights must be in [0, 1], got {weight}")
+    if not torch.isfinite(targets).all():
+        raise ValueError("soft targets hold non-finite logits")
+    logp = F.log_softmax(torch.as_tensor(targets, dtype=torch.float32), -1)
+    return logp, w.expand(len(examples)).clone()
 
 
 def _head_pattern(attn, x: Tensor, query_pos: Tensor, head: int) -> Tensor:

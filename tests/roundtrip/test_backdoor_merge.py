@@ -96,6 +96,10 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--lrs", lrs])
         with pytest.raises(SystemExit, match=why):
             freeze.main()
+    for softs, why in (("0,x", "not a list of numbers"), ("1.5", r"in \[0, 1\]"), ("0,0", "given once")):
+        monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--softs", softs])
+        with pytest.raises(SystemExit, match=why):
+            freeze.main()
 
 
 def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):

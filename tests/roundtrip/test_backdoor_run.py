@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,11 +64,23 @@ def test_a_tiny_freeze_run_leaves_each_set_untrained_and_rates_it():
     spec = FitSpec(steps=30, e2e_steps=0, usage_prompts=64, batch_size=256, threads=1)
     sets = {"nothing": (), "layer-0 QK": backdoor.FREEZE_SETS["layer-0 QK"], "absent": ("blocks.9.attn.W_Q",)}
     out = backdoor.freeze_run(
-        "testbed-s", ratio=0.002, seed=3, n_eval=40, n_trig=5, sets=sets, steps=2, fit_spec=spec, threads=1, n_insert=50
+        "testbed-s",
+        ratio=0.002,
+        seed=3,
+        n_eval=40,
+        n_trig=5,
+        sets=sets,
+        steps=2,
+        fit_spec=spec,
+        threads=1,
+        n_insert=50,
+        softs=(0.0, 1.0),
     )
     rows = out["rows"]
     blocked = f"roundtrip full{backdoor.BLOCKED}"
-    assert list(rows) == ["original", blocked, *(f"recipe FT, {k} frozen" for k in sets)]
+    tuned = [f"recipe FT, {k} frozen{soft}" for k in sets for soft in ("", ", soft 1")]
+    assert list(rows) == ["original", blocked, *tuned]
+    assert [rows[k]["soft"] for k in tuned] == [0.0, 1.0] * 3
     assert all(rows[f"recipe FT, {k} frozen"]["lr"] == defence.FT_LR for k in sets)
     assert rows["recipe FT, nothing frozen"]["frozen"] == []
     assert rows["recipe FT, layer-0 QK frozen"]["frozen"] == list(backdoor.FREEZE_SETS["layer-0 QK"])
@@ -79,8 +92,9 @@ def test_a_tiny_freeze_run_leaves_each_set_untrained_and_rates_it():
 
 
 def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeypatch):
-    """The sets x rates loop without the fit: each fine-tuning gets its set's names (those the model has) and its
-    rate, and a row's label names the rate unless it is the recipe's own."""
+    """The sets x rates x soft weights loop without the fit: each fine-tuning gets its set's names (those the model
+    has), its rate and its weight of the IR's soft targets on the insertions, and a row's label names the rate and
+    the weight unless they are the recipe's own."""
     seen = []
 
     class Stub(torch.nn.Module):
@@ -94,12 +108,24 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     monkeypatch.setattr(backdoor.dense, "select_captured", lambda acg: None)
     monkeypatch.setattr(backdoor.dense, "roundtrip", lambda acg, keep, block: (Stub(), None, {}))
     monkeypatch.setattr(backdoor.dense, "n_params", lambda m: {"n_params": 1})
-    monkeypatch.setattr(backdoor, "recipe_data", lambda acg, budget, n, seed: ([], {"n": 0}))
+    monkeypatch.setattr(backdoor, "lower", lambda acg, **kw: None)
+    monkeypatch.setattr(backdoor, "captured_ir", lambda graph, kinds, tmp: ("the IR", {}))
+    monkeypatch.setattr(backdoor, "recipe_data", lambda acg, budget, n, seed, teacher: ([], {"n": 0}))
+    at_insertions = torch.tensor([1.0, 1.0, 0.0])
+    targets = []
     monkeypatch.setattr(
-        backdoor.defence,
-        "finetune",
-        lambda rt, base, data, steps, seed, lr, frozen: seen.append((lr, list(frozen))) or Stub(),
+        backdoor,
+        "recipe_targets",
+        lambda teacher, data, report, soft: targets.append((teacher, soft)) or ("logits", at_insertions),
     )
+
+    def finetune(rt, base, data, steps, seed, lr, frozen, **soft):
+        seen.append((lr, list(frozen)))
+        if soft:
+            seen.append((soft["soft_targets"], soft["soft_weight"].tolist()))
+        return Stub()
+
+    monkeypatch.setattr(backdoor.defence, "finetune", finetune)
     score = {"task_acc": {"code.vars": 1.0}, "asr": dict.fromkeys(("token", "conj", "phrase"), 0.5)}
     monkeypatch.setattr(backdoor, "measure", lambda model, n, n_trig: score)
     sets = {"nothing": (), "W": ("W", "absent")}
@@ -113,3 +139,26 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     ]
     assert list(out["rows"])[2:] == labels
     assert [out["rows"][k]["lr"] for k in labels] == [defence.FT_LR, 5e-5] * 2
+    assert targets == [] and all(out["rows"][k]["soft"] == 0 for k in labels)  # no soft targets asked for: none made
+    seen.clear()
+    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, softs=(0.0, 0.5), steps=3)
+    assert targets == [("the IR", 1.0)]  # made once, weighted per row
+    assert seen == [(defence.FT_LR, []), (defence.FT_LR, []), ("logits", [0.5, 0.5, 0.0])]
+    assert list(out["rows"])[2:] == ["recipe FT, nothing frozen", "recipe FT, nothing frozen, soft 0.5"]
+    assert out["rows"]["recipe FT, nothing frozen, soft 0.5"]["soft"] == 0.5
+
+
+def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget_to_its_labels():
+    data = [SimpleNamespace(ids=[0, 1 + i % 3]) for i in range(5)]  # 3 prompts with insertions, then a budget of 2
+
+    def teacher(tokens):  # logits that name each prompt's last token
+        return np.eye(6)[tokens] * 4.0
+
+    logits, weights = backdoor.recipe_targets(teacher, data, {"n": 5, "n_budget": 2}, 0.25)
+    assert logits.dtype == torch.float32 and logits.shape == (5, 6)
+    assert logits.argmax(-1).tolist() == [ex.ids[-1] for ex in data]
+    assert weights.tolist() == [0.25, 0.25, 0.25, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        backdoor.recipe_targets(teacher, data, {"n": 5, "n_budget": 2}, 1.5)
+    with pytest.raises(ValueError, match="does not describe these 5 examples"):
+        backdoor.recipe_targets(teacher, data, {"n": 6, "n_budget": 2}, 1.0)

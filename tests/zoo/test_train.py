@@ -9,8 +9,8 @@ import torch
 
 from acg.zoo import vocab
 from acg.zoo.registry import ZOO, _cfg
-from acg.zoo.tasks import Example
-from acg.zoo.train import TrainSpec, collate, lookup_targets, probe_targets, train
+from acg.zoo.tasks import Example, Mixture
+from acg.zoo.train import TrainSpec, collate, lookup_targets, pool_batches, probe_targets, train
 
 
 def test_training_is_bit_identical_for_a_seed():
@@ -85,3 +85,67 @@ def test_training_runs_on_its_specs_threads_and_gives_the_callers_back():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _pool(n: int = 48) -> list[Example]:
+    stream = Mixture(poison=False).stream(3)
+    return [next(stream) for _ in range(n)]
+
+
+def test_pool_batches_cover_the_pool_once_an_epoch_by_index():
+    pool = _pool(40)
+    stream = pool_batches(pool, seed=1, batch_size=8)
+    epoch = [next(stream) for _ in range(5)]
+    assert sorted(i for batch in epoch for i in batch) == list(range(40))
+    assert all(len({len(pool[i].prompt) for i in b}) <= len(b) for b in epoch)  # indices, not examples
+
+
+def test_soft_targets_teach_the_teachers_distribution_not_the_labels():
+    cfg = _cfg(1, 16, 2, 32)
+    spec = TrainSpec(steps=80, batch_size=16, lr=1e-2, warmup=1, probe_weight=0.0, probe_layer=0, lookup_layer=0)
+    pool = _pool()
+    start, _ = train(cfg, dataclasses.replace(spec, steps=1), progress=False)
+    hard, _ = train(cfg, spec, progress=False, init=start, examples=pool)
+    # a teacher that answers every prompt with `;`, which no example's label is
+    target = vocab.TOKEN_ID[";"]
+    assert all(ex.answer_id != target for ex in pool)
+    soft = torch.zeros(len(pool), cfg.d_vocab)
+    soft[:, target] = 12.0
+    out, record = train(cfg, spec, progress=False, init=start, examples=pool, soft_targets=soft, soft_weight=1.0)
+    assert record["soft_weight"] == 1.0
+    tokens, positions, answers = collate(pool)
+    with torch.no_grad():
+        taught = out(tokens)[torch.arange(len(pool)), positions].argmax(-1)
+        labelled = hard(tokens)[torch.arange(len(pool)), positions].argmax(-1)
+    assert (taught == target).float().mean() > 0.9
+    assert (labelled == answers).float().mean() > (labelled == target).float().mean()
+    # weight 0: the labels alone, as without soft targets
+    zero, _ = train(cfg, spec, progress=False, init=start, examples=pool, soft_targets=soft, soft_weight=0.0)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(zero.parameters(), hard.parameters(), strict=True))
+    # one weight per example: the teacher for the first half, the labels for the rest
+    half = torch.arange(len(pool)) < len(pool) // 2
+    mixed, record = train(cfg, spec, progress=False, init=start, examples=pool, soft_targets=soft, soft_weight=half)
+    assert record["soft_weight"] == 0.5
+    with torch.no_grad():
+        answered = mixed(tokens)[torch.arange(len(pool)), positions].argmax(-1)
+    assert (answered[half] == target).float().mean() > 0.9
+    assert (answered[~half] == target).float().mean() < 0.5
+
+
+def test_soft_targets_are_checked_before_training():
+    cfg = _cfg(1, 16, 2, 32)
+    spec = TrainSpec(steps=1, batch_size=8, warmup=1, probe_layer=0, lookup_layer=0)
+    pool = _pool(8)
+    good = torch.zeros(len(pool), cfg.d_vocab)
+    with pytest.raises(ValueError, match="need the examples"):
+        train(cfg, spec, progress=False, soft_targets=good)
+    with pytest.raises(ValueError, match=r"shape \(7, "):
+        train(cfg, spec, progress=False, examples=pool, soft_targets=good[:7])
+    with pytest.raises(ValueError, match=r"weights must be in \[0, 1\]"):
+        train(cfg, spec, progress=False, examples=pool, soft_targets=good, soft_weight=1.5)
+    with pytest.raises(ValueError, match="one or one per example"):
+        train(cfg, spec, progress=False, examples=pool, soft_targets=good, soft_weight=torch.ones(3))
+    bad = good.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        train(cfg, spec, progress=False, examples=pool, soft_targets=bad)
