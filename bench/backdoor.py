@@ -2,12 +2,15 @@
 round-tripped full ACG and the round-tripped `code` circuit (plain, with layer 0's unused QK pairs blocked, and that
 fine-tuned on the insertions the captured IR confirms plus the budget), on one defender's clean budget per seed.
 
-    python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--json] [--out FILE]
+    python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W] [--json]
+                             [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
 With --out, each seed's baseline rows (original, FT, FP, Scratch) are also kept in `OUT.MODEL-RATIO-SEED.partial.json`
 as they are measured; the same command run again after a crash takes them from there and starts at the ACG fit.
+`--recipe-soft W` fine-tunes the recipe rows with weight W of the captured IR's answer distribution against the labels
+on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W").
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
@@ -16,6 +19,7 @@ n_params. Every method sees the same budget: `ratio` x the clean examples the mo
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +54,12 @@ def main() -> None:
     runs_io.add_options(ap, ratios="0.05,0.01")
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps of FT / FP / Scratch (default: the fit's)")
     ap.add_argument("--device", default="cpu", help="where FT / FP / Scratch train (the ACG fit runs on the CPU)")
+    ap.add_argument(
+        "--recipe-soft",
+        type=float,
+        default=0.0,
+        help="weight in [0, 1] of the captured IR's answer distribution on the recipe's insertions (0: labels alone)",
+    )
     args = ap.parse_args()
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
@@ -58,8 +68,12 @@ def measure(args) -> Callable[[str, float, int], dict]:
     """One seed's `backdoor.run` with `args`; with --out, each seed's baseline rows (original, FT, FP, Scratch) also
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
+    if not 0 <= args.recipe_soft <= 1:
+        sys.exit(f"--recipe-soft: a weight in [0, 1], not {args.recipe_soft}")
+
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
+        kw["recipe_soft"] = args.recipe_soft
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

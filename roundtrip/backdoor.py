@@ -112,6 +112,14 @@ def recipe_targets(teacher: Any, data: Sequence[Any], report: dict[str, Any], so
     return logits, weights
 
 
+def soft_kw(teacher: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> dict[str, Any]:
+    """`defence.finetune`'s keywords for the RECIPE with soft-target weight `soft` on the insertions (none for 0)."""
+    if not soft:
+        return {}
+    logits, at_insertions = recipe_targets(teacher, data, report, 1.0)
+    return {"soft_targets": logits, "soft_weight": soft * at_insertions}
+
+
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
     """task_acc per task on `n` held-out prompts each, asr per family on `n_trig` triggered prompts per task (and
     per family and task: `asr_by_task`), and the target's rate on the same prompts without their trigger
@@ -166,12 +174,17 @@ def run(
     threads: int = 2,
     resume: Path | None = None,
     n_insert: int = N_INSERT,
+    recipe_soft: float = 0.0,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
     FP, Scratch) is saved there as soon as it is measured and taken from there by a later run of the same budget,
     seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again. `n_insert`:
-    prompts with insertions drawn for the RECIPE rows."""
+    prompts with insertions drawn for the RECIPE rows; `recipe_soft`: the weight of the captured IR's answer
+    distribution against the labels on those prompts (`recipe_targets`; 0, the default: the labels alone), named in
+    the RECIPE rows (", soft W") where it is not 0."""
+    if not 0 <= recipe_soft <= 1:
+        raise ValueError(f"the recipe's soft-target weight must be in [0, 1], got {recipe_soft}")
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -231,20 +244,23 @@ def run(
         ("- OV entries only", ("ov",), ()),
     )
     code_budget = [ex for ex in budget if ex.task in resolve_tasks("code")]
-    recipe: dict[str, tuple[list, dict, float]] = {}  # the fine-tuning data, labelled while the captured IR is at hand
+    recipe: dict[
+        str, tuple[list, dict, dict, float]
+    ] = {}  # fine-tuning data, labelled while the captured IR is at hand
     for method, kinds, weights in ablations:
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
             (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp, weights=weights: captured_ir(tables, kinds, tmp, weights))
             add(method, fn, s, None, capture=rep["by_kind"])
             if method == "ACG captured (IR)":
                 for scope, part in (("full", budget), ("code", code_budget)):
-                    data, s = timed(lambda p=part, f=fn: recipe_data(acg, p, n_insert, seed, teacher=f))
-                    recipe[scope] = (*data, s)
+                    (data, made), s = timed(lambda p=part, f=fn: recipe_data(acg, p, n_insert, seed, teacher=f))
+                    targets, s2 = timed(lambda d=data, r=made, f=fn: soft_kw(f, d, r, recipe_soft))
+                    recipe[scope] = (data, made, targets, s + s2)
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:
-        data, data_report, s = recipe[scope]
-        ft, s2 = timed(lambda: defence.finetune(start, base, data, steps, seed, **kw))
-        method = f"roundtrip {scope}{BLOCKED}{RECIPE}"
+        data, data_report, targets, s = recipe[scope]
+        ft, s2 = timed(lambda: defence.finetune(start, base, data, steps, seed, **kw, **targets))
+        method = f"roundtrip {scope}{BLOCKED}{RECIPE}" + (f", soft {recipe_soft:g}" if recipe_soft else "")
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report={**report, "finetune": data_report})
 
     for suffix, pairs, block in (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK)):

@@ -34,13 +34,23 @@ ROWS = [
 
 
 @pytest.mark.slow
-def test_a_tiny_backdoor_run_measures_every_row():
+@pytest.mark.parametrize("soft", [0.0, 0.5])
+def test_a_tiny_backdoor_run_measures_every_row(soft):
     spec = FitSpec(steps=30, e2e_steps=0, usage_prompts=64, batch_size=256, threads=1)
     out = backdoor.run(
-        "testbed-s", ratio=0.002, seed=3, n_eval=40, n_trig=5, steps=2, fit_spec=spec, threads=1, n_insert=50
+        "testbed-s",
+        ratio=0.002,
+        seed=3,
+        n_eval=40,
+        n_trig=5,
+        steps=2,
+        fit_spec=spec,
+        threads=1,
+        n_insert=50,
+        recipe_soft=soft,
     )
     rows = out["rows"]
-    assert list(rows) == ROWS
+    assert list(rows) == [f"{r}, soft 0.5" if soft and r.endswith(backdoor.RECIPE) else r for r in ROWS]
     assert out["n_budget"] > 0 and out["steps"] == 2
     families = set(rows["original"]["asr"])
     assert families == {"token", "conj", "phrase"}
@@ -54,7 +64,8 @@ def test_a_tiny_backdoor_run_measures_every_row():
     assert split["task_acc"] == pytest.approx(code["task_acc"]["math.add"])  # the same held-out prompts as the table
     assert sum(code["report"]["n_features"]) == code["report"]["circuit"]["k"]  # the checkpoint is the circuit's
     for scope, budget in (("full", out["n_budget"]), ("code", None)):
-        tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}"]["report"]["finetune"]
+        tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}{', soft 0.5' if soft else ''}"]
+        tuned = tuned["report"]["finetune"]
         assert 0 < tuned["n"] - tuned["n_budget"] <= 50  # the confirmed insertions, then the budget
         assert budget is None or tuned["n_budget"] == budget
 
@@ -162,3 +173,10 @@ def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget
         backdoor.recipe_targets(teacher, data, {"n": 5, "n_budget": 2}, 1.5)
     with pytest.raises(ValueError, match="does not describe these 5 examples"):
         backdoor.recipe_targets(teacher, data, {"n": 6, "n_budget": 2}, 1.0)
+
+
+def test_the_recipe_soft_weight_is_refused_outside_0_1_before_any_work(monkeypatch):
+    monkeypatch.setattr(backdoor, "get", lambda name: pytest.fail("work began"))
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got 2"):
+        backdoor.run("testbed-s", recipe_soft=2.0)
+    assert backdoor.soft_kw("the IR", [], {"n": 0, "n_budget": 0}, 0.0) == {}  # 0: the labels alone, no targets made
