@@ -296,6 +296,15 @@ def roundtrip_cmd(
     n_insert: Annotated[int, typer.Option("--insert", help="--finetune: prompts with insertions drawn")] = 16_000,
     steps: Annotated[int, typer.Option(help="--finetune: optimiser steps (default: the ACG fit's, 600 + 500)")] = 1100,
     seed: Annotated[int, typer.Option(help="--finetune: seed of the insertions and the batches")] = 0,
+    soft: Annotated[
+        float,
+        typer.Option(
+            help="--finetune: weight in [0, 1] of the captured ACG's answer distribution against the clean answer on "
+            "the prompts with insertions (0: the answers alone, the table's recipe)",
+            min=0.0,
+            max=1.0,
+        ),
+    ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
@@ -344,7 +353,7 @@ def roundtrip_cmd(
     if task is not None or data is not None:
         report["n_edges"] = circuit_mod.n_edges(pruned)
     if budget is not None:
-        rt, report["finetune"] = _finetune(model, acg, rt, budget, n_insert, steps, seed)
+        rt, report["finetune"] = _finetune(model, acg, rt, budget, n_insert, steps, seed, soft)
         report["finetune"]["data"] = str(finetune)
     report.update({"model": model, "acg": str(acg_dir), "out": str(out)})
     if hf is not None:  # refuse before writing anything
@@ -425,20 +434,23 @@ def _finetune_budget(
     return budget
 
 
-def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: int):
+def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: int, soft: float = 0.0):
     """`start` fine-tuned by the backdoor table's recipe (`backdoor.recipe_data`, then `defence.finetune` with the
-    testbed model's own batch size, or the testbed's default for another model); returns it and a report."""
+    testbed model's own batch size, or the testbed's default for another model; with `soft`, the captured ACG's answer
+    distribution weighted so on the insertions, `backdoor.soft_kw`); returns it and a report."""
     from acg.roundtrip import defence
-    from acg.roundtrip.backdoor import recipe_data
+    from acg.roundtrip.backdoor import compiled_teacher, recipe_data, soft_kw
     from acg.zoo.registry import ZOO
     from acg.zoo.train import TrainSpec
 
     err.print(f"labelling {n_insert} prompts with insertions by the captured ACG ...")
-    data, report = recipe_data(acg, budget, n_insert, seed)
+    with compiled_teacher(acg) as teacher:
+        data, report = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
+        targets = soft_kw(teacher, data, report, soft)
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
-    tuned = defence.finetune(start, base, data, steps, seed, progress=True)
+    tuned = defence.finetune(start, base, data, steps, seed, progress=True, **targets)
     tasks = sorted({p.task for p in budget})
-    return tuned, {**report, "tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size}
+    return tuned, {**report, "tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size, "soft": soft}
 
 
 def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int, pairs: list | None = None):

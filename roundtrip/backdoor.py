@@ -31,7 +31,8 @@ import itertools
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,16 @@ def recipe_tokens(acg) -> np.ndarray:
     return np.concatenate([seen, np.tile(never, max(1, len(seen) // len(never)))])
 
 
+@contextmanager
+def compiled_teacher(acg) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+    """The RECIPE's teacher: the captured IR with everything dropped (`captured_ir`), compiled into a temporary
+    directory that lives as long as the context."""
+    graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
+    with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
+        fn, _ = captured_ir(graph, (), tmp)
+        yield fn
+
+
 def recipe_data(
     acg, budget: Sequence[Any], n_insert: int = N_INSERT, seed: int = 0, teacher: Any = None
 ) -> tuple[list[Any], dict[str, Any]]:
@@ -87,9 +98,7 @@ def recipe_data(
     inserted, kept where the captured IR (`captured_ir` with everything dropped; compiled here unless `teacher` is
     given) answers clean, followed by `budget` itself."""
     if teacher is None:
-        graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
-        with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
-            fn, _ = captured_ir(graph, (), tmp)
+        with compiled_teacher(acg) as fn:
             return recipe_data(acg, budget, n_insert, seed, teacher=fn)
     return confirmed_pool(budget, teacher, recipe_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
 
@@ -337,9 +346,7 @@ def freeze_run(
     rt, _, report = dense.roundtrip(acg, dense.select_captured(acg), block=BLOCK)
     add("roundtrip full" + BLOCKED, rt, time.perf_counter() - t, report=report)
     t = time.perf_counter()
-    graph = lower(acg, keep_errors=False, dtype="float32", usage=True, qk_tables=True)
-    with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
-        teacher, _ = captured_ir(graph, (), tmp)
+    with compiled_teacher(acg) as teacher:
         data, data_report = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
         logits, at_insertions = recipe_targets(teacher, data, data_report, 1.0) if any(softs) else (None, None)
     labelled = time.perf_counter() - t

@@ -280,6 +280,14 @@ def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), tuned.parameters(), strict=True))
     code, out, err = cli(capsys, *base, "-o", tmp_path / "ft0", "--finetune", budget, "--insert", "0", "--steps", "2")
     assert code == 0 and json.loads(out)["finetune"]["n"] == 40
+    # --soft: the captured ACG's answer distribution taught on the insertions too: the same data, other weights
+    args = ("--finetune", budget, "--insert", "60", "--steps", "4", "--soft", "0.5")
+    code, out, err = cli(capsys, *base, "-o", tmp_path / "soft", *args)
+    assert code == 0, err
+    soft = json.loads(out)["finetune"]
+    assert soft["soft"] == 0.5 and report["soft"] == 0.0 and soft["n"] == report["n"]
+    softened = load_checkpoint(tmp_path / "soft")
+    assert any(not torch.equal(a, b) for a, b in zip(softened.parameters(), tuned.parameters(), strict=True))
 
 
 def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, setup, tmp_path, monkeypatch):
@@ -341,6 +349,7 @@ def test_pairs_take_their_task_from_the_line_or_the_file(tmp_path):
     [
         (["--insert", "-1"], '{"prompt": [1, 2], "answer": 3}', "--insert must be >= 0"),
         (["--steps", "0"], '{"prompt": [1, 2], "answer": 3}', "--steps >= 1"),
+        (["--soft", "1.5"], '{"prompt": [1, 2], "answer": 3}', "--soft"),
         ([], json.dumps({"prompt": [1] * 40, "answer": 3}), "longer than the model's n_ctx (32)"),
         ([], '{"prompt": [1, 2]}', '"prompt" and "answer"'),
     ],

@@ -33,22 +33,25 @@ ROWS = [
 ]
 
 
+def tiny() -> dict:
+    """A tiny budget, fit, evaluation and fine-tuning: the whole run in seconds (figures meaningless)."""
+    spec = FitSpec(steps=30, e2e_steps=0, usage_prompts=64, batch_size=256, threads=1)
+    return {
+        "ratio": 0.002,
+        "seed": 3,
+        "n_eval": 40,
+        "n_trig": 5,
+        "steps": 2,
+        "fit_spec": spec,
+        "threads": 1,
+        "n_insert": 50,
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("soft", [0.0, 0.5])
 def test_a_tiny_backdoor_run_measures_every_row(soft):
-    spec = FitSpec(steps=30, e2e_steps=0, usage_prompts=64, batch_size=256, threads=1)
-    out = backdoor.run(
-        "testbed-s",
-        ratio=0.002,
-        seed=3,
-        n_eval=40,
-        n_trig=5,
-        steps=2,
-        fit_spec=spec,
-        threads=1,
-        n_insert=50,
-        recipe_soft=soft,
-    )
+    out = backdoor.run("testbed-s", **tiny(), recipe_soft=soft)
     rows = out["rows"]
     assert list(rows) == [f"{r}, soft 0.5" if soft and r.endswith(backdoor.RECIPE) else r for r in ROWS]
     assert out["n_budget"] > 0 and out["steps"] == 2
@@ -72,21 +75,8 @@ def test_a_tiny_backdoor_run_measures_every_row(soft):
 
 @pytest.mark.slow
 def test_a_tiny_freeze_run_leaves_each_set_untrained_and_rates_it():
-    spec = FitSpec(steps=30, e2e_steps=0, usage_prompts=64, batch_size=256, threads=1)
     sets = {"nothing": (), "layer-0 QK": backdoor.FREEZE_SETS["layer-0 QK"], "absent": ("blocks.9.attn.W_Q",)}
-    out = backdoor.freeze_run(
-        "testbed-s",
-        ratio=0.002,
-        seed=3,
-        n_eval=40,
-        n_trig=5,
-        sets=sets,
-        steps=2,
-        fit_spec=spec,
-        threads=1,
-        n_insert=50,
-        softs=(0.0, 1.0),
-    )
+    out = backdoor.freeze_run("testbed-s", **tiny(), sets=sets, softs=(0.0, 1.0))
     rows = out["rows"]
     blocked = f"roundtrip full{backdoor.BLOCKED}"
     tuned = [f"recipe FT, {k} frozen{soft}" for k in sets for soft in ("", ", soft 1")]
