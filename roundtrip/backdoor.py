@@ -277,7 +277,7 @@ def run(
         add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
         if block is not None:
             tuned(rt, "full", report)
-    circ, s = timed(lambda: code_circuit(model, acg, budget))
+    circ, s = timed(lambda: code_circuit(model, acg, budget, n_eval=n_eval))  # selected on as many prompts as measured
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
         (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
