@@ -253,9 +253,8 @@ def run(
         ("- OV entries only", ("ov",), ()),
     )
     code_budget = [ex for ex in budget if ex.task in resolve_tasks("code")]
-    recipe: dict[
-        str, tuple[list, dict, dict, float]
-    ] = {}  # fine-tuning data, labelled while the captured IR is at hand
+    # per scope: fine-tuning data, its report, soft targets, seconds; made while the captured IR is at hand
+    recipe: dict[str, tuple[list, dict, dict, float]] = {}
     for method, kinds, weights in ablations:
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
             (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp, weights=weights: captured_ir(tables, kinds, tmp, weights))
