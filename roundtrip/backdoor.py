@@ -123,9 +123,14 @@ def recipe_targets(teacher: Any, data: Sequence[Any], report: dict[str, Any], so
 
 def soft_kw(teacher: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> dict[str, Any]:
     """`defence.finetune`'s keywords for the RECIPE with soft-target weight `soft` on the insertions (none for 0)."""
+    return weighted(recipe_targets(teacher, data, report, 1.0), soft) if soft else {}
+
+
+def weighted(targets: tuple[Any, Any] | None, soft: float) -> dict[str, Any]:
+    """`defence.finetune`'s keywords for `recipe_targets(..., 1.0)`'s `targets` at weight `soft` (none for 0)."""
     if not soft:
         return {}
-    logits, at_insertions = recipe_targets(teacher, data, report, 1.0)
+    logits, at_insertions = targets
     return {"soft_targets": logits, "soft_weight": soft * at_insertions}
 
 
@@ -347,7 +352,7 @@ def freeze_run(
     t = time.perf_counter()
     with compiled_teacher(acg) as teacher:
         data, data_report = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
-        logits, at_insertions = recipe_targets(teacher, data, data_report, 1.0) if any(softs) else (None, None)
+        targets = recipe_targets(teacher, data, data_report, 1.0) if any(softs) else None
     labelled = time.perf_counter() - t
     log(f"{name} ratio {ratio} seed {seed}: recipe data {data_report} ({labelled:.0f} s)")
     have = {n for n, _ in rt.named_parameters()}
@@ -355,8 +360,7 @@ def freeze_run(
         frozen = [n for n in names if n in have]
         for lr, soft in itertools.product(lrs, softs):
             t = time.perf_counter()
-            targets = {"soft_targets": logits, "soft_weight": soft * at_insertions} if soft else {}
-            ft = defence.finetune(rt, base, data, steps, seed, lr=lr, frozen=frozen, **targets)
+            ft = defence.finetune(rt, base, data, steps, seed, lr=lr, frozen=frozen, **weighted(targets, soft))
             rate = ("" if lr == defence.FT_LR else f", lr {lr:g}") + (f", soft {soft:g}" if soft else "")
             add(f"recipe FT, {label} frozen{rate}", ft, time.perf_counter() - t, frozen=frozen, lr=lr, soft=soft)
     add_der(rows)
