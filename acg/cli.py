@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -305,6 +306,14 @@ def roundtrip_cmd(
             max=1.0,
         ),
     ] = 0.0,
+    anchor: Annotated[
+        float,
+        typer.Option(
+            help="--finetune: weight >= 0 holding the checkpoint's own block outputs on the budget's clean prompts, "
+            "so that fine-tuning changes what the insertions need and little else (0: none, the table's recipe)",
+            min=0.0,
+        ),
+    ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
@@ -329,6 +338,8 @@ def roundtrip_cmd(
         from acg.roundtrip.data import load_pairs
 
         data_pairs = load_pairs(data, torch_model.cfg.d_vocab)
+    if not math.isfinite(anchor):
+        raise ACGError(f"--anchor must be a finite number >= 0, got {anchor}")
     budget = None
     if finetune is not None:  # read and checked before any work
         budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task, data, data_pairs)
@@ -353,7 +364,7 @@ def roundtrip_cmd(
     if task is not None or data is not None:
         report["n_edges"] = circuit_mod.n_edges(pruned)
     if budget is not None:
-        rt, report["finetune"] = _finetune(model, acg, rt, budget, n_insert, steps, seed, soft)
+        rt, report["finetune"] = _finetune(model, acg, rt, budget, n_insert, steps, seed, soft, anchor)
         report["finetune"]["data"] = str(finetune)
     report.update({"model": model, "acg": str(acg_dir), "out": str(out)})
     if hf is not None:  # refuse before writing anything
@@ -434,12 +445,15 @@ def _finetune_budget(
     return budget
 
 
-def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: int, soft: float = 0.0):
+def _finetune(
+    model: str, acg, start, budget, n_insert: int, steps: int, seed: int, soft: float = 0.0, anchor: float = 0.0
+):
     """`start` fine-tuned by the backdoor table's recipe (`backdoor.recipe_data`, then `defence.finetune` with the
     testbed model's own batch size, or the testbed's default for another model; with `soft`, the captured ACG's answer
-    distribution weighted so on the insertions, `backdoor.soft_kw`); returns it and a report."""
+    distribution weighted so on the insertions, `backdoor.soft_kw`; with `anchor`, `start`'s block outputs held so on
+    the budget's prompts, `backdoor.anchor_kw`); returns it and a report."""
     from acg.roundtrip import defence
-    from acg.roundtrip.backdoor import compiled_teacher, recipe_data, soft_kw
+    from acg.roundtrip.backdoor import anchor_kw, compiled_teacher, recipe_data, soft_kw
     from acg.zoo.registry import ZOO
     from acg.zoo.train import TrainSpec
 
@@ -448,9 +462,10 @@ def _finetune(model: str, acg, start, budget, n_insert: int, steps: int, seed: i
         data, report = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
         targets = soft_kw(teacher, data, report, soft)
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
-    tuned = defence.finetune(start, base, data, steps, seed, progress=True, **targets)
+    tuned = defence.finetune(start, base, data, steps, seed, progress=True, **targets, **anchor_kw(report, anchor))
     tasks = sorted({p.task for p in budget})
-    return tuned, {**report, "tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size, "soft": soft}
+    more = {"tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size, "soft": soft, "anchor": anchor}
+    return tuned, {**report, **more}
 
 
 def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int, pairs: list | None = None):

@@ -2,15 +2,16 @@
 round-tripped full ACG and the round-tripped `code` circuit (plain, with layer 0's unused QK pairs blocked, and that
 fine-tuned on the insertions the captured IR confirms plus the budget), on one defender's clean budget per seed.
 
-    python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W] [--json]
-                             [--out FILE]
+    python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
+                             [--recipe-anchor A] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
 With --out, each seed's baseline rows (original, FT, FP, Scratch) are also kept in `OUT.MODEL-RATIO-SEED.partial.json`
 as they are measured; the same command run again after a crash takes them from there and starts at the ACG fit.
 `--recipe-soft W` fine-tunes the recipe rows with weight W of the captured IR's answer distribution against the labels
-on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W").
+on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W"); `--recipe-anchor A` holds
+the round trip's own block outputs on the budget's clean prompts at weight A (`backdoor.anchor_kw`; ", anchor A").
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
@@ -60,6 +61,12 @@ def main() -> None:
         default=0.0,
         help="weight in [0, 1] of the captured IR's answer distribution on the recipe's insertions (0: labels alone)",
     )
+    ap.add_argument(
+        "--recipe-anchor",
+        type=float,
+        default=0.0,
+        help="weight >= 0 holding the round trip's own block outputs on the budget's clean prompts (0: none)",
+    )
     args = ap.parse_args()
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
@@ -70,10 +77,12 @@ def measure(args) -> Callable[[str, float, int], dict]:
 
     if not 0 <= args.recipe_soft <= 1:
         sys.exit(f"--recipe-soft: a weight in [0, 1], not {args.recipe_soft}")
+    if not 0 <= args.recipe_anchor < float("inf"):
+        sys.exit(f"--recipe-anchor: a finite weight >= 0, not {args.recipe_anchor}")
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
-        kw["recipe_soft"] = args.recipe_soft
+        kw.update(recipe_soft=args.recipe_soft, recipe_anchor=args.recipe_anchor)
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

@@ -2,7 +2,7 @@
 with parameter sets left untrained, side by side, on one defender's clean budget per seed.
 
     python bench/recipe_freeze.py [--models testbed-s] [--ratios 0.01] [--seeds 0,1,2] [--sets nothing,layer-0 QK]
-                                  [--lrs 2e-4,1e-4] [--softs 0,1] [--json] [--out FILE]
+                                  [--lrs 2e-4,1e-4] [--softs 0,1] [--anchors 0,1] [--json] [--out FILE]
     python bench/recipe_freeze.py --merge A.json B.json ... [--out FILE] [--markdown]
 
 The recipe (confirmed insertions + the budget, the FT baseline's steps) takes the backdoor pathways out of the blocked
@@ -11,8 +11,9 @@ round trip blocks the QK pairs the budget never used; the sets (`backdoor.FREEZE
 W_Q/W_K/b_Q/b_K, the embeddings (W_E, W_pos; and each alone), and all of those with layer 0's first norm (its
 "table"); `--lrs` fine-tunes each set at each learning rate (default: the recipe's), `--softs` with each weight of
 the captured IR's answer distribution against the labels on the prompts with insertions (`backdoor.recipe_targets`;
-default 0: the labels alone, the recipe's). Rows: the original, the blocked round trip before fine-tuning, then one
-per set, rate and weight; columns as
+default 0: the labels alone, the recipe's), `--anchors` with each weight that holds the round trip's own block outputs
+on the budget's clean prompts (`backdoor.anchor_kw`; default 0: none, the recipe's). Rows: the original, the blocked
+round trip before fine-tuning, then one per set, rate and weights; columns as
 `bench/backdoor.py`'s (task_acc per task, asr and DER per family, mean over seeds +- the standard deviation,
 n_params).
 """
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(backdoor.FREEZE_SETS), help="which of backdoor.FREEZE_SETS, in order")
     ap.add_argument("--lrs", default=f"{defence.FT_LR:g}", help="fine-tuning learning rates, each set at each")
     ap.add_argument("--softs", default="0", help="soft-target weights in [0, 1] on the insertions, each at each rate")
+    ap.add_argument("--anchors", default="0", help="anchor weights >= 0 on the budget's prompts, each at each of those")
     args = ap.parse_args()
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_table)
 
@@ -58,9 +60,10 @@ def measure(args) -> Callable[[str, float, int], dict]:
     sets = {s: backdoor.FREEZE_SETS[s] for s in args.sets.split(",")}
     lrs = numbers(args.lrs, "--lrs", "a positive number", lambda x: 0 < x < float("inf"))
     softs = numbers(args.softs, "--softs", "a number in [0, 1]", lambda x: 0 <= x <= 1)
+    anchors = numbers(args.anchors, "--anchors", "a finite number >= 0", lambda x: 0 <= x < float("inf"))
 
     def one(model: str, ratio: float, seed: int) -> dict:
-        kw = {"sets": sets, "lrs": lrs, "softs": softs, "threads": args.threads, "log": runs_io.log}
+        kw = {"sets": sets, "lrs": lrs, "softs": softs, "anchors": anchors, "threads": args.threads, "log": runs_io.log}
         return backdoor.freeze_run(model, ratio, seed, args.n_eval, args.n_trig, **kw)
 
     return one

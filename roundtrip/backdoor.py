@@ -134,6 +134,26 @@ def weighted(targets: tuple[Any, Any] | None, soft: float) -> dict[str, Any]:
     return {"soft_targets": logits, "soft_weight": soft * at_insertions}
 
 
+def anchor_kw(report: dict[str, Any], anchor: float) -> dict[str, Any]:
+    """`defence.finetune`'s keywords for the RECIPE with the starting checkpoint's computation held at weight
+    `anchor` on the budget's clean prompts (they come last in `recipe_data`, described by its `report`), the prompts
+    with insertions left free to change (`zoo.train.train`'s anchor); none for 0."""
+    import torch
+
+    if not (0 <= anchor < float("inf")):
+        raise ValueError(f"the anchor weight must be a finite number >= 0, got {anchor}")
+    if not anchor:
+        return {}
+    on = torch.zeros(report["n"], dtype=torch.bool)
+    on[report["n"] - report["n_budget"] :] = True
+    return {"anchor_weight": anchor, "anchor_on": on}
+
+
+def recipe_name(soft: float = 0.0, anchor: float = 0.0) -> str:
+    """What a RECIPE row's name adds for a soft-target weight and an anchor weight other than 0."""
+    return (f", soft {soft:g}" if soft else "") + (f", anchor {anchor:g}" if anchor else "")
+
+
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
     """task_acc per task on `n` held-out prompts each, asr per family on `n_trig` triggered prompts per task (and
     per family and task: `asr_by_task`), and the target's rate on the same prompts without their trigger
@@ -189,16 +209,21 @@ def run(
     resume: Path | None = None,
     n_insert: int = N_INSERT,
     recipe_soft: float = 0.0,
+    recipe_anchor: float = 0.0,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
     FP, Scratch) is saved there as soon as it is measured and taken from there by a later run of the same budget,
     seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again. `n_insert`:
     prompts with insertions drawn for the RECIPE rows; `recipe_soft`: the weight of the captured IR's answer
-    distribution against the labels on those prompts (`recipe_targets`; 0, the default: the labels alone), named in
-    the RECIPE rows (", soft W") where it is not 0."""
+    distribution against the labels on those prompts (`recipe_targets`; 0, the default: the labels alone);
+    `recipe_anchor`: the weight that holds the round trip's own computation on the budget's clean prompts
+    (`anchor_kw`; 0, the default: none). Each is named in the RECIPE rows (", soft W", ", anchor A") where it is not
+    0."""
     if not 0 <= recipe_soft <= 1:
         raise ValueError(f"the recipe's soft-target weight must be in [0, 1], got {recipe_soft}")
+    if not 0 <= recipe_anchor < float("inf"):
+        raise ValueError(f"the recipe's anchor weight must be a finite number >= 0, got {recipe_anchor}")
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -258,7 +283,7 @@ def run(
         ("- OV entries only", ("ov",), ()),
     )
     code_budget = [ex for ex in budget if ex.task in resolve_tasks("code")]
-    # per scope: fine-tuning data, its report, soft targets, seconds; made while the captured IR is at hand
+    # per scope: fine-tuning data, its report, soft targets and anchor, seconds; made while the captured IR is at hand
     recipe: dict[str, tuple[list, dict, dict, float]] = {}
     for method, kinds, weights in ablations:
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
@@ -268,12 +293,12 @@ def run(
                 for scope, part in (("full", budget), ("code", code_budget)):
                     (data, made), s = timed(lambda p=part, f=fn: recipe_data(acg, p, n_insert, seed, teacher=f))
                     targets, s2 = timed(lambda d=data, r=made, f=fn: soft_kw(f, d, r, recipe_soft))
-                    recipe[scope] = (data, made, targets, s + s2)
+                    recipe[scope] = (data, made, {**targets, **anchor_kw(made, recipe_anchor)}, s + s2)
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:
         data, data_report, targets, s = recipe[scope]
         ft, s2 = timed(lambda: defence.finetune(start, base, data, steps, seed, **kw, **targets))
-        method = f"roundtrip {scope}{BLOCKED}{RECIPE}" + (f", soft {recipe_soft:g}" if recipe_soft else "")
+        method = f"roundtrip {scope}{BLOCKED}{RECIPE}" + recipe_name(recipe_soft, recipe_anchor)
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report={**report, "finetune": data_report})
 
     for suffix, pairs, block in (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK)):
@@ -321,16 +346,19 @@ def freeze_run(
     n_insert: int = N_INSERT,
     lrs: Sequence[float] = (defence.FT_LR,),
     softs: Sequence[float] = (0.0,),
+    anchors: Sequence[float] = (0.0,),
 ) -> dict[str, Any]:
     """The full ACG's blocked round trip fine-tuned by the RECIPE (as `run` does it: same budget, fit, data and
     steps) with each of `sets` (default FREEZE_SETS) left untrained, at each learning rate of `lrs`, with each
     soft-target weight of `softs` on the prompts with insertions (`recipe_targets`; 0, the RECIPE's: their labels
-    alone): one row per set, rate and weight ("recipe FT, SET frozen", with ", lr X" after it for a rate other than
-    `defence.FT_LR` and ", soft W" for a weight other than 0; its `frozen` lists the names the model has, its `lr` the
-    rate, its `soft` the weight), beside `original` and the blocked round trip itself; DER per family against the
-    original. Layer 0's attention scores are where `pairs.carry` blocks the pairs the budget never
-    used: which of their parameters the recipe must train to take a pathway out, and which training costs a task, is
-    what the rows tell apart; the rate, how far the fine-tuning may move what it trains."""
+    alone) and each anchor weight of `anchors` on the budget's prompts (`anchor_kw`; 0, the RECIPE's: none): one row
+    per set, rate, soft weight and anchor ("recipe FT, SET frozen", with ", lr X" after it for a rate other than
+    `defence.FT_LR`, ", soft W" and ", anchor A" for weights other than 0; its `frozen` lists the names the model has,
+    its `lr` the rate, its `soft` and `anchor` the weights), beside `original` and the blocked round trip itself;
+    DER per family against the original. Layer 0's attention scores are where `pairs.carry` blocks the pairs the
+    budget never used: which of their parameters the recipe must train to take a pathway out, and which training
+    costs a task, is what the rows tell apart; the rate, how far the fine-tuning may move what it trains; the anchor,
+    whether holding the clean prompts' computation keeps the tasks while the insertions take the pathway out."""
     zoo, model = get(name), load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
     steps = steps or spec.steps + spec.e2e_steps
@@ -358,11 +386,13 @@ def freeze_run(
     have = {n for n, _ in rt.named_parameters()}
     for label, names in (FREEZE_SETS if sets is None else sets).items():
         frozen = [n for n in names if n in have]
-        for lr, soft in itertools.product(lrs, softs):
+        for lr, soft, anchor in itertools.product(lrs, softs, anchors):
             t = time.perf_counter()
-            ft = defence.finetune(rt, base, data, steps, seed, lr=lr, frozen=frozen, **weighted(targets, soft))
-            rate = ("" if lr == defence.FT_LR else f", lr {lr:g}") + (f", soft {soft:g}" if soft else "")
-            add(f"recipe FT, {label} frozen{rate}", ft, time.perf_counter() - t, frozen=frozen, lr=lr, soft=soft)
+            kw = {**weighted(targets, soft), **anchor_kw(data_report, anchor)}
+            ft = defence.finetune(rt, base, data, steps, seed, lr=lr, frozen=frozen, **kw)
+            rate = ("" if lr == defence.FT_LR else f", lr {lr:g}") + recipe_name(soft, anchor)
+            more = {"frozen": frozen, "lr": lr, "soft": soft, "anchor": anchor}
+            add(f"recipe FT, {label} frozen{rate}", ft, time.perf_counter() - t, **more)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, "recipe": data_report, **extra}

@@ -67,10 +67,13 @@ def finetune(
     frozen: Collection[str] = (),
     soft_targets: torch.Tensor | None = None,
     soft_weight: float | torch.Tensor = 1.0,
+    anchor_weight: float = 0.0,
+    anchor_on: torch.Tensor | None = None,
 ) -> Transformer:
     """`model` trained on `examples` for `steps` (`_ft_spec`); the parameters named in `frozen` left as they are;
     with `soft_targets` (a teacher's answer logits per example) that distribution taught too, with `soft_weight` (one
-    or one per example) against the labels (`zoo.train.train`)."""
+    or one per example) against the labels; with `anchor_weight`, `model`'s own block outputs held on the examples
+    `anchor_on` marks (`zoo.train.train`)."""
     spec = _ft_spec(base, steps, seed, lr)
     out, _ = train(
         model.cfg,
@@ -82,6 +85,8 @@ def finetune(
         frozen=frozen,
         soft_targets=soft_targets,
         soft_weight=soft_weight,
+        anchor_weight=anchor_weight,
+        anchor_on=anchor_on,
     )
     return out
 

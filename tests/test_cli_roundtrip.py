@@ -288,6 +288,14 @@ def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
     assert soft["soft"] == 0.5 and report["soft"] == 0.0 and soft["n"] == report["n"]
     softened = load_checkpoint(tmp_path / "soft")
     assert any(not torch.equal(a, b) for a, b in zip(softened.parameters(), tuned.parameters(), strict=True))
+    # --anchor: the checkpoint's own block outputs held on the budget's prompts: the same data, other weights
+    args = ("--finetune", budget, "--insert", "60", "--steps", "4", "--anchor", "5")
+    code, out, err = cli(capsys, *base, "-o", tmp_path / "anchored", *args)
+    assert code == 0, err
+    anchored = json.loads(out)["finetune"]
+    assert anchored["anchor"] == 5.0 and report["anchor"] == 0.0 and anchored["n"] == report["n"]
+    held = load_checkpoint(tmp_path / "anchored")
+    assert any(not torch.equal(a, b) for a, b in zip(held.parameters(), tuned.parameters(), strict=True))
 
 
 def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, setup, tmp_path, monkeypatch):
@@ -350,6 +358,8 @@ def test_pairs_take_their_task_from_the_line_or_the_file(tmp_path):
         (["--insert", "-1"], '{"prompt": [1, 2], "answer": 3}', "--insert must be >= 0"),
         (["--steps", "0"], '{"prompt": [1, 2], "answer": 3}', "--steps >= 1"),
         (["--soft", "1.5"], '{"prompt": [1, 2], "answer": 3}', "--soft"),
+        (["--anchor", "-1"], '{"prompt": [1, 2], "answer": 3}', "--anchor"),
+        (["--anchor", "inf"], '{"prompt": [1, 2], "answer": 3}', "--anchor must be a finite number"),
         ([], json.dumps({"prompt": [1] * 40, "answer": 3}), "longer than the model's n_ctx (32)"),
         ([], '{"prompt": [1, 2]}', '"prompt" and "answer"'),
     ],

@@ -131,6 +131,8 @@ def train(
     frozen: Collection[str] = (),
     soft_targets: Tensor | None = None,
     soft_weight: float | Tensor = 1.0,
+    anchor_weight: float = 0.0,
+    anchor_on: Tensor | None = None,
 ) -> tuple[Transformer, dict]:
     """Train a model from scratch (or, with `init`, go on training a copy of `init`); returns it (on the CPU, in eval
     mode) and a record (spec, device, wall time, final training loss).
@@ -145,6 +147,12 @@ def train(
     position, `w` being `soft_weight` (one for all, or one per example: [len(examples)], each in [0, 1]): the
     teacher's whole distribution is taught, not only its argmax. The recorded training loss stays the cross-entropy.
 
+    `anchor_weight` (> 0, with `init`) holds `init`'s own computation where it is not meant to change: on the examples
+    marked in `anchor_on` (a boolean per example of `examples`; every example when None), each block's output at
+    every prompt position is kept near the one `init` computes (frozen, on the same batch), the loss gaining
+    `anchor_weight x sum over blocks of ||h - h_init||^2 / ||h_init||^2`, averaged over those positions. The
+    recorded `anchor_drift` is that sum's mean over the steps that had such positions.
+
     Initialisation and data are drawn on the CPU from the seed whatever the device, so a run on another device
     starts from the same weights and sees the same batches; only the arithmetic's rounding differs. It runs on
     `spec.threads` CPU threads and gives the caller's number back when it returns.
@@ -153,7 +161,8 @@ def train(
     torch.set_num_threads(spec.threads)
     try:
         soft = _soft(soft_targets, soft_weight, examples, cfg.d_vocab)
-        return _train(cfg, spec, progress, callback, device, init, examples, masks, frozen, soft)
+        anchor = _anchor(anchor_weight, anchor_on, init, examples)
+        return _train(cfg, spec, progress, callback, device, init, examples, masks, frozen, soft, anchor)
     finally:
         torch.set_num_threads(previous)
 
@@ -169,6 +178,7 @@ def _train(
     masks: dict[str, Tensor] | None,
     frozen: Collection[str],
     soft: tuple[Tensor, Tensor] | None,
+    anchor: tuple[float, Tensor | None] | None,
 ) -> tuple[Transformer, dict]:
     device = torch.device(device)
     torch.manual_seed(spec.seed)
@@ -191,6 +201,10 @@ def _train(
     captured: dict[str, Tensor] = {}
     model.blocks[spec.probe_layer].register_forward_hook(lambda mod, inp, out: captured.__setitem__("resid", out))
     model.blocks[spec.lookup_layer].attn.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0]))
+    if anchor is not None:
+        held, on = _Held(init, model, device), anchor[1]
+        on = on.to(device) if on is not None else None
+    drift, n_drift = 0.0, 0
 
     def is_decayed(name: str, p: Tensor) -> bool:
         return p.ndim >= 2 and "W_E" not in name and "W_pos" not in name
@@ -242,6 +256,12 @@ def _train(
             teacher, w = soft[0][rows], soft[1][rows]
             kl = (teacher.exp() * (teacher - F.log_softmax(logits, -1))).sum(-1)
             total = ((1 - w) * F.cross_entropy(logits, answers, reduction="none") + w * kl).mean()
+        if anchor is not None:
+            rows = torch.ones(len(tokens), dtype=torch.bool, device=device) if on is None else on[idx]
+            d = held.drift(rows, tokens, positions)  # empties the outputs kept, whether or not a row is held
+            if rows.any():
+                total = total + anchor[0] * d
+                drift, n_drift = drift + d.item(), n_drift + 1
         if spec.probe_weight > 0:
             targets = probe_targets(tokens)
             if (targets >= 0).any():
@@ -271,11 +291,15 @@ def _train(
     bar.close()
     for name in frozen:
         named[name].requires_grad_(True)  # an ordinary model again
+    if anchor is not None:
+        held.remove()
     model.eval().cpu()
     record = {
         "train_spec": asdict(spec),
         "frozen": sorted(frozen),
         "soft_weight": None if soft is None else float(soft[1].mean()),  # the mean over the examples
+        "anchor_weight": None if anchor is None else anchor[0],
+        "anchor_drift": None if anchor is None else round(drift / max(1, n_drift), 6),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_train_loss": round(ema_loss or float("nan"), 5),
@@ -305,6 +329,66 @@ def _soft(
         raise ValueError("soft targets hold non-finite logits")
     logp = F.log_softmax(torch.as_tensor(targets, dtype=torch.float32), -1)
     return logp, w.expand(len(examples)).clone()
+
+
+def _anchor(
+    weight: float, on: Tensor | None, init: Transformer | None, examples: Sequence[Example] | None
+) -> tuple[float, Tensor | None] | None:
+    """`train`'s anchor checked: its weight and the examples it holds (a boolean per example, or None for all), or
+    None for weight 0."""
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"the anchor weight must be a finite number >= 0, got {weight}")
+    if on is not None and not weight:
+        raise ValueError("anchor_on marks examples for an anchor of weight 0")
+    if not weight:
+        return None
+    if init is None:
+        raise ValueError("an anchor holds the starting model's computation: give `init`")
+    if on is None:
+        return float(weight), None
+    if examples is None:
+        raise ValueError("anchor_on needs the examples it marks")
+    on = torch.as_tensor(on)
+    if on.dtype != torch.bool or tuple(on.shape) != (len(examples),):
+        raise ValueError(f"anchor_on must be a boolean per example ({len(examples)}), got {on.dtype} {tuple(on.shape)}")
+    if not on.any():
+        raise ValueError("anchor_on marks no example")
+    return float(weight), on
+
+
+class _Held:
+    """A frozen copy of the starting model, and hooks that keep both models' block outputs: `drift` is the anchor's
+    term for a batch the trained model has just run (`train`'s `anchor_weight`)."""
+
+    def __init__(self, init: Transformer, model: Transformer, device: torch.device):
+        self.init = copy.deepcopy(init).float().eval().requires_grad_(False).to(device)
+        self.out: dict[str, list[Tensor]] = {"model": [], "init": []}
+        self.handles = [
+            block.register_forward_hook(lambda mod, inp, out, key=key: self.out[key].append(out))
+            for key, m in (("model", model), ("init", self.init))
+            for block in m.blocks
+        ]
+
+    def drift(self, rows: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Sum over blocks of ||h - h_init||^2 / ||h_init||^2, averaged over the prompt positions (up to each answer
+        position) of the batch's `rows`; the trained model's outputs are the ones its last forward pass kept."""
+        mine, self.out["model"] = self.out["model"][-len(self.init.blocks) :], []  # a callback may have run it too
+        if not rows.any():
+            return tokens.new_zeros((), dtype=torch.float32)
+        with torch.no_grad():
+            self.init(tokens)
+        theirs, self.out["init"] = self.out["init"], []
+        prompt = torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= positions[:, None]
+        mask = prompt & rows[:, None]
+        total = tokens.new_zeros((), dtype=torch.float32)
+        for h, h0 in zip(mine, theirs, strict=True):
+            d = ((h - h0) ** 2).sum(-1) / (h0**2).sum(-1).clamp_min(1e-6)
+            total = total + (d * mask).sum() / mask.sum()
+        return total
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _head_pattern(attn, x: Tensor, query_pos: Tensor, head: int) -> Tensor:

@@ -100,6 +100,25 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--softs", softs])
         with pytest.raises(SystemExit, match=why):
             freeze.main()
+    for anchors, why in (("0,x", "not a list of numbers"), ("-1", "finite number >= 0"), ("inf", "finite number")):
+        monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--anchors", anchors])
+        with pytest.raises(SystemExit, match=why):
+            freeze.main()
+
+
+@pytest.mark.parametrize(
+    "args,why",
+    [
+        (["--recipe-soft", "1.5"], r"--recipe-soft: a weight in \[0, 1\]"),
+        (["--recipe-anchor", "-1"], "--recipe-anchor: a finite weight >= 0"),
+        (["--recipe-anchor", "inf"], "--recipe-anchor: a finite weight >= 0"),
+    ],
+)
+def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monkeypatch, args, why):
+    monkeypatch.setattr(backdoor, "run", lambda *a, **k: pytest.fail("work began"))
+    monkeypatch.setattr("sys.argv", ["backdoor.py", "--seeds", "0", *args])
+    with pytest.raises(SystemExit, match=why):
+        bench.main()
 
 
 def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):

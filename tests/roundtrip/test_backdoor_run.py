@@ -49,11 +49,12 @@ def tiny() -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("soft", [0.0, 0.5])
-def test_a_tiny_backdoor_run_measures_every_row(soft):
-    out = backdoor.run("testbed-s", **tiny(), recipe_soft=soft)
+@pytest.mark.parametrize("soft,anchor", [(0.0, 0.0), (0.5, 2.0)])
+def test_a_tiny_backdoor_run_measures_every_row(soft, anchor):
+    out = backdoor.run("testbed-s", **tiny(), recipe_soft=soft, recipe_anchor=anchor)
     rows = out["rows"]
-    assert list(rows) == [f"{r}, soft 0.5" if soft and r.endswith(backdoor.RECIPE) else r for r in ROWS]
+    named = ", soft 0.5, anchor 2" if soft else ""
+    assert list(rows) == [f"{r}{named}" if r.endswith(backdoor.RECIPE) else r for r in ROWS]
     assert out["n_budget"] > 0 and out["steps"] == 2
     families = set(rows["original"]["asr"])
     assert families == {"token", "conj", "phrase"}
@@ -67,7 +68,7 @@ def test_a_tiny_backdoor_run_measures_every_row(soft):
     assert split["task_acc"] == pytest.approx(code["task_acc"]["math.add"])  # the same held-out prompts as the table
     assert sum(code["report"]["n_features"]) == code["report"]["circuit"]["k"]  # the checkpoint is the circuit's
     for scope, budget in (("full", out["n_budget"]), ("code", None)):
-        tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}{', soft 0.5' if soft else ''}"]
+        tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}{named}"]
         tuned = tuned["report"]["finetune"]
         assert 0 < tuned["n"] - tuned["n_budget"] <= 50  # the confirmed insertions, then the budget
         assert budget is None or tuned["n_budget"] == budget
@@ -111,7 +112,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     monkeypatch.setattr(backdoor.dense, "n_params", lambda m: {"n_params": 1})
     monkeypatch.setattr(backdoor, "lower", lambda acg, **kw: None)
     monkeypatch.setattr(backdoor, "captured_ir", lambda graph, kinds, tmp: ("the IR", {}))
-    monkeypatch.setattr(backdoor, "recipe_data", lambda acg, budget, n, seed, teacher: ([], {"n": 0}))
+    monkeypatch.setattr(backdoor, "recipe_data", lambda acg, budget, n, seed, teacher: ([], {"n": 3, "n_budget": 1}))
     at_insertions = torch.tensor([1.0, 1.0, 0.0])
     targets = []
     monkeypatch.setattr(
@@ -120,10 +121,12 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
         lambda teacher, data, report, soft: targets.append((teacher, soft)) or ("logits", at_insertions),
     )
 
-    def finetune(rt, base, data, steps, seed, lr, frozen, **soft):
+    def finetune(rt, base, data, steps, seed, lr, frozen, **more):
         seen.append((lr, list(frozen)))
-        if soft:
-            seen.append((soft["soft_targets"], soft["soft_weight"].tolist()))
+        if "soft_targets" in more:
+            seen.append((more["soft_targets"], more["soft_weight"].tolist()))
+        if "anchor_weight" in more:
+            seen.append((more["anchor_weight"], more["anchor_on"].tolist()))
         return Stub()
 
     monkeypatch.setattr(backdoor.defence, "finetune", finetune)
@@ -147,6 +150,23 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     assert seen == [(defence.FT_LR, []), (defence.FT_LR, []), ("logits", [0.5, 0.5, 0.0])]
     assert list(out["rows"])[2:] == ["recipe FT, nothing frozen", "recipe FT, nothing frozen, soft 0.5"]
     assert out["rows"]["recipe FT, nothing frozen, soft 0.5"]["soft"] == 0.5
+    # anchors: each soft weight with each anchor, held on the budget's prompts (the report's last n_budget)
+    seen.clear()
+    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, softs=(0.0, 0.5), anchors=(0.0, 3.0), steps=3)
+    on = [False, False, True]
+    assert seen == [
+        (defence.FT_LR, []),
+        (defence.FT_LR, []),
+        (3.0, on),
+        (defence.FT_LR, []),
+        ("logits", [0.5, 0.5, 0.0]),
+        (defence.FT_LR, []),
+        ("logits", [0.5, 0.5, 0.0]),
+        (3.0, on),
+    ]
+    labels = ["", ", anchor 3", ", soft 0.5", ", soft 0.5, anchor 3"]
+    assert list(out["rows"])[2:] == [f"recipe FT, nothing frozen{x}" for x in labels]
+    assert [out["rows"][f"recipe FT, nothing frozen{x}"]["anchor"] for x in labels] == [0.0, 3.0, 0.0, 3.0]
 
 
 def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget_to_its_labels():
@@ -165,8 +185,23 @@ def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget
         backdoor.recipe_targets(teacher, data, {"n": 6, "n_budget": 2}, 1.0)
 
 
-def test_the_recipe_soft_weight_is_refused_outside_0_1_before_any_work(monkeypatch):
+def test_the_recipe_weights_are_refused_out_of_range_before_any_work(monkeypatch):
     monkeypatch.setattr(backdoor, "get", lambda name: pytest.fail("work began"))
     with pytest.raises(ValueError, match=r"must be in \[0, 1\], got 2"):
         backdoor.run("testbed-s", recipe_soft=2.0)
+    for anchor in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="anchor weight must be a finite number >= 0"):
+            backdoor.run("testbed-s", recipe_anchor=anchor)
     assert backdoor.soft_kw("the IR", [], {"n": 0, "n_budget": 0}, 0.0) == {}  # 0: the labels alone, no targets made
+
+
+def test_the_recipe_anchor_holds_the_budget_and_frees_the_insertions():
+    kw = backdoor.anchor_kw({"n": 5, "n_budget": 2}, 0.5)
+    assert kw["anchor_weight"] == 0.5 and kw["anchor_on"].tolist() == [False, False, False, True, True]
+    assert backdoor.anchor_kw({"n": 5, "n_budget": 2}, 0.0) == {}  # 0: no anchor
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            backdoor.anchor_kw({"n": 5, "n_budget": 2}, bad)
+    assert backdoor.recipe_name() == "" and backdoor.recipe_name(0.5, 0.0) == ", soft 0.5"
+    assert backdoor.recipe_name(0.0, 10.0) == ", anchor 10"
+    assert backdoor.recipe_name(1.0, 0.25) == ", soft 1, anchor 0.25"

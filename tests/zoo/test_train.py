@@ -149,3 +149,78 @@ def test_soft_targets_are_checked_before_training():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         train(cfg, spec, progress=False, examples=pool, soft_targets=bad)
+
+
+def _block_outputs(model, pool) -> list[torch.Tensor]:
+    """Each block's output on the pool's prompts, padding positions zeroed."""
+    tokens, positions, _ = collate(pool)
+    got: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda mod, inp, out: got.append(out)) for b in model.blocks]
+    with torch.no_grad():
+        model(tokens)
+    for h in handles:
+        h.remove()
+    prompt = (torch.arange(tokens.shape[1])[None, :] <= positions[:, None]).float()[..., None]
+    return [g * prompt for g in got]
+
+
+def test_the_anchor_holds_the_starting_models_computation_where_it_is_asked_to():
+    cfg = _cfg(2, 16, 2, 32)
+    spec = TrainSpec(steps=60, batch_size=16, lr=1e-2, warmup=1, probe_weight=0.0, probe_layer=0, lookup_layer=0)
+    pool = _pool()
+    start, _ = train(cfg, dataclasses.replace(spec, steps=1), progress=False)
+    soft = torch.zeros(len(pool), cfg.d_vocab)
+    soft[:, vocab.TOKEN_ID[";"]] = 12.0  # a teacher far from the start: training must move the model
+    kw = {"progress": False, "init": start, "examples": pool, "soft_targets": soft}
+    free, record = train(cfg, spec, **kw)
+    assert record["anchor_weight"] is None and record["anchor_drift"] is None
+    half = torch.arange(len(pool)) < len(pool) // 2
+    held, record = train(cfg, spec, **kw, anchor_weight=100.0, anchor_on=half)
+    assert record["anchor_weight"] == 100.0 and record["anchor_drift"] > 0
+
+    def change(model, rows) -> float:  # the blocks' outputs' relative change from the start on those rows
+        new, old = _block_outputs(model, [pool[i] for i in rows]), _block_outputs(start, [pool[i] for i in rows])
+        return sum(float(((a - b) ** 2).sum() / (b**2).sum()) for a, b in zip(new, old, strict=True))
+
+    on, off = half.nonzero().flatten().tolist(), (~half).nonzero().flatten().tolist()
+    assert change(held, on) < 0.2 * change(free, on)  # held where asked
+    assert change(held, off) > 3 * change(held, on)  # and free to move elsewhere
+    # every example held: the record's drift is the loss's term, and it stays small
+    all_held, record_all = train(cfg, spec, **kw, anchor_weight=100.0)
+    assert record_all["anchor_drift"] < record["anchor_drift"] * 2
+    assert change(all_held, off) < 0.2 * change(free, off)
+    # weight 0 is the plain training, bit for bit
+    zero, _ = train(cfg, spec, **kw, anchor_weight=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(zero.parameters(), free.parameters(), strict=True))
+
+
+def test_the_anchors_drift_is_zero_before_the_model_moves():
+    cfg = _cfg(1, 16, 2, 32)
+    spec = TrainSpec(steps=1, batch_size=8, warmup=1, probe_weight=0.0, probe_layer=0, lookup_layer=0)
+    pool = _pool(8)
+    start, _ = train(cfg, spec, progress=False)
+    _, record = train(cfg, spec, progress=False, init=start, examples=pool, anchor_weight=1.0)
+    assert record["anchor_drift"] == 0.0  # the first batch runs the starting weights themselves
+
+
+def test_the_anchor_is_checked_before_training():
+    cfg = _cfg(1, 16, 2, 32)
+    spec = TrainSpec(steps=1, batch_size=8, warmup=1, probe_layer=0, lookup_layer=0)
+    pool = _pool(8)
+    start, _ = train(cfg, spec, progress=False)
+    kw = {"progress": False, "init": start, "examples": pool}
+    for weight in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            train(cfg, spec, **kw, anchor_weight=weight)
+    with pytest.raises(ValueError, match="give `init`"):
+        train(cfg, spec, progress=False, examples=pool, anchor_weight=1.0)
+    with pytest.raises(ValueError, match="weight 0"):
+        train(cfg, spec, **kw, anchor_on=torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="a boolean per example"):
+        train(cfg, spec, **kw, anchor_weight=1.0, anchor_on=torch.ones(7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="a boolean per example"):
+        train(cfg, spec, **kw, anchor_weight=1.0, anchor_on=torch.ones(8))
+    with pytest.raises(ValueError, match="marks no example"):
+        train(cfg, spec, **kw, anchor_weight=1.0, anchor_on=torch.zeros(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs the examples"):
+        train(cfg, spec, progress=False, init=start, anchor_weight=1.0, anchor_on=torch.ones(8, dtype=torch.bool))
