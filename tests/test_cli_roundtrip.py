@@ -280,22 +280,17 @@ def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), tuned.parameters(), strict=True))
     code, out, err = cli(capsys, *base, "-o", tmp_path / "ft0", "--finetune", budget, "--insert", "0", "--steps", "2")
     assert code == 0 and json.loads(out)["finetune"]["n"] == 40
-    # --soft: the captured ACG's answer distribution taught on the insertions too: the same data, other weights
-    args = ("--finetune", budget, "--insert", "60", "--steps", "4", "--soft", "0.5")
-    code, out, err = cli(capsys, *base, "-o", tmp_path / "soft", *args)
-    assert code == 0, err
-    soft = json.loads(out)["finetune"]
-    assert soft["soft"] == 0.5 and report["soft"] == 0.0 and soft["n"] == report["n"]
-    softened = load_checkpoint(tmp_path / "soft")
-    assert any(not torch.equal(a, b) for a, b in zip(softened.parameters(), tuned.parameters(), strict=True))
-    # --anchor: the checkpoint's own block outputs held on the budget's prompts: the same data, other weights
-    args = ("--finetune", budget, "--insert", "60", "--steps", "4", "--anchor", "5")
-    code, out, err = cli(capsys, *base, "-o", tmp_path / "anchored", *args)
-    assert code == 0, err
-    anchored = json.loads(out)["finetune"]
-    assert anchored["anchor"] == 5.0 and report["anchor"] == 0.0 and anchored["n"] == report["n"]
-    held = load_checkpoint(tmp_path / "anchored")
-    assert any(not torch.equal(a, b) for a, b in zip(held.parameters(), tuned.parameters(), strict=True))
+    # --soft: the captured ACG's answer distribution taught on the insertions too; --anchor: the checkpoint's own
+    # block outputs held on the budget's prompts. Each: the same data, other weights
+    for flag, value in (("--soft", 0.5), ("--anchor", 5.0)):
+        key = flag.removeprefix("--")
+        args = ("--finetune", budget, "--insert", "60", "--steps", "4", flag, str(value))
+        code, out, err = cli(capsys, *base, "-o", tmp_path / key, *args)
+        assert code == 0, err
+        other = json.loads(out)["finetune"]
+        assert other[key] == value and report[key] == 0.0 and other["n"] == report["n"]
+        changed = load_checkpoint(tmp_path / key)
+        assert any(not torch.equal(a, b) for a, b in zip(changed.parameters(), tuned.parameters(), strict=True))
 
 
 def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, setup, tmp_path, monkeypatch):
