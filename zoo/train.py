@@ -199,8 +199,12 @@ def _train(
     model.to(device)
     probe.to(device)
     captured: dict[str, Tensor] = {}
-    model.blocks[spec.probe_layer].register_forward_hook(lambda mod, inp, out: captured.__setitem__("resid", out))
-    model.blocks[spec.lookup_layer].attn.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0]))
+    hooks = [  # removed when training ends: the returned model carries no hook and keeps no activation
+        model.blocks[spec.probe_layer].register_forward_hook(lambda mod, inp, out: captured.__setitem__("resid", out)),
+        model.blocks[spec.lookup_layer].attn.register_forward_hook(
+            lambda mod, inp, out: captured.__setitem__("x", inp[0])
+        ),
+    ]
     if anchor is not None:
         held, on = _Held(init, model, device), anchor[1]
         on = on.to(device) if on is not None else None
@@ -249,13 +253,15 @@ def _train(
         idx, batch = next(stream)
         tokens, positions, answers = (t.to(device) for t in collate(batch))
         logits = model(tokens)[torch.arange(len(tokens), device=device), positions]
-        loss = F.cross_entropy(logits, answers)
-        total = loss
-        if soft is not None:
+        if soft is None:
+            loss = total = F.cross_entropy(logits, answers)
+        else:
+            ce = F.cross_entropy(logits, answers, reduction="none")
+            loss = ce.mean()  # the labels' loss alone, for the progress bar and the record
             rows = torch.as_tensor(idx, device=device)
             teacher, w = soft[0][rows], soft[1][rows]
             kl = (teacher.exp() * (teacher - F.log_softmax(logits, -1))).sum(-1)
-            total = ((1 - w) * F.cross_entropy(logits, answers, reduction="none") + w * kl).mean()
+            total = ((1 - w) * ce + w * kl).mean()
         if anchor is not None:
             rows = torch.ones(len(tokens), dtype=torch.bool, device=device) if on is None else on[idx]
             d = held.drift(rows, tokens, positions)  # empties the outputs kept, whether or not a row is held
@@ -291,6 +297,9 @@ def _train(
     bar.close()
     for name in frozen:
         named[name].requires_grad_(True)  # an ordinary model again
+    for handle in hooks:
+        handle.remove()
+    captured.clear()
     if anchor is not None:
         held.remove()
     model.eval().cpu()

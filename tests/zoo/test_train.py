@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -23,6 +24,20 @@ def test_training_is_bit_identical_for_a_seed():
         assert torch.equal(p, q), name
     assert any(not torch.equal(p, r) for p, r in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
     assert rec_a["train_spec"]["steps"] == 6
+
+
+def test_a_trained_model_carries_no_hook_and_pickles():
+    """The probe's and the lookup's hooks (and the anchor's) are training's own: none stays on the model returned,
+    so it keeps no activation of the last batch and saves whole with `torch.save`."""
+    cfg = _cfg(1, 16, 2, 32)
+    spec = TrainSpec(steps=3, batch_size=16, warmup=1, lookup_weight=0.5, probe_layer=0, lookup_layer=0)
+    start, _ = train(cfg, spec, progress=False)
+    tuned, _ = train(cfg, spec, progress=False, init=start, examples=_pool(), anchor_weight=1.0)
+    for model in (start, tuned):
+        assert not [name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        buffer = io.BytesIO()
+        torch.save(model, buffer)  # a hook's closure would not pickle
+        assert buffer.tell() > 0
 
 
 def test_probe_targets_name_the_assigned_variable():
