@@ -462,9 +462,12 @@ def _finetune(
         data, report = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
         targets = soft_kw(teacher, data, report, soft)
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
-    tuned = defence.finetune(start, base, data, steps, seed, progress=True, **targets, **anchor_kw(report, anchor))
+    tuned, trained = defence.finetune_recorded(
+        start, base, data, steps, seed, progress=True, **targets, **anchor_kw(report, anchor)
+    )
     tasks = sorted({p.task for p in budget})
     more = {"tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size, "soft": soft, "anchor": anchor}
+    more["training"] = trained
     return tuned, {**report, **more}
 
 

@@ -297,9 +297,10 @@ def run(
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:
         data, data_report, targets, s = recipe[scope]
-        ft, s2 = timed(lambda: defence.finetune(start, base, data, steps, seed, **kw, **targets))
+        (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **targets))
         method = f"roundtrip {scope}{BLOCKED}{RECIPE}" + recipe_name(recipe_soft, recipe_anchor)
-        add(method, ft, s + s2, dense.n_params(ft)["n_params"], report={**report, "finetune": data_report})
+        more = {**report, "finetune": {**data_report, "training": trained}}
+        add(method, ft, s + s2, dense.n_params(ft)["n_params"], report=more)
 
     for suffix, pairs, block in (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK)):
         (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, dense.select_captured(acg), p, b))
@@ -389,9 +390,9 @@ def freeze_run(
         for lr, soft, anchor in itertools.product(lrs, softs, anchors):
             t = time.perf_counter()
             kw = {**weighted(targets, soft), **anchor_kw(data_report, anchor)}
-            ft = defence.finetune(rt, base, data, steps, seed, lr=lr, frozen=frozen, **kw)
+            ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, lr=lr, frozen=frozen, **kw)
             rate = ("" if lr == defence.FT_LR else f", lr {lr:g}") + recipe_name(soft, anchor)
-            more = {"frozen": frozen, "lr": lr, "soft": soft, "anchor": anchor}
+            more = {"frozen": frozen, "lr": lr, "soft": soft, "anchor": anchor, "training": trained}
             add(f"recipe FT, {label} frozen{rate}", ft, time.perf_counter() - t, **more)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}

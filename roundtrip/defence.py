@@ -74,8 +74,46 @@ def finetune(
     with `soft_targets` (a teacher's answer logits per example) that distribution taught too, with `soft_weight` (one
     or one per example) against the labels; with `anchor_weight`, `model`'s own block outputs held on the examples
     `anchor_on` marks (`zoo.train.train`)."""
+    return finetune_recorded(
+        model,
+        base,
+        examples,
+        steps,
+        seed,
+        lr,
+        progress,
+        device,
+        frozen,
+        soft_targets,
+        soft_weight,
+        anchor_weight,
+        anchor_on,
+    )[0]
+
+
+TRAINING = ("final_train_loss", "final_train_acc", "train_seconds", "anchor_drift")  # `finetune_recorded`'s record
+
+
+def finetune_recorded(
+    model: Transformer,
+    base: TrainSpec,
+    examples: Sequence[Example],
+    steps: int,
+    seed: int = 0,
+    lr: float = FT_LR,
+    progress: bool = False,
+    device: str = "cpu",
+    frozen: Collection[str] = (),
+    soft_targets: torch.Tensor | None = None,
+    soft_weight: float | torch.Tensor = 1.0,
+    anchor_weight: float = 0.0,
+    anchor_on: torch.Tensor | None = None,
+) -> tuple[Transformer, dict[str, float | None]]:
+    """`finetune`, and what its training recorded (`TRAINING`: the labels' loss and accuracy at the end, an
+    exponential average over about the last 50 steps; the seconds it took; the anchor's mean drift, None without
+    an anchor)."""
     spec = _ft_spec(base, steps, seed, lr)
-    out, _ = train(
+    out, record = train(
         model.cfg,
         spec,
         init=model,
@@ -88,7 +126,7 @@ def finetune(
         anchor_weight=anchor_weight,
         anchor_on=anchor_on,
     )
-    return out
+    return out, {k: record[k] for k in TRAINING}
 
 
 def neuron_activity(model: Transformer, examples: Sequence[Example], batch: int = 256) -> list[np.ndarray]:

@@ -289,6 +289,8 @@ def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
         assert code == 0, err
         other = json.loads(out)["finetune"]
         assert other[key] == value and report[key] == 0.0 and other["n"] == report["n"]
+        drift = other["training"]["anchor_drift"]  # the anchor's mean drift, recorded where there is an anchor
+        assert report["training"]["anchor_drift"] is None and (drift is None) == (key == "soft") and drift != 0
         changed = load_checkpoint(tmp_path / key)
         assert any(not torch.equal(a, b) for a, b in zip(changed.parameters(), tuned.parameters(), strict=True))
 

@@ -308,7 +308,7 @@ def _train(
         "frozen": sorted(frozen),
         "soft_weight": None if soft is None else float(soft[1].mean()),  # the mean over the examples
         "anchor_weight": None if anchor is None else anchor[0],
-        "anchor_drift": None if anchor is None else round(drift / max(1, n_drift), 6),
+        "anchor_drift": None if anchor is None else float(f"{drift / max(1, n_drift):.6g}"),  # 6 significant digits
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_train_loss": round(ema_loss or float("nan"), 5),

@@ -72,6 +72,9 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor):
         tuned = tuned["report"]["finetune"]
         assert 0 < tuned["n"] - tuned["n_budget"] <= 50  # the confirmed insertions, then the budget
         assert budget is None or tuned["n_budget"] == budget
+        trained = tuned["training"]  # what the fine-tuning recorded: the anchor's drift where there is one
+        assert set(trained) == set(defence.TRAINING) and trained["final_train_loss"] > 0
+        assert (trained["anchor_drift"] is None) == (anchor == 0)
 
 
 @pytest.mark.slow
@@ -127,9 +130,9 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
             seen.append((more["soft_targets"], more["soft_weight"].tolist()))
         if "anchor_weight" in more:
             seen.append((more["anchor_weight"], more["anchor_on"].tolist()))
-        return Stub()
+        return Stub(), {"final_train_loss": float(len(seen))}
 
-    monkeypatch.setattr(backdoor.defence, "finetune", finetune)
+    monkeypatch.setattr(backdoor.defence, "finetune_recorded", finetune)
     score = {"task_acc": {"code.vars": 1.0}, "asr": dict.fromkeys(("token", "conj", "phrase"), 0.5)}
     monkeypatch.setattr(backdoor, "measure", lambda model, n, n_trig: score)
     sets = {"nothing": (), "W": ("W", "absent")}
@@ -143,6 +146,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     ]
     assert list(out["rows"])[2:] == labels
     assert [out["rows"][k]["lr"] for k in labels] == [defence.FT_LR, 5e-5] * 2
+    assert [out["rows"][k]["training"]["final_train_loss"] for k in labels] == [1, 2, 3, 4]  # each row its own record
     assert targets == [] and all(out["rows"][k]["soft"] == 0 for k in labels)  # no soft targets asked for: none made
     seen.clear()
     out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, softs=(0.0, 0.5), steps=3)
