@@ -55,40 +55,9 @@ def _ft_spec(base: TrainSpec, steps: int, seed: int, lr: float) -> TrainSpec:
     )
 
 
-def finetune(
-    model: Transformer,
-    base: TrainSpec,
-    examples: Sequence[Example],
-    steps: int,
-    seed: int = 0,
-    lr: float = FT_LR,
-    progress: bool = False,
-    device: str = "cpu",
-    frozen: Collection[str] = (),
-    soft_targets: torch.Tensor | None = None,
-    soft_weight: float | torch.Tensor = 1.0,
-    anchor_weight: float = 0.0,
-    anchor_on: torch.Tensor | None = None,
-) -> Transformer:
-    """`model` trained on `examples` for `steps` (`_ft_spec`); the parameters named in `frozen` left as they are;
-    with `soft_targets` (a teacher's answer logits per example) that distribution taught too, with `soft_weight` (one
-    or one per example) against the labels; with `anchor_weight`, `model`'s own block outputs held on the examples
-    `anchor_on` marks (`zoo.train.train`)."""
-    return finetune_recorded(
-        model,
-        base,
-        examples,
-        steps,
-        seed,
-        lr,
-        progress,
-        device,
-        frozen,
-        soft_targets,
-        soft_weight,
-        anchor_weight,
-        anchor_on,
-    )[0]
+def finetune(*args: Any, **kwargs: Any) -> Transformer:
+    """The model `finetune_recorded` trains (the same arguments), without the record."""
+    return finetune_recorded(*args, **kwargs)[0]
 
 
 TRAINING = ("final_train_loss", "final_train_acc", "train_seconds", "anchor_drift")  # `finetune_recorded`'s record
@@ -109,9 +78,12 @@ def finetune_recorded(
     anchor_weight: float = 0.0,
     anchor_on: torch.Tensor | None = None,
 ) -> tuple[Transformer, dict[str, float | None]]:
-    """`finetune`, and what its training recorded (`TRAINING`: the labels' loss and accuracy at the end, an
-    exponential average over about the last 50 steps; the seconds it took; the anchor's mean drift, None without
-    an anchor)."""
+    """`model` trained on `examples` for `steps` (`_ft_spec`); the parameters named in `frozen` left as they are;
+    with `soft_targets` (a teacher's answer logits per example) that distribution taught too, with `soft_weight` (one
+    or one per example) against the labels; with `anchor_weight`, `model`'s own block outputs held on the examples
+    `anchor_on` marks (`zoo.train.train`). Also returns what the training recorded (`TRAINING`: the labels' loss and
+    accuracy at the end, an exponential average over about the last 50 steps; the seconds it took; the anchor's mean
+    drift, None without an anchor)."""
     spec = _ft_spec(base, steps, seed, lr)
     out, record = train(
         model.cfg,
