@@ -105,9 +105,10 @@ def recipe_data(
 
 def recipe_targets(teacher: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> tuple[Any, Any]:
     """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `teacher`'s (the captured IR's) answer logits
-    on every example of `data` (`recipe_data`'s, with its `report`), and each example's weight on them: `soft` on the
-    prompts with insertions (they come first), 0 on the budget (its labels are the clean answers, taught as they
-    are). `soft` 1 teaches the IR's whole answer distribution where it confirmed the clean answer, 0 its argmax."""
+    on the prompts with insertions of `data` (`recipe_data`'s, with its `report`; they come first), and each example's
+    weight on them: `soft` there, 0 on the budget (its labels are the clean answers, taught as they are; its rows of
+    logits are left at 0, never computed: on testbed-m's 5% budget that is 76,800 of 90,705 prompts). `soft` 1
+    teaches the IR's whole answer distribution where it confirmed the clean answer, 0 its argmax."""
     import torch
 
     if not 0 <= soft <= 1:
@@ -115,7 +116,9 @@ def recipe_targets(teacher: Any, data: Sequence[Any], report: dict[str, Any], so
     n_insert = report["n"] - report["n_budget"]
     if not 0 <= n_insert <= len(data) or report["n"] != len(data):
         raise ValueError(f"the recipe report ({report}) does not describe these {len(data)} examples")
-    logits = torch.as_tensor(answer_logits(teacher, data), dtype=torch.float32)
+    taught = torch.as_tensor(answer_logits(teacher, data[: max(1, n_insert)]), dtype=torch.float32)  # 1: the width
+    logits = torch.zeros(len(data), taught.shape[1])
+    logits[:n_insert] = taught[:n_insert]
     weights = torch.zeros(len(data))
     weights[:n_insert] = soft
     return logits, weights

@@ -176,13 +176,17 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
 def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget_to_its_labels():
     data = [SimpleNamespace(ids=[0, 1 + i % 3]) for i in range(5)]  # 3 prompts with insertions, then a budget of 2
 
+    seen = []
+
     def teacher(tokens):  # logits that name each prompt's last token
+        seen.append(len(tokens))
         return np.eye(6)[tokens] * 4.0
 
     logits, weights = backdoor.recipe_targets(teacher, data, {"n": 5, "n_budget": 2}, 0.25)
     assert logits.dtype == torch.float32 and logits.shape == (5, 6)
-    assert logits.argmax(-1).tolist() == [ex.ids[-1] for ex in data]
+    assert logits[:3].argmax(-1).tolist() == [ex.ids[-1] for ex in data[:3]]
     assert weights.tolist() == [0.25, 0.25, 0.25, 0.0, 0.0]
+    assert sum(seen) == 3 and not logits[3:].any()  # the budget's rows (weight 0) are never run through the teacher
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         backdoor.recipe_targets(teacher, data, {"n": 5, "n_budget": 2}, 1.5)
     with pytest.raises(ValueError, match="does not describe these 5 examples"):
