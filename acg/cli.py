@@ -467,8 +467,7 @@ def _finetune(
     )
     tasks = sorted({p.task for p in budget})
     more = {"tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size, "soft": soft, "anchor": anchor}
-    more["training"] = trained
-    return tuned, {**report, **more}
+    return tuned, {**report, **more, "training": trained}
 
 
 def _circuit_data(task: str | None, data: Path | None, n: int, d_vocab: int, pairs: list | None = None):

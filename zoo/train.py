@@ -299,7 +299,6 @@ def _train(
         named[name].requires_grad_(True)  # an ordinary model again
     for handle in hooks:
         handle.remove()
-    captured.clear()
     if anchor is not None:
         held.remove()
     model.eval().cpu()
