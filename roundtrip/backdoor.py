@@ -266,8 +266,8 @@ def run(
         add("original", model, 0.0, dense.n_params(model)["n_params"])
     kw = {"progress": progress, "device": device}
     if not reused("FT"):
-        ft, s = timed(lambda: defence.finetune(model, base, budget, steps, seed, **kw))
-        add("FT", ft, s, dense.n_params(ft)["n_params"])
+        (ft, trained), s = timed(lambda: defence.finetune_recorded(model, base, budget, steps, seed, **kw))
+        add("FT", ft, s, dense.n_params(ft)["n_params"], training=trained)
     if not reused("FP"):
         (fp, fp_report), s = timed(lambda: defence.fine_prune(model, base, budget, steps, seed, **kw))
         add("FP", fp, s, dense.n_params(fp)["n_params"], report=fp_report)

@@ -19,11 +19,11 @@ def test_a_resumed_run_takes_its_baselines_from_the_partial_file(monkeypatch, tm
     def fake(kind):
         def train(model, spec, budget, steps, seed, **kw):
             trained.append((kind, seed))
-            return (model, {"pruned_fraction": 0.5}) if kind == "FP" else model
+            return (model, {"pruned_fraction": 0.5}) if kind == "FP" else (model, {}) if kind == "FT" else model
 
         return train
 
-    monkeypatch.setattr(backdoor.defence, "finetune", fake("FT"))
+    monkeypatch.setattr(backdoor.defence, "finetune_recorded", fake("FT"))
     monkeypatch.setattr(backdoor.defence, "fine_prune", fake("FP"))
     monkeypatch.setattr(backdoor.defence, "scratch", fake("Scratch"))
     monkeypatch.setattr(backdoor, "measure", lambda c, n, t: {"task_acc": {"t": 1.0}, "asr": {"token": 0.5}})

@@ -62,6 +62,8 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor):
         assert set(row["der"]) == families, method
         assert all(0.0 <= v <= 1.0 for v in row["der"].values()), method
     assert all(v == 0.5 for v in rows["original"]["der"].values())  # no drop, no cost
+    assert set(rows["FT"]["training"]) == set(defence.TRAINING)  # the baseline's fine-tuning recorded as the recipe's
+    assert rows["FT"]["training"]["anchor_drift"] is None
     code = rows["roundtrip code"]
     split = code["report"]["math_copy"]
     assert split["n"] == 40 and 0.0 <= split["in_prompt"] <= 1.0 and 0.0 <= split["copies"] <= 1.0
