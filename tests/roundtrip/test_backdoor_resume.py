@@ -19,7 +19,7 @@ def test_a_resumed_run_takes_its_baselines_from_the_partial_file(monkeypatch, tm
     def fake(kind):
         def train(model, spec, budget, steps, seed, **kw):
             trained.append((kind, seed))
-            return (model, {"pruned_fraction": 0.5}) if kind == "FP" else (model, {}) if kind == "FT" else model
+            return {"FP": (model, {"pruned_fraction": 0.5}), "FT": (model, {"train_seconds": 1.0})}.get(kind, model)
 
         return train
 
@@ -40,6 +40,7 @@ def test_a_resumed_run_takes_its_baselines_from_the_partial_file(monkeypatch, tm
     assert trained == [("FT", 0), ("FP", 0), ("Scratch", 0)]
     saved = json.loads(partial.read_text())
     assert list(saved["rows"]) == ["original", "FT", "FP", "Scratch"] and saved["key"]["seed"] == 0
+    assert saved["rows"]["FT"]["training"] == {"train_seconds": 1.0}  # the fine-tuning's record, saved with its row
     with pytest.raises(Stop):
         backdoor.run("testbed-s", seed=0, **kw)
     assert len(trained) == 3 and sum("measured before" in line for line in logs) == 4
