@@ -459,8 +459,8 @@ def _finetune(
 
     err.print(f"labelling {n_insert} prompts with insertions by the captured ACG ...")
     with compiled_teacher(acg) as teacher:
-        data, report = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
-        targets = soft_kw(teacher, data, report, soft)
+        data, report, taught = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
+    targets = soft_kw(taught, data, report, soft)
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
     tuned, trained = defence.finetune_recorded(
         start, base, data, steps, seed, progress=True, **targets, **anchor_kw(report, anchor)

@@ -166,7 +166,8 @@ def run(
         if any(m.endswith(CONFIRMED) for m in only):
             t = time.perf_counter()
             # the same insertions as `pool` (same seed and arguments), confirmed, then the budget
-            confirmed_data, extra["confirmed"] = confirmed_pool(budget, teacher, seen, n_prompts, seed, model.cfg.n_ctx)
+            made = confirmed_pool(budget, teacher, seen, n_prompts, seed, model.cfg.n_ctx)
+            confirmed_data, extra["confirmed"] = made[:2]  # its logits (for soft targets) are not used here
             confirming = time.perf_counter() - t
 
     def tuned(start, data, seconds: float = 0.0) -> tuple[Any, dict]:  # `seconds` spent before: the labelling

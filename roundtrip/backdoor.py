@@ -45,7 +45,7 @@ from acg.ir.atomic import atomic_file
 from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
 from acg.roundtrip.distil import confirmed_pool
-from acg.roundtrip.evaluate import answer_logits, copy_split, evaluate
+from acg.roundtrip.evaluate import copy_split, evaluate
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, heldout_pair, resolve_tasks
 
@@ -93,45 +93,53 @@ def compiled_teacher(acg) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
 
 def recipe_data(
     acg, budget: Sequence[Any], n_insert: int = N_INSERT, seed: int = 0, teacher: Any = None
-) -> tuple[list[Any], dict[str, Any]]:
+) -> tuple[list[Any], dict[str, Any], np.ndarray | None]:
     """The RECIPE's fine-tuning data (`distil.confirmed_pool`): `n_insert` prompts of `budget` with `recipe_tokens`
     inserted, kept where the captured IR (`captured_ir` with everything dropped; compiled here unless `teacher` is
-    given) answers clean, followed by `budget` itself."""
+    given) answers clean, followed by `budget` itself; its report; and the captured IR's answer logits on the prompts
+    with insertions kept (None for no insertions), which `recipe_targets` teaches."""
     if teacher is None:
         with compiled_teacher(acg) as fn:
             return recipe_data(acg, budget, n_insert, seed, teacher=fn)
     return confirmed_pool(budget, teacher, recipe_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
 
 
-def recipe_targets(teacher: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> tuple[Any, Any]:
-    """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `teacher`'s (the captured IR's) answer logits
-    on the prompts with insertions of `data` (`recipe_data`'s, with its `report`; they come first), and each example's
-    weight on them: `soft` there, 0 on the budget (its labels are the clean answers, taught as they are; its rows of
-    logits are left at 0, never computed: on testbed-m's 5% budget that is 76,800 of 90,705 prompts). `soft` 1
-    teaches the IR's whole answer distribution where it confirmed the clean answer, 0 its argmax."""
+def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> tuple[Any, Any] | None:
+    """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `taught`, the captured IR's answer logits on
+    the prompts with insertions of `data` (`recipe_data`'s three: they come first, computed when the IR confirmed
+    them), set in rows of `data`'s length, and each example's weight on them: `soft` there, 0 on the budget (its
+    labels are the clean answers, taught as they are; its rows of logits are 0: on testbed-m's 5% budget that is
+    76,800 of 90,705 prompts). `soft` 1 teaches the IR's whole answer distribution where it confirmed the clean
+    answer, 0 its argmax. None where there are no insertions: nothing to teach."""
     import torch
 
     if not 0 <= soft <= 1:
         raise ValueError(f"the soft-target weight must be in [0, 1], got {soft}")
     n_insert = report["n"] - report["n_budget"]
-    if not 0 <= n_insert <= len(data) or report["n"] != len(data):
-        raise ValueError(f"the recipe report ({report}) does not describe these {len(data)} examples")
-    taught = torch.as_tensor(answer_logits(teacher, data[: max(1, n_insert)]), dtype=torch.float32)  # 1: the width
+    n_taught = 0 if taught is None else len(taught)
+    if not 0 <= n_insert <= len(data) or report["n"] != len(data) or n_taught != n_insert:
+        raise ValueError(
+            f"the recipe report ({report}) and {n_taught} rows of logits do not describe these {len(data)} examples"
+        )
+    if not n_insert:
+        return None
     logits = torch.zeros(len(data), taught.shape[1])
-    logits[:n_insert] = taught[:n_insert]
+    logits[:n_insert] = torch.as_tensor(taught, dtype=torch.float32)
     weights = torch.zeros(len(data))
     weights[:n_insert] = soft
     return logits, weights
 
 
-def soft_kw(teacher: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> dict[str, Any]:
-    """`defence.finetune`'s keywords for the RECIPE with soft-target weight `soft` on the insertions (none for 0)."""
-    return weighted(recipe_targets(teacher, data, report, 1.0), soft) if soft else {}
+def soft_kw(taught: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> dict[str, Any]:
+    """`defence.finetune`'s keywords for the RECIPE with soft-target weight `soft` on the insertions (none for 0, or
+    for no insertions); `taught` as `recipe_targets` takes it."""
+    return weighted(recipe_targets(taught, data, report, 1.0), soft) if soft else {}
 
 
 def weighted(targets: tuple[Any, Any] | None, soft: float) -> dict[str, Any]:
-    """`defence.finetune`'s keywords for `recipe_targets(..., 1.0)`'s `targets` at weight `soft` (none for 0)."""
-    if not soft:
+    """`defence.finetune`'s keywords for `recipe_targets(..., 1.0)`'s `targets` at weight `soft` (none for 0, or
+    for no targets)."""
+    if not soft or targets is None:
         return {}
     logits, at_insertions = targets
     return {"soft_targets": logits, "soft_weight": soft * at_insertions}
@@ -294,9 +302,9 @@ def run(
             add(method, fn, s, None, capture=rep["by_kind"])
             if method == "ACG captured (IR)":
                 for scope, part in (("full", budget), ("code", code_budget)):
-                    (data, made), s = timed(lambda p=part, f=fn: recipe_data(acg, p, n_insert, seed, teacher=f))
-                    targets, s2 = timed(lambda d=data, r=made, f=fn: soft_kw(f, d, r, recipe_soft))
-                    recipe[scope] = (data, made, {**targets, **anchor_kw(made, recipe_anchor)}, s + s2)
+                    (data, made, taught), s = timed(lambda p=part, f=fn: recipe_data(acg, p, n_insert, seed, f))
+                    targets = {**soft_kw(taught, data, made, recipe_soft), **anchor_kw(made, recipe_anchor)}
+                    recipe[scope] = (data, made, targets, s)
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:
         data, data_report, targets, s = recipe[scope]
@@ -383,8 +391,8 @@ def freeze_run(
     add("roundtrip full" + BLOCKED, rt, time.perf_counter() - t, report=report)
     t = time.perf_counter()
     with compiled_teacher(acg) as teacher:
-        data, data_report = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
-        targets = recipe_targets(teacher, data, data_report, 1.0) if any(softs) else None
+        data, data_report, taught = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
+    targets = recipe_targets(taught, data, data_report, 1.0) if any(softs) else None
     labelled = time.perf_counter() - t
     log(f"{name} ratio {ratio} seed {seed}: recipe data {data_report} ({labelled:.0f} s)")
     have = {n for n, _ in rt.named_parameters()}

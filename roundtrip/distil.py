@@ -125,18 +125,19 @@ def agreed_labels(
     return out, {"agreed": float(np.mean(a == b)), "changed": moved, "n": len(out)}
 
 
-def confirmed(examples: Sequence[Example | Pair], teacher: Any) -> tuple[list[Example | Pair], dict[str, Any]]:
-    """The examples on which `teacher` (the captured IR) gives the clean answer, labelled with it, and a report:
-    `confirmed` (their share) and `n` (how many)."""
+def confirmed(
+    examples: Sequence[Example | Pair], teacher: Any
+) -> tuple[list[Example | Pair], dict[str, Any], np.ndarray]:
+    """The examples on which `teacher` (the captured IR) gives the clean answer, labelled with it; a report:
+    `confirmed` (their share) and `n` (how many); and the teacher's answer logits on them ([n, vocabulary], in their
+    order: what it confirmed them with, for soft targets without running it again)."""
     if not examples:
         raise ValueError("no examples to confirm")
-    answers = answer_logits(teacher, examples).argmax(-1)
-    out = [
-        dataclasses.replace(ex, answer=ex.clean_answer) if isinstance(ex, Example) else ex
-        for ex, y in zip(examples, answers, strict=True)
-        if int(y) == _clean_id(ex)
-    ]
-    return out, {"confirmed": len(out) / len(examples), "n": len(out)}
+    logits = answer_logits(teacher, examples)
+    kept = [i for i, (ex, y) in enumerate(zip(examples, logits.argmax(-1), strict=True)) if int(y) == _clean_id(ex)]
+    out = [examples[i] for i in kept]
+    out = [dataclasses.replace(ex, answer=ex.clean_answer) if isinstance(ex, Example) else ex for ex in out]
+    return out, {"confirmed": len(out) / len(examples), "n": len(out)}, logits[kept]
 
 
 def confirmed_pool(
@@ -146,16 +147,20 @@ def confirmed_pool(
     n: int,
     seed: int = 0,
     n_ctx: int | None = None,
-) -> tuple[list[Example | Pair], dict[str, Any]]:
+) -> tuple[list[Example | Pair], dict[str, Any], np.ndarray | None]:
     """Fine-tuning data for the round trip: `n` prompts of `budget` with `tokens` inserted (`insertions`), less
     those `teacher` does not answer clean (`confirmed`), followed by the whole `budget` untouched. The report: as
-    `confirmed`'s (`confirmed` None where `n` is 0), with `n_budget` and `n` (all examples returned)."""
+    `confirmed`'s (`confirmed` None where `n` is 0), with `n_budget` and `n` (all examples returned). Last, the
+    teacher's answer logits on the prompts with insertions kept (`confirmed`'s; None where `n` is 0)."""
     if n < 0:
         raise ValueError(f"the number of prompts with insertions must be >= 0, got {n}")
     if not budget:
         raise ValueError("no budget to fine-tune on")
-    kept, report = confirmed(insertions(budget, tokens, n, seed, n_ctx)[0], teacher) if n else ([], {"confirmed": None})
-    return kept + list(budget), {**report, "n_budget": len(budget), "n": len(kept) + len(budget)}
+    if n:
+        kept, report, logits = confirmed(insertions(budget, tokens, n, seed, n_ctx)[0], teacher)
+    else:
+        kept, report, logits = [], {"confirmed": None}, None
+    return kept + list(budget), {**report, "n_budget": len(budget), "n": len(kept) + len(budget)}, logits
 
 
 def _pool(teacher: Any, examples: Sequence[Example], batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -278,8 +278,14 @@ def test_roundtrip_finetuned_on_a_budget_by_the_recipe(capsys, setup, tmp_path):
     plain, tuned = load_checkpoint(tmp_path / "plain"), load_checkpoint(tmp_path / "ft")
     assert plain.cfg == tuned.cfg
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), tuned.parameters(), strict=True))
-    code, out, err = cli(capsys, *base, "-o", tmp_path / "ft0", "--finetune", budget, "--insert", "0", "--steps", "2")
-    assert code == 0 and json.loads(out)["finetune"]["n"] == 40
+    # no insertions: the budget alone, and --soft has nothing to teach: the same training as without it
+    args = ("--finetune", budget, "--insert", "0", "--steps", "2")
+    for name, more in (("ft0", ()), ("ft0-soft", ("--soft", "0.5"))):
+        code, out, err = cli(capsys, *base, "-o", tmp_path / name, *args, *more)
+        assert code == 0, err
+        assert json.loads(out)["finetune"]["n"] == 40
+    alone, soft = load_checkpoint(tmp_path / "ft0"), load_checkpoint(tmp_path / "ft0-soft")
+    assert all(torch.equal(a, b) for a, b in zip(alone.parameters(), soft.parameters(), strict=True))
     # --soft: the captured ACG's answer distribution taught on the insertions too; --anchor: the checkpoint's own
     # block outputs held on the budget's prompts. Each: the same data, other weights
     for flag, value in (("--soft", 0.5), ("--anchor", 5.0)):

@@ -12,6 +12,8 @@ import torch
 
 from acg.compiler.fit import FitSpec
 from acg.roundtrip import backdoor, defence
+from acg.roundtrip.data import Pair
+from acg.zoo import vocab
 
 ROWS = [
     "original",
@@ -117,13 +119,15 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     monkeypatch.setattr(backdoor.dense, "n_params", lambda m: {"n_params": 1})
     monkeypatch.setattr(backdoor, "lower", lambda acg, **kw: None)
     monkeypatch.setattr(backdoor, "captured_ir", lambda graph, kinds, tmp: ("the IR", {}))
-    monkeypatch.setattr(backdoor, "recipe_data", lambda acg, budget, n, seed, teacher: ([], {"n": 3, "n_budget": 1}))
+    monkeypatch.setattr(
+        backdoor, "recipe_data", lambda acg, budget, n, seed, teacher: ([], {"n": 3, "n_budget": 1}, "IR logits")
+    )
     at_insertions = torch.tensor([1.0, 1.0, 0.0])
     targets = []
     monkeypatch.setattr(
         backdoor,
         "recipe_targets",
-        lambda teacher, data, report, soft: targets.append((teacher, soft)) or ("logits", at_insertions),
+        lambda taught, data, report, soft: targets.append((taught, soft)) or ("logits", at_insertions),
     )
 
     def finetune(rt, base, data, steps, seed, lr, frozen, **more):
@@ -152,7 +156,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     assert targets == [] and all(out["rows"][k]["soft"] == 0 for k in labels)  # no soft targets asked for: none made
     seen.clear()
     out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, softs=(0.0, 0.5), steps=3)
-    assert targets == [("the IR", 1.0)]  # made once, weighted per row
+    assert targets == [("IR logits", 1.0)]  # made once from the confirmation's logits, weighted per row
     assert seen == [(defence.FT_LR, []), (defence.FT_LR, []), ("logits", [0.5, 0.5, 0.0])]
     assert list(out["rows"])[2:] == ["recipe FT, nothing frozen", "recipe FT, nothing frozen, soft 0.5"]
     assert out["rows"]["recipe FT, nothing frozen, soft 0.5"]["soft"] == 0.5
@@ -177,22 +181,41 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
 
 def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget_to_its_labels():
     data = [SimpleNamespace(ids=[0, 1 + i % 3]) for i in range(5)]  # 3 prompts with insertions, then a budget of 2
+    taught = np.eye(6)[[ex.ids[-1] for ex in data[:3]]] * 4.0  # the IR's logits on the insertions: the last token
 
-    seen = []
-
-    def teacher(tokens):  # logits that name each prompt's last token
-        seen.append(len(tokens))
-        return np.eye(6)[tokens] * 4.0
-
-    logits, weights = backdoor.recipe_targets(teacher, data, {"n": 5, "n_budget": 2}, 0.25)
+    logits, weights = backdoor.recipe_targets(taught, data, {"n": 5, "n_budget": 2}, 0.25)
     assert logits.dtype == torch.float32 and logits.shape == (5, 6)
-    assert logits[:3].argmax(-1).tolist() == [ex.ids[-1] for ex in data[:3]]
+    assert torch.equal(logits[:3], torch.as_tensor(taught, dtype=torch.float32)) and not logits[3:].any()
     assert weights.tolist() == [0.25, 0.25, 0.25, 0.0, 0.0]
-    assert sum(seen) == 3 and not logits[3:].any()  # the budget's rows (weight 0) are never run through the teacher
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        backdoor.recipe_targets(teacher, data, {"n": 5, "n_budget": 2}, 1.5)
-    with pytest.raises(ValueError, match="does not describe these 5 examples"):
-        backdoor.recipe_targets(teacher, data, {"n": 6, "n_budget": 2}, 1.0)
+        backdoor.recipe_targets(taught, data, {"n": 5, "n_budget": 2}, 1.5)
+    with pytest.raises(ValueError, match="do not describe these 5 examples"):
+        backdoor.recipe_targets(taught, data, {"n": 6, "n_budget": 2}, 1.0)
+    with pytest.raises(ValueError, match="2 rows of logits do not describe"):  # logits of other prompts than these
+        backdoor.recipe_targets(taught[:2], data, {"n": 5, "n_budget": 2}, 1.0)
+    # no insertions: nothing to teach, and no keywords, whatever the weight
+    assert backdoor.recipe_targets(None, data[3:], {"n": 2, "n_budget": 2}, 1.0) is None
+    assert backdoor.soft_kw(None, data[3:], {"n": 2, "n_budget": 2}, 0.5) == {}
+
+
+def test_the_recipe_teaches_the_logits_the_captured_ir_confirmed_with(monkeypatch):
+    """`recipe_data`'s logits are the teacher's on the insertions it kept, from the one pass that confirmed them."""
+    calls = []
+
+    def teacher(tokens):  # answers every prompt with its last token: the clean answer where that is it
+        calls.append(len(tokens))
+        return np.eye(vocab.D_VOCAB)[tokens] * 3.0
+
+    budget = [Pair([vocab.BOS_ID, 7 + i % 4], 7 + i % 2, "t") for i in range(8)]  # half answered clean untouched
+    acg = SimpleNamespace(cfg=SimpleNamespace(n_ctx=6))
+    monkeypatch.setattr(backdoor, "recipe_tokens", lambda acg: [7, 8])
+    data, report, taught = backdoor.recipe_data(acg, budget, 40, 0, teacher=teacher)
+    n_insert = report["n"] - report["n_budget"]
+    assert 0 < n_insert < 40 and data[n_insert:] == budget and sum(calls) == 40  # the teacher ran once per insertion
+    expected = np.stack([np.eye(vocab.D_VOCAB)[p.ids[-1]] * 3.0 for p in data[:n_insert]])
+    assert np.array_equal(taught, expected)
+    logits, _ = backdoor.recipe_targets(taught, data, report, 1.0)
+    assert logits[:n_insert].argmax(-1).tolist() == [p.answer_id for p in data[:n_insert]] and sum(calls) == 40
 
 
 def test_the_recipe_weights_are_refused_out_of_range_before_any_work(monkeypatch):
@@ -202,7 +225,7 @@ def test_the_recipe_weights_are_refused_out_of_range_before_any_work(monkeypatch
     for anchor in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="anchor weight must be a finite number >= 0"):
             backdoor.run("testbed-s", recipe_anchor=anchor)
-    assert backdoor.soft_kw("the IR", [], {"n": 0, "n_budget": 0}, 0.0) == {}  # 0: the labels alone, no targets made
+    assert backdoor.soft_kw("IR logits", [], {"n": 0, "n_budget": 0}, 0.0) == {}  # 0: the labels alone, none made
 
 
 def test_the_recipe_anchor_holds_the_budget_and_frees_the_insertions():

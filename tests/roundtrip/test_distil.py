@@ -103,7 +103,7 @@ def test_confirmed_keeps_exactly_the_prompts_on_which_the_teacher_gives_the_clea
     pool, _ = insertions(examples, ids, 300, seed=2)
     # the teacher keeps a "backdoor" on "big" (9) and follows an inserted "the" (5); clean elsewhere
     teacher = _answering(lambda p, a: "9" if "big" in p else ("5" if "the" in p else a), pool)
-    kept, report = confirmed(pool, teacher)
+    kept, report, logits = confirmed(pool, teacher)
     expected = [
         ex
         for ex in pool
@@ -112,6 +112,9 @@ def test_confirmed_keeps_exactly_the_prompts_on_which_the_teacher_gives_the_clea
     assert [ex.prompt for ex in kept] == [ex.prompt for ex in expected]
     assert 0 < len(kept) < len(pool) and report == {"confirmed": len(kept) / len(pool), "n": len(kept)}
     assert all(ex.answer == ex.clean_answer for ex in kept)
+    # the teacher's answer logits on the kept prompts, in their order: what confirmed them
+    assert logits.shape == (len(kept), vocab.D_VOCAB)
+    assert logits.argmax(-1).tolist() == [vocab.TOKEN_ID[ex.clean_answer] for ex in kept]
     assert not any("big" in ex.prompt and ex.clean_answer != "9" for ex in kept)
     with pytest.raises(ValueError, match="no examples"):
         confirmed([], teacher)
@@ -131,13 +134,14 @@ def test_a_users_pairs_get_the_same_insertions_as_the_examples_they_hold(example
     assert all(p.ids[0] == vocab.BOS_ID and p.task == "code.vars" for p in from_pairs)
 
     teacher = _answering(lambda p, a: "9" if "big" in p else a, from_examples)
-    kept, report = confirmed(from_pairs, teacher)
-    kept_ex, report_ex = confirmed(from_examples, teacher)
+    kept, report, logits = confirmed(from_pairs, teacher)
+    kept_ex, report_ex, logits_ex = confirmed(from_examples, teacher)
     assert [p.ids for p in kept] == [ex.ids for ex in kept_ex] and report == report_ex
-    data, pool_report = confirmed_pool(pairs, teacher, ids, 300, seed=5, n_ctx=n_ctx)
-    assert data == kept + pairs
+    assert np.array_equal(logits, logits_ex)
+    data, pool_report, pool_logits = confirmed_pool(pairs, teacher, ids, 300, seed=5, n_ctx=n_ctx)
+    assert data == kept + pairs and np.array_equal(pool_logits, logits)
     assert pool_report == {**report, "n_budget": len(pairs), "n": len(kept) + len(pairs)}
-    assert confirmed_pool(pairs, teacher, ids, 0) == (pairs, {"confirmed": None, "n_budget": 40, "n": 40})
+    assert confirmed_pool(pairs, teacher, ids, 0) == (pairs, {"confirmed": None, "n_budget": 40, "n": 40}, None)
     with pytest.raises(ValueError, match=">= 0"):
         confirmed_pool(pairs, teacher, ids, -1)
     with pytest.raises(ValueError, match="no budget"):
