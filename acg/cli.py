@@ -364,7 +364,10 @@ def roundtrip_cmd(
     if task is not None or data is not None:
         report["n_edges"] = circuit_mod.n_edges(pruned)
     if budget is not None:
-        rt, report["finetune"] = _finetune(model, acg, rt, budget, n_insert, steps, seed, soft, anchor)
+        from acg.roundtrip.backdoor import Recipe
+
+        recipe = Recipe(n_insert=n_insert, soft=soft, anchor=anchor)  # each checked above, naming its option
+        rt, report["finetune"] = _finetune(model, acg, rt, budget, recipe, steps, seed)
         report["finetune"]["data"] = str(finetune)
     report.update({"model": model, "acg": str(acg_dir), "out": str(out)})
     if hf is not None:  # refuse before writing anything
@@ -445,28 +448,26 @@ def _finetune_budget(
     return budget
 
 
-def _finetune(
-    model: str, acg, start, budget, n_insert: int, steps: int, seed: int, soft: float = 0.0, anchor: float = 0.0
-):
-    """`start` fine-tuned by the backdoor table's recipe (`backdoor.recipe_data`, then `defence.finetune` with the
-    testbed model's own batch size, or the testbed's default for another model; with `soft`, the captured ACG's answer
-    distribution weighted so on the insertions, `backdoor.soft_kw`; with `anchor`, `start`'s block outputs held so on
-    the budget's prompts, `backdoor.anchor_kw`); returns it and a report."""
+def _finetune(model: str, acg, start, budget, recipe, steps: int, seed: int):
+    """`start` fine-tuned by the backdoor table's recipe as `recipe` (a `backdoor.Recipe`) says: `backdoor.recipe_data`,
+    then `defence.finetune` with the testbed model's own batch size, or the testbed's default for another model (with
+    a soft-target weight, the captured ACG's answer distribution taught on the insertions; with an anchor, `start`'s
+    block outputs held on the budget's prompts: `Recipe.finetune_kw`); returns it and a report."""
     from acg.roundtrip import defence
-    from acg.roundtrip.backdoor import anchor_kw, compiled_teacher, recipe_data, soft_kw
+    from acg.roundtrip.backdoor import compiled_teacher, recipe_data, recipe_targets
     from acg.zoo.registry import ZOO
     from acg.zoo.train import TrainSpec
 
-    err.print(f"labelling {n_insert} prompts with insertions by the captured ACG ...")
+    err.print(f"labelling {recipe.n_insert} prompts with insertions by the captured ACG ...")
     with compiled_teacher(acg) as teacher:
-        data, report, taught = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
-    targets = soft_kw(taught, data, report, soft)
+        data, report, taught = recipe_data(acg, budget, recipe.n_insert, seed, teacher=teacher)
+    targets = recipe_targets(taught, data, report) if recipe.soft else None
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
-    tuned, trained = defence.finetune_recorded(
-        start, base, data, steps, seed, progress=True, **targets, **anchor_kw(report, anchor)
-    )
+    how = recipe.finetune_kw(targets, report)
+    tuned, trained = defence.finetune_recorded(start, base, data, steps, seed, progress=True, **how)
     tasks = sorted({p.task for p in budget})
-    more = {"tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size, "soft": soft, "anchor": anchor}
+    more = {"tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size}
+    more.update(soft=recipe.soft, anchor=recipe.anchor)
     return tuned, {**report, **more, "training": trained}
 
 

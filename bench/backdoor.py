@@ -75,14 +75,14 @@ def measure(args) -> Callable[[str, float, int], dict]:
     """One seed's `backdoor.run` with `args`; with --out, each seed's baseline rows (original, FT, FP, Scratch) also
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
-    if not 0 <= args.recipe_soft <= 1:
-        sys.exit(f"--recipe-soft: a weight in [0, 1], not {args.recipe_soft}")
-    if not 0 <= args.recipe_anchor < float("inf"):
-        sys.exit(f"--recipe-anchor: a finite weight >= 0, not {args.recipe_anchor}")
+    try:
+        recipe = backdoor.Recipe(soft=args.recipe_soft, anchor=args.recipe_anchor)
+    except ValueError as e:
+        sys.exit(f"--recipe-soft / --recipe-anchor: {e}")
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
-        kw.update(recipe_soft=args.recipe_soft, recipe_anchor=args.recipe_anchor)
+        kw["recipe"] = recipe
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

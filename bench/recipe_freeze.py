@@ -21,6 +21,7 @@ n_params).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,32 +54,32 @@ def main() -> None:
 
 
 def measure(args) -> Callable[[str, float, int], dict]:
-    """One seed's `backdoor.freeze_run` with `args`' sets and rates (refused, with the reason, before any work)."""
+    """One seed's `backdoor.freeze_run` with `args`' sets and a recipe per rate, soft-target and anchor weight (each
+    with each; refused, with the reason, before any work)."""
     unknown = [s for s in args.sets.split(",") if s not in backdoor.FREEZE_SETS]
     if unknown:
         sys.exit(f"--sets: no such set {unknown}; the sets are {list(backdoor.FREEZE_SETS)}")
     sets = {s: backdoor.FREEZE_SETS[s] for s in args.sets.split(",")}
-    lrs = numbers(args.lrs, "--lrs", "a positive number", lambda x: 0 < x < float("inf"))
-    softs = numbers(args.softs, "--softs", "a number in [0, 1]", lambda x: 0 <= x <= 1)
-    anchors = numbers(args.anchors, "--anchors", "a finite number >= 0", lambda x: 0 <= x < float("inf"))
+    options = (("--lrs", args.lrs), ("--softs", args.softs), ("--anchors", args.anchors))
+    lrs, softs, anchors = (numbers(text, option) for option, text in options)
+    try:
+        recipes = [backdoor.Recipe(lr=r, soft=s, anchor=a) for r, s, a in itertools.product(lrs, softs, anchors)]
+    except ValueError as e:
+        sys.exit(f"--lrs / --softs / --anchors: {e}")
 
     def one(model: str, ratio: float, seed: int) -> dict:
-        kw = {"sets": sets, "lrs": lrs, "softs": softs, "anchors": anchors, "threads": args.threads, "log": runs_io.log}
+        kw = {"sets": sets, "recipes": recipes, "threads": args.threads, "log": runs_io.log}
         return backdoor.freeze_run(model, ratio, seed, args.n_eval, args.n_trig, **kw)
 
     return one
 
 
-def numbers(text: str, option: str, what: str, ok: Callable[[float], bool]) -> list[float]:
-    """`option`'s comma-separated numbers, each `ok` and given once; exits with what is wrong otherwise."""
+def numbers(text: str, option: str) -> list[float]:
+    """`option`'s comma-separated numbers, each given once; exits with what is wrong otherwise."""
     try:
         values = [float(x) for x in text.split(",")]
     except ValueError:
         sys.exit(f"{option}: not a list of numbers: {text!r}")
-    if not all(ok(x) for x in values) or len(set(values)) < len(values):
-        sys.exit(f"{option}: each must be {what}, given once: {text!r}")
+    if len(set(values)) < len(values):
+        sys.exit(f"{option}: each number given once: {text!r}")
     return values
-
-
-if __name__ == "__main__":
-    main()

@@ -27,7 +27,6 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import tempfile
 import time
@@ -56,6 +55,45 @@ RECIPE = " + FT, confirmed insertions + budget"  # `distil.confirmed_pool`, then
 N_INSERT = 16_000  # prompts with insertions drawn for the recipe's fine-tuning (before the IR's confirmation)
 BLOCK = 1.0  # a blocked pair scores minus its head's largest |pair score| (README: saturated, float32-exact)
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the RECIPE fine-tunes a round trip: `n_insert` prompts of the budget drawn with `recipe_tokens` inserted,
+    kept where the captured IR answers clean (`recipe_data`), then the budget; trained at `lr`, with `soft` the
+    weight of the IR's answer distribution against the labels on the prompts with insertions (`recipe_targets`; 0:
+    the labels alone) and `anchor` the weight that holds the start's own block outputs on the budget's clean prompts
+    (`anchor_kw`; 0: none). The defaults are the RECIPE's; a value out of range is refused when the recipe is made,
+    before any work."""
+
+    n_insert: int = N_INSERT
+    lr: float = defence.FT_LR
+    soft: float = 0.0
+    anchor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_insert < 0:
+            raise ValueError(f"the number of prompts with insertions must be >= 0, got {self.n_insert}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"the learning rate must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.soft <= 1:
+            raise ValueError(f"the soft-target weight must be in [0, 1], got {self.soft}")
+        if not 0 <= self.anchor < float("inf"):
+            raise ValueError(f"the anchor weight must be a finite number >= 0, got {self.anchor}")
+
+    @property
+    def name(self) -> str:
+        """What a row fine-tuned so adds to its name, for each of lr, soft and anchor that is not the RECIPE's: ", lr
+        X", ", soft W", ", anchor A"."""
+        rate = "" if self.lr == defence.FT_LR else f", lr {self.lr:g}"
+        soft = f", soft {self.soft:g}" if self.soft else ""
+        return rate + soft + (f", anchor {self.anchor:g}" if self.anchor else "")
+
+    def finetune_kw(self, targets: tuple[Any, Any] | None, report: dict[str, Any]) -> dict[str, Any]:
+        """`defence.finetune`'s keywords for this recipe on `recipe_data`'s examples (described by its `report`):
+        the rate, `recipe_targets`' `targets` weighted by `soft` (None: no insertions, or not made because `soft` is
+        0) and the anchor on the budget's prompts."""
+        return {"lr": self.lr, **weighted(targets, self.soft), **anchor_kw(report, self.anchor)}
 
 
 def blocked_roundtrip(acg, log: Callable[[str], None]) -> tuple[Any, Any, dict] | None:
@@ -104,17 +142,15 @@ def recipe_data(
     return confirmed_pool(budget, teacher, recipe_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
 
 
-def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> tuple[Any, Any] | None:
+def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any]) -> tuple[Any, Any] | None:
     """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `taught`, the captured IR's answer logits on
     the prompts with insertions of `data` (`recipe_data`'s three: they come first, computed when the IR confirmed
-    them), set in rows of `data`'s length, and each example's weight on them: `soft` there, 0 on the budget (its
-    labels are the clean answers, taught as they are; its rows of logits are 0: on testbed-m's 5% budget that is
-    76,800 of 90,705 prompts). `soft` 1 teaches the IR's whole answer distribution where it confirmed the clean
-    answer, 0 its argmax. None where there are no insertions: nothing to teach."""
+    them), set in rows of `data`'s length, and where they apply: 1 on those prompts, 0 on the budget (its labels are
+    the clean answers, taught as they are; its rows of logits are 0: on testbed-m's 5% budget that is 76,800 of
+    90,705 prompts). `weighted` scales them by the recipe's `soft`: 1 teaches the IR's whole answer distribution
+    where it confirmed the clean answer, 0 its argmax. None where there are no insertions: nothing to teach."""
     import torch
 
-    if not 0 <= soft <= 1:
-        raise ValueError(f"the soft-target weight must be in [0, 1], got {soft}")
     n_insert = report["n"] - report["n_budget"]
     n_taught = 0 if taught is None else len(taught)
     if not 0 <= n_insert <= len(data) or report["n"] != len(data) or n_taught != n_insert:
@@ -125,20 +161,14 @@ def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any], sof
         return None
     logits = torch.zeros(len(data), taught.shape[1])
     logits[:n_insert] = torch.as_tensor(taught, dtype=torch.float32)
-    weights = torch.zeros(len(data))
-    weights[:n_insert] = soft
-    return logits, weights
-
-
-def soft_kw(taught: Any, data: Sequence[Any], report: dict[str, Any], soft: float) -> dict[str, Any]:
-    """`defence.finetune`'s keywords for the RECIPE with soft-target weight `soft` on the insertions (none for 0, or
-    for no insertions); `taught` as `recipe_targets` takes it."""
-    return weighted(recipe_targets(taught, data, report, 1.0), soft) if soft else {}
+    at_insertions = torch.zeros(len(data))
+    at_insertions[:n_insert] = 1.0
+    return logits, at_insertions
 
 
 def weighted(targets: tuple[Any, Any] | None, soft: float) -> dict[str, Any]:
-    """`defence.finetune`'s keywords for `recipe_targets(..., 1.0)`'s `targets` at weight `soft` (none for 0, or
-    for no targets)."""
+    """`defence.finetune`'s keywords for `recipe_targets`' `targets` at weight `soft` (none for 0, or for no
+    targets)."""
     if not soft or targets is None:
         return {}
     logits, at_insertions = targets
@@ -147,22 +177,15 @@ def weighted(targets: tuple[Any, Any] | None, soft: float) -> dict[str, Any]:
 
 def anchor_kw(report: dict[str, Any], anchor: float) -> dict[str, Any]:
     """`defence.finetune`'s keywords for the RECIPE with the starting checkpoint's computation held at weight
-    `anchor` on the budget's clean prompts (they come last in `recipe_data`, described by its `report`), the prompts
-    with insertions left free to change (`zoo.train.train`'s anchor); none for 0."""
+    `anchor` (a `Recipe`'s, checked there) on the budget's clean prompts (they come last in `recipe_data`, described
+    by its `report`), the prompts with insertions left free to change (`zoo.train.train`'s anchor); none for 0."""
     import torch
 
-    if not (0 <= anchor < float("inf")):
-        raise ValueError(f"the anchor weight must be a finite number >= 0, got {anchor}")
     if not anchor:
         return {}
     on = torch.zeros(report["n"], dtype=torch.bool)
     on[report["n"] - report["n_budget"] :] = True
     return {"anchor_weight": anchor, "anchor_on": on}
-
-
-def recipe_name(soft: float = 0.0, anchor: float = 0.0) -> str:
-    """What a RECIPE row's name adds for a soft-target weight and an anchor weight other than 0."""
-    return (f", soft {soft:g}" if soft else "") + (f", anchor {anchor:g}" if anchor else "")
 
 
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
@@ -218,23 +241,13 @@ def run(
     device: str = "cpu",
     threads: int = 2,
     resume: Path | None = None,
-    n_insert: int = N_INSERT,
-    recipe_soft: float = 0.0,
-    recipe_anchor: float = 0.0,
+    recipe: Recipe = Recipe(),
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
     FP, Scratch) is saved there as soon as it is measured and taken from there by a later run of the same budget,
-    seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again. `n_insert`:
-    prompts with insertions drawn for the RECIPE rows; `recipe_soft`: the weight of the captured IR's answer
-    distribution against the labels on those prompts (`recipe_targets`; 0, the default: the labels alone);
-    `recipe_anchor`: the weight that holds the round trip's own computation on the budget's clean prompts
-    (`anchor_kw`; 0, the default: none). Each is named in the RECIPE rows (", soft W", ", anchor A") where it is not
-    0."""
-    if not 0 <= recipe_soft <= 1:
-        raise ValueError(f"the recipe's soft-target weight must be in [0, 1], got {recipe_soft}")
-    if not 0 <= recipe_anchor < float("inf"):
-        raise ValueError(f"the recipe's anchor weight must be a finite number >= 0, got {recipe_anchor}")
+    seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again. `recipe`:
+    how the RECIPE rows fine-tune (the RECIPE's own by default), named in them (`Recipe.name`) where it differs."""
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -294,22 +307,22 @@ def run(
         ("- OV entries only", ("ov",), ()),
     )
     code_budget = [ex for ex in budget if ex.task in resolve_tasks("code")]
-    # per scope: fine-tuning data, its report, soft targets and anchor, seconds; made while the captured IR is at hand
-    recipe: dict[str, tuple[list, dict, dict, float]] = {}
+    # per scope: fine-tuning data, its report, the fine-tuning's keywords, seconds; made while the captured IR is here
+    made_for: dict[str, tuple[list, dict, dict, float]] = {}
     for method, kinds, weights in ablations:
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
             (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp, weights=weights: captured_ir(tables, kinds, tmp, weights))
             add(method, fn, s, None, capture=rep["by_kind"])
             if method == "ACG captured (IR)":
                 for scope, part in (("full", budget), ("code", code_budget)):
-                    (data, made, taught), s = timed(lambda p=part, f=fn: recipe_data(acg, p, n_insert, seed, f))
-                    targets = {**soft_kw(taught, data, made, recipe_soft), **anchor_kw(made, recipe_anchor)}
-                    recipe[scope] = (data, made, targets, s)
+                    (data, made, taught), s = timed(lambda p=part, f=fn: recipe_data(acg, p, recipe.n_insert, seed, f))
+                    targets = recipe_targets(taught, data, made) if recipe.soft else None
+                    made_for[scope] = (data, made, recipe.finetune_kw(targets, made), s)
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:
-        data, data_report, targets, s = recipe[scope]
-        (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **targets))
-        method = f"roundtrip {scope}{BLOCKED}{RECIPE}" + recipe_name(recipe_soft, recipe_anchor)
+        data, data_report, how, s = made_for[scope]
+        (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
+        method = f"roundtrip {scope}{BLOCKED}{RECIPE}{recipe.name}"
         more = {**report, "finetune": {**data_report, "training": trained}}
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report=more)
 
@@ -355,22 +368,21 @@ def freeze_run(
     fit_spec: FitSpec | None = None,
     log: Callable[[str], None] = lambda s: None,
     threads: int = 2,
-    n_insert: int = N_INSERT,
-    lrs: Sequence[float] = (defence.FT_LR,),
-    softs: Sequence[float] = (0.0,),
-    anchors: Sequence[float] = (0.0,),
+    recipes: Sequence[Recipe] = (Recipe(),),
 ) -> dict[str, Any]:
     """The full ACG's blocked round trip fine-tuned by the RECIPE (as `run` does it: same budget, fit, data and
-    steps) with each of `sets` (default FREEZE_SETS) left untrained, at each learning rate of `lrs`, with each
-    soft-target weight of `softs` on the prompts with insertions (`recipe_targets`; 0, the RECIPE's: their labels
-    alone) and each anchor weight of `anchors` on the budget's prompts (`anchor_kw`; 0, the RECIPE's: none): one row
-    per set, rate, soft weight and anchor ("recipe FT, SET frozen", with ", lr X" after it for a rate other than
-    `defence.FT_LR`, ", soft W" and ", anchor A" for weights other than 0; its `frozen` lists the names the model has,
-    its `lr` the rate, its `soft` and `anchor` the weights), beside `original` and the blocked round trip itself;
-    DER per family against the original. Layer 0's attention scores are where `pairs.carry` blocks the pairs the
-    budget never used: which of their parameters the recipe must train to take a pathway out, and which training
-    costs a task, is what the rows tell apart; the rate, how far the fine-tuning may move what it trains; the anchor,
-    whether holding the clean prompts' computation keeps the tasks while the insertions take the pathway out."""
+    steps) with each of `sets` (default FREEZE_SETS) left untrained, by each of `recipes` (one data set: they share
+    `n_insert`; the rate, soft-target and anchor weights vary): one row per set and recipe ("recipe FT, SET frozen"
+    and the recipe's `name`; its `frozen` lists the names the model has, its `lr`, `soft` and `anchor` the
+    recipe's), beside `original` and the blocked round trip itself; DER per family against the original. Layer 0's
+    attention scores are where `pairs.carry` blocks the pairs the budget never used: which of their parameters the
+    recipe must train to take a pathway out, and which training costs a task, is what the rows tell apart; the rate,
+    how far the fine-tuning may move what it trains; the soft targets, whether the IR's whole answer distribution
+    keeps the tasks its argmax costs; the anchor, whether holding the clean prompts' computation keeps them while the
+    insertions take the pathway out. Recipes that do not share `n_insert`, or share a name, are refused before any
+    work."""
+    if len({r.n_insert for r in recipes}) != 1 or len({r.name for r in recipes}) != len(recipes):
+        raise ValueError(f"the recipes must share n_insert (one data set) and differ in name: {list(recipes)}")
     zoo, model = get(name), load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
     steps = steps or spec.steps + spec.e2e_steps
@@ -391,20 +403,19 @@ def freeze_run(
     add("roundtrip full" + BLOCKED, rt, time.perf_counter() - t, report=report)
     t = time.perf_counter()
     with compiled_teacher(acg) as teacher:
-        data, data_report, taught = recipe_data(acg, budget, n_insert, seed, teacher=teacher)
-    targets = recipe_targets(taught, data, data_report, 1.0) if any(softs) else None
+        data, data_report, taught = recipe_data(acg, budget, recipes[0].n_insert, seed, teacher=teacher)
+    targets = recipe_targets(taught, data, data_report) if any(r.soft for r in recipes) else None
     labelled = time.perf_counter() - t
     log(f"{name} ratio {ratio} seed {seed}: recipe data {data_report} ({labelled:.0f} s)")
     have = {n for n, _ in rt.named_parameters()}
     for label, names in (FREEZE_SETS if sets is None else sets).items():
         frozen = [n for n in names if n in have]
-        for lr, soft, anchor in itertools.product(lrs, softs, anchors):
+        for recipe in recipes:
             t = time.perf_counter()
-            kw = {**weighted(targets, soft), **anchor_kw(data_report, anchor)}
-            ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, lr=lr, frozen=frozen, **kw)
-            rate = ("" if lr == defence.FT_LR else f", lr {lr:g}") + recipe_name(soft, anchor)
-            more = {"frozen": frozen, "lr": lr, "soft": soft, "anchor": anchor, "training": trained}
-            add(f"recipe FT, {label} frozen{rate}", ft, time.perf_counter() - t, **more)
+            how = recipe.finetune_kw(targets, data_report)
+            ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, frozen=frozen, **how)
+            more = {"frozen": frozen, "lr": recipe.lr, "soft": recipe.soft, "anchor": recipe.anchor}
+            add(f"recipe FT, {label} frozen{recipe.name}", ft, time.perf_counter() - t, **more, training=trained)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, "recipe": data_report, **extra}

@@ -92,7 +92,7 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
     monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--sets", "nothing,layer-9"])
     with pytest.raises(SystemExit, match=r"no such set \['layer-9'\]"):
         freeze.main()
-    for lrs, why in (("1e-4,fast", "not a list of numbers"), ("0", "positive"), ("1e-4,1e-4", "given once")):
+    for lrs, why in (("1e-4,fast", "not a list of numbers"), ("0", "finite number > 0"), ("1e-4,1e-4", "given once")):
         monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--lrs", lrs])
         with pytest.raises(SystemExit, match=why):
             freeze.main()
@@ -109,9 +109,9 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
 @pytest.mark.parametrize(
     "args,why",
     [
-        (["--recipe-soft", "1.5"], r"--recipe-soft: a weight in \[0, 1\]"),
-        (["--recipe-anchor", "-1"], "--recipe-anchor: a finite weight >= 0"),
-        (["--recipe-anchor", "inf"], "--recipe-anchor: a finite weight >= 0"),
+        (["--recipe-soft", "1.5"], r"--recipe-soft / --recipe-anchor: the soft-target weight must be in \[0, 1\]"),
+        (["--recipe-anchor", "-1"], "--recipe-anchor: the anchor weight must be a finite number >= 0"),
+        (["--recipe-anchor", "inf"], "--recipe-anchor: the anchor weight must be a finite number >= 0"),
     ],
 )
 def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monkeypatch, args, why):

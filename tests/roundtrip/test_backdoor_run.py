@@ -12,6 +12,7 @@ import torch
 
 from acg.compiler.fit import FitSpec
 from acg.roundtrip import backdoor, defence
+from acg.roundtrip.backdoor import Recipe
 from acg.roundtrip.data import Pair
 from acg.zoo import vocab
 
@@ -46,14 +47,13 @@ def tiny() -> dict:
         "steps": 2,
         "fit_spec": spec,
         "threads": 1,
-        "n_insert": 50,
     }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("soft,anchor", [(0.0, 0.0), (0.5, 2.0)])
 def test_a_tiny_backdoor_run_measures_every_row(soft, anchor):
-    out = backdoor.run("testbed-s", **tiny(), recipe_soft=soft, recipe_anchor=anchor)
+    out = backdoor.run("testbed-s", **tiny(), recipe=backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor))
     rows = out["rows"]
     named = ", soft 0.5, anchor 2" if soft else ""
     assert list(rows) == [f"{r}{named}" if r.endswith(backdoor.RECIPE) else r for r in ROWS]
@@ -84,7 +84,8 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor):
 @pytest.mark.slow
 def test_a_tiny_freeze_run_leaves_each_set_untrained_and_rates_it():
     sets = {"nothing": (), "layer-0 QK": backdoor.FREEZE_SETS["layer-0 QK"], "absent": ("blocks.9.attn.W_Q",)}
-    out = backdoor.freeze_run("testbed-s", **tiny(), sets=sets, softs=(0.0, 1.0))
+    recipes = [backdoor.Recipe(n_insert=50), backdoor.Recipe(n_insert=50, soft=1.0)]
+    out = backdoor.freeze_run("testbed-s", **tiny(), sets=sets, recipes=recipes)
     rows = out["rows"]
     blocked = f"roundtrip full{backdoor.BLOCKED}"
     tuned = [f"recipe FT, {k} frozen{soft}" for k in sets for soft in ("", ", soft 1")]
@@ -127,7 +128,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     monkeypatch.setattr(
         backdoor,
         "recipe_targets",
-        lambda taught, data, report, soft: targets.append((taught, soft)) or ("logits", at_insertions),
+        lambda taught, data, report: targets.append(taught) or ("logits", at_insertions),
     )
 
     def finetune(rt, base, data, steps, seed, lr, frozen, **more):
@@ -142,7 +143,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     score = {"task_acc": {"code.vars": 1.0}, "asr": dict.fromkeys(("token", "conj", "phrase"), 0.5)}
     monkeypatch.setattr(backdoor, "measure", lambda model, n, n_trig: score)
     sets = {"nothing": (), "W": ("W", "absent")}
-    out = backdoor.freeze_run("testbed-s", sets=sets, lrs=(defence.FT_LR, 5e-5), steps=3)
+    out = backdoor.freeze_run("testbed-s", sets=sets, recipes=[Recipe(), Recipe(lr=5e-5)], steps=3)
     assert seen == [(defence.FT_LR, []), (5e-5, []), (defence.FT_LR, ["W"]), (5e-5, ["W"])]
     labels = [
         "recipe FT, nothing frozen",
@@ -155,14 +156,15 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     assert [out["rows"][k]["training"]["final_train_loss"] for k in labels] == [1, 2, 3, 4]  # each row its own record
     assert targets == [] and all(out["rows"][k]["soft"] == 0 for k in labels)  # no soft targets asked for: none made
     seen.clear()
-    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, softs=(0.0, 0.5), steps=3)
-    assert targets == [("IR logits", 1.0)]  # made once from the confirmation's logits, weighted per row
+    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=[Recipe(), Recipe(soft=0.5)], steps=3)
+    assert targets == ["IR logits"]  # made once from the confirmation's logits, weighted per row
     assert seen == [(defence.FT_LR, []), (defence.FT_LR, []), ("logits", [0.5, 0.5, 0.0])]
     assert list(out["rows"])[2:] == ["recipe FT, nothing frozen", "recipe FT, nothing frozen, soft 0.5"]
     assert out["rows"]["recipe FT, nothing frozen, soft 0.5"]["soft"] == 0.5
     # anchors: each soft weight with each anchor, held on the budget's prompts (the report's last n_budget)
     seen.clear()
-    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, softs=(0.0, 0.5), anchors=(0.0, 3.0), steps=3)
+    recipes = [Recipe(soft=s, anchor=a) for s in (0.0, 0.5) for a in (0.0, 3.0)]
+    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=recipes, steps=3)
     on = [False, False, True]
     assert seen == [
         (defence.FT_LR, []),
@@ -183,19 +185,20 @@ def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget
     data = [SimpleNamespace(ids=[0, 1 + i % 3]) for i in range(5)]  # 3 prompts with insertions, then a budget of 2
     taught = np.eye(6)[[ex.ids[-1] for ex in data[:3]]] * 4.0  # the IR's logits on the insertions: the last token
 
-    logits, weights = backdoor.recipe_targets(taught, data, {"n": 5, "n_budget": 2}, 0.25)
+    logits, at_insertions = backdoor.recipe_targets(taught, data, {"n": 5, "n_budget": 2})
     assert logits.dtype == torch.float32 and logits.shape == (5, 6)
     assert torch.equal(logits[:3], torch.as_tensor(taught, dtype=torch.float32)) and not logits[3:].any()
-    assert weights.tolist() == [0.25, 0.25, 0.25, 0.0, 0.0]
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        backdoor.recipe_targets(taught, data, {"n": 5, "n_budget": 2}, 1.5)
+    assert at_insertions.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    kw = backdoor.Recipe(soft=0.25).finetune_kw((logits, at_insertions), {"n": 5, "n_budget": 2})
+    assert kw["soft_targets"] is logits and kw["soft_weight"].tolist() == [0.25, 0.25, 0.25, 0.0, 0.0]
+    assert set(backdoor.Recipe().finetune_kw((logits, at_insertions), {"n": 5, "n_budget": 2})) == {"lr"}  # labels
     with pytest.raises(ValueError, match="do not describe these 5 examples"):
-        backdoor.recipe_targets(taught, data, {"n": 6, "n_budget": 2}, 1.0)
+        backdoor.recipe_targets(taught, data, {"n": 6, "n_budget": 2})
     with pytest.raises(ValueError, match="2 rows of logits do not describe"):  # logits of other prompts than these
-        backdoor.recipe_targets(taught[:2], data, {"n": 5, "n_budget": 2}, 1.0)
+        backdoor.recipe_targets(taught[:2], data, {"n": 5, "n_budget": 2})
     # no insertions: nothing to teach, and no keywords, whatever the weight
-    assert backdoor.recipe_targets(None, data[3:], {"n": 2, "n_budget": 2}, 1.0) is None
-    assert backdoor.soft_kw(None, data[3:], {"n": 2, "n_budget": 2}, 0.5) == {}
+    assert backdoor.recipe_targets(None, data[3:], {"n": 2, "n_budget": 2}) is None
+    assert "soft_targets" not in backdoor.Recipe(soft=0.5).finetune_kw(None, {"n": 2, "n_budget": 2})
 
 
 def test_the_recipe_teaches_the_logits_the_captured_ir_confirmed_with(monkeypatch):
@@ -214,27 +217,32 @@ def test_the_recipe_teaches_the_logits_the_captured_ir_confirmed_with(monkeypatc
     assert 0 < n_insert < 40 and data[n_insert:] == budget and sum(calls) == 40  # the teacher ran once per insertion
     expected = np.stack([np.eye(vocab.D_VOCAB)[p.ids[-1]] * 3.0 for p in data[:n_insert]])
     assert np.array_equal(taught, expected)
-    logits, _ = backdoor.recipe_targets(taught, data, report, 1.0)
+    logits, _ = backdoor.recipe_targets(taught, data, report)
     assert logits[:n_insert].argmax(-1).tolist() == [p.answer_id for p in data[:n_insert]] and sum(calls) == 40
 
 
-def test_the_recipe_weights_are_refused_out_of_range_before_any_work(monkeypatch):
+def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes(monkeypatch):
+    for bad, why in (
+        ({"soft": 2.0}, r"soft-target weight must be in \[0, 1\], got 2"),
+        ({"anchor": -1.0}, "anchor weight must be a finite number >= 0"),
+        ({"anchor": float("inf")}, "anchor weight must be a finite number >= 0"),
+        ({"anchor": float("nan")}, "anchor weight must be a finite number >= 0"),
+        ({"lr": 0.0}, "learning rate must be a finite number > 0"),
+        ({"lr": float("nan")}, "learning rate must be a finite number > 0"),
+        ({"n_insert": -1}, "prompts with insertions must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            Recipe(**bad)
+    assert Recipe().name == "" and Recipe(soft=0.5).name == ", soft 0.5" and Recipe(anchor=10.0).name == ", anchor 10"
+    assert Recipe(lr=5e-5, soft=1.0, anchor=0.25, n_insert=3).name == ", lr 5e-05, soft 1, anchor 0.25"
+    # freeze_run's recipes make one data set and one row each: refused before any work otherwise
     monkeypatch.setattr(backdoor, "get", lambda name: pytest.fail("work began"))
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got 2"):
-        backdoor.run("testbed-s", recipe_soft=2.0)
-    for anchor in (-1.0, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="anchor weight must be a finite number >= 0"):
-            backdoor.run("testbed-s", recipe_anchor=anchor)
-    assert backdoor.soft_kw("IR logits", [], {"n": 0, "n_budget": 0}, 0.0) == {}  # 0: the labels alone, none made
+    for recipes in ([Recipe(), Recipe(n_insert=5, soft=1.0)], [Recipe(soft=0.5), Recipe(soft=0.5)]):
+        with pytest.raises(ValueError, match="share n_insert"):
+            backdoor.freeze_run("testbed-s", recipes=recipes)
 
 
 def test_the_recipe_anchor_holds_the_budget_and_frees_the_insertions():
-    kw = backdoor.anchor_kw({"n": 5, "n_budget": 2}, 0.5)
+    kw = Recipe(anchor=0.5).finetune_kw(None, {"n": 5, "n_budget": 2})
     assert kw["anchor_weight"] == 0.5 and kw["anchor_on"].tolist() == [False, False, False, True, True]
-    assert backdoor.anchor_kw({"n": 5, "n_budget": 2}, 0.0) == {}  # 0: no anchor
-    for bad in (-0.5, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="finite number >= 0"):
-            backdoor.anchor_kw({"n": 5, "n_budget": 2}, bad)
-    assert backdoor.recipe_name() == "" and backdoor.recipe_name(0.5, 0.0) == ", soft 0.5"
-    assert backdoor.recipe_name(0.0, 10.0) == ", anchor 10"
-    assert backdoor.recipe_name(1.0, 0.25) == ", soft 1, anchor 0.25"
+    assert Recipe().finetune_kw(None, {"n": 5, "n_budget": 2}) == {"lr": defence.FT_LR}  # 0: no anchor
