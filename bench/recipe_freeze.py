@@ -83,3 +83,7 @@ def numbers(text: str, option: str) -> list[float]:
     if len(set(values)) < len(values):
         sys.exit(f"{option}: each number given once: {text!r}")
     return values
+
+
+if __name__ == "__main__":
+    main()
