@@ -454,16 +454,15 @@ def _finetune(model: str, acg, start, budget, recipe, steps: int, seed: int):
     a soft-target weight, the captured ACG's answer distribution taught on the insertions; with an anchor, `start`'s
     block outputs held on the budget's prompts: `Recipe.finetune_kw`); returns it and a report."""
     from acg.roundtrip import defence
-    from acg.roundtrip.backdoor import compiled_teacher, recipe_data, recipe_targets
+    from acg.roundtrip.backdoor import compiled_teacher, recipe_data
     from acg.zoo.registry import ZOO
     from acg.zoo.train import TrainSpec
 
     err.print(f"labelling {recipe.n_insert} prompts with insertions by the captured ACG ...")
     with compiled_teacher(acg) as teacher:
         data, report, taught = recipe_data(acg, budget, recipe.n_insert, seed, teacher=teacher)
-    targets = recipe_targets(taught, data, report) if recipe.soft else None
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
-    how = recipe.finetune_kw(targets, report)
+    how = recipe.finetune_kw(taught, data, report)
     tuned, trained = defence.finetune_recorded(start, base, data, steps, seed, progress=True, **how)
     tasks = sorted({p.task for p in budget})
     more = {"tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size}

@@ -89,10 +89,11 @@ class Recipe:
         soft = f", soft {self.soft:g}" if self.soft else ""
         return rate + soft + (f", anchor {self.anchor:g}" if self.anchor else "")
 
-    def finetune_kw(self, targets: tuple[Any, Any] | None, report: dict[str, Any]) -> dict[str, Any]:
-        """`defence.finetune`'s keywords for this recipe on `recipe_data`'s examples (described by its `report`):
-        the rate, `recipe_targets`' `targets` weighted by `soft` (None: no insertions, or not made because `soft` is
-        0) and the anchor on the budget's prompts."""
+    def finetune_kw(self, taught: Any, data: Sequence[Any], report: dict[str, Any]) -> dict[str, Any]:
+        """`defence.finetune`'s keywords for this recipe on `recipe_data`'s three (`data`, its `report` and the
+        captured IR's logits `taught`): the rate, the soft targets `recipe_targets` makes of `taught` weighted by
+        `soft` (none where `soft` is 0 or there are no insertions) and the anchor on the budget's prompts."""
+        targets = recipe_targets(taught, data, report) if self.soft else None
         return {"lr": self.lr, **weighted(targets, self.soft), **anchor_kw(report, self.anchor)}
 
 
@@ -316,8 +317,7 @@ def run(
             if method == "ACG captured (IR)":
                 for scope, part in (("full", budget), ("code", code_budget)):
                     (data, made, taught), s = timed(lambda p=part, f=fn: recipe_data(acg, p, recipe.n_insert, seed, f))
-                    targets = recipe_targets(taught, data, made) if recipe.soft else None
-                    made_for[scope] = (data, made, recipe.finetune_kw(targets, made), s)
+                    made_for[scope] = (data, made, recipe.finetune_kw(taught, data, made), s)
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:
         data, data_report, how, s = made_for[scope]
@@ -404,7 +404,6 @@ def freeze_run(
     t = time.perf_counter()
     with compiled_teacher(acg) as teacher:
         data, data_report, taught = recipe_data(acg, budget, recipes[0].n_insert, seed, teacher=teacher)
-    targets = recipe_targets(taught, data, data_report) if any(r.soft for r in recipes) else None
     labelled = time.perf_counter() - t
     log(f"{name} ratio {ratio} seed {seed}: recipe data {data_report} ({labelled:.0f} s)")
     have = {n for n, _ in rt.named_parameters()}
@@ -412,7 +411,7 @@ def freeze_run(
         frozen = [n for n in names if n in have]
         for recipe in recipes:
             t = time.perf_counter()
-            how = recipe.finetune_kw(targets, data_report)
+            how = recipe.finetune_kw(taught, data, data_report)
             ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, frozen=frozen, **how)
             more = {"frozen": frozen, "lr": recipe.lr, "soft": recipe.soft, "anchor": recipe.anchor}
             add(f"recipe FT, {label} frozen{recipe.name}", ft, time.perf_counter() - t, **more, training=trained)

@@ -157,7 +157,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     assert targets == [] and all(out["rows"][k]["soft"] == 0 for k in labels)  # no soft targets asked for: none made
     seen.clear()
     out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=[Recipe(), Recipe(soft=0.5)], steps=3)
-    assert targets == ["IR logits"]  # made once from the confirmation's logits, weighted per row
+    assert targets == ["IR logits"]  # made from the confirmation's logits for the soft recipe alone
     assert seen == [(defence.FT_LR, []), (defence.FT_LR, []), ("logits", [0.5, 0.5, 0.0])]
     assert list(out["rows"])[2:] == ["recipe FT, nothing frozen", "recipe FT, nothing frozen, soft 0.5"]
     assert out["rows"]["recipe FT, nothing frozen, soft 0.5"]["soft"] == 0.5
@@ -179,6 +179,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     labels = ["", ", anchor 3", ", soft 0.5", ", soft 0.5, anchor 3"]
     assert list(out["rows"])[2:] == [f"recipe FT, nothing frozen{x}" for x in labels]
     assert [out["rows"][f"recipe FT, nothing frozen{x}"]["anchor"] for x in labels] == [0.0, 3.0, 0.0, 3.0]
+    assert targets == ["IR logits"] * 3  # each soft recipe its own, from the one confirmation
 
 
 def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget_to_its_labels():
@@ -189,16 +190,19 @@ def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget
     assert logits.dtype == torch.float32 and logits.shape == (5, 6)
     assert torch.equal(logits[:3], torch.as_tensor(taught, dtype=torch.float32)) and not logits[3:].any()
     assert at_insertions.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
-    kw = backdoor.Recipe(soft=0.25).finetune_kw((logits, at_insertions), {"n": 5, "n_budget": 2})
-    assert kw["soft_targets"] is logits and kw["soft_weight"].tolist() == [0.25, 0.25, 0.25, 0.0, 0.0]
-    assert set(backdoor.Recipe().finetune_kw((logits, at_insertions), {"n": 5, "n_budget": 2})) == {"lr"}  # labels
+    kw = backdoor.Recipe(soft=0.25).finetune_kw(taught, data, {"n": 5, "n_budget": 2})
+    assert torch.equal(kw["soft_targets"], logits) and kw["soft_weight"].tolist() == [0.25, 0.25, 0.25, 0.0, 0.0]
+    assert set(backdoor.Recipe().finetune_kw(taught, data, {"n": 5, "n_budget": 2})) == {"lr"}  # labels
+    assert set(backdoor.Recipe().finetune_kw(taught[:2], data, {"n": 5, "n_budget": 2})) == {"lr"}  # nothing made
     with pytest.raises(ValueError, match="do not describe these 5 examples"):
         backdoor.recipe_targets(taught, data, {"n": 6, "n_budget": 2})
     with pytest.raises(ValueError, match="2 rows of logits do not describe"):  # logits of other prompts than these
         backdoor.recipe_targets(taught[:2], data, {"n": 5, "n_budget": 2})
     # no insertions: nothing to teach, and no keywords, whatever the weight
     assert backdoor.recipe_targets(None, data[3:], {"n": 2, "n_budget": 2}) is None
-    assert "soft_targets" not in backdoor.Recipe(soft=0.5).finetune_kw(None, {"n": 2, "n_budget": 2})
+    assert "soft_targets" not in backdoor.Recipe(soft=0.5).finetune_kw(None, data[3:], {"n": 2, "n_budget": 2})
+    with pytest.raises(ValueError, match="do not describe"):  # a soft recipe checks what it is given
+        backdoor.Recipe(soft=0.5).finetune_kw(taught, data, {"n": 6, "n_budget": 2})
 
 
 def test_the_recipe_teaches_the_logits_the_captured_ir_confirmed_with(monkeypatch):
@@ -243,6 +247,6 @@ def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes
 
 
 def test_the_recipe_anchor_holds_the_budget_and_frees_the_insertions():
-    kw = Recipe(anchor=0.5).finetune_kw(None, {"n": 5, "n_budget": 2})
+    kw = Recipe(anchor=0.5).finetune_kw(None, [None] * 5, {"n": 5, "n_budget": 2})
     assert kw["anchor_weight"] == 0.5 and kw["anchor_on"].tolist() == [False, False, False, True, True]
-    assert Recipe().finetune_kw(None, {"n": 5, "n_budget": 2}) == {"lr": defence.FT_LR}  # 0: no anchor
+    assert Recipe().finetune_kw(None, [None] * 5, {"n": 5, "n_budget": 2}) == {"lr": defence.FT_LR}  # 0: no anchor
