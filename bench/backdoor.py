@@ -3,7 +3,7 @@ round-tripped full ACG and the round-tripped `code` circuit (plain, with layer 0
 fine-tuned on the insertions the captured IR confirms plus the budget), on one defender's clean budget per seed.
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
-                             [--recipe-anchor A] [--json] [--out FILE]
+                             [--recipe-anchor A] [--recipe-hold N] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -11,7 +11,9 @@ With --out, each seed's baseline rows (original, FT, FP, Scratch) are also kept 
 as they are measured; the same command run again after a crash takes them from there and starts at the ACG fit.
 `--recipe-soft W` fine-tunes the recipe rows with weight W of the captured IR's answer distribution against the labels
 on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W"); `--recipe-anchor A` holds
-the round trip's own block outputs on the budget's clean prompts at weight A (`backdoor.anchor_kw`; ", anchor A").
+the round trip's own block outputs on the budget's clean prompts at weight A (`backdoor.anchor_kw`; ", anchor A");
+`--recipe-hold N` adds to the code circuit's recipe N prompts of the other tasks with insertions, labelled with the
+circuit's own answer on the prompt each was made from (`backdoor.with_held`; ", N held off-task").
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
@@ -67,6 +69,13 @@ def main() -> None:
         default=0.0,
         help="weight >= 0 holding the round trip's own block outputs on the budget's clean prompts (0: none)",
     )
+    ap.add_argument(
+        "--recipe-hold",
+        type=int,
+        default=0,
+        help="the code circuit's recipe also trains on this many of the other tasks' prompts with insertions, labelled "
+        "with the circuit's own answer without them (0: none)",
+    )
     args = ap.parse_args()
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
@@ -76,9 +85,9 @@ def measure(args) -> Callable[[str, float, int], dict]:
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
     try:
-        recipe = backdoor.Recipe(soft=args.recipe_soft, anchor=args.recipe_anchor)
+        recipe = backdoor.Recipe(soft=args.recipe_soft, anchor=args.recipe_anchor, hold=args.recipe_hold)
     except ValueError as e:
-        sys.exit(f"--recipe-soft / --recipe-anchor: {e}")
+        sys.exit(f"--recipe-soft / --recipe-anchor / --recipe-hold: {e}")
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}

@@ -20,8 +20,10 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 - `... blocked + FT, confirmed insertions + budget`: each blocked round trip fine-tuned (the FT baseline's recipe and
   steps) on the budget's prompts with 1-3 tokens inserted at random — half the draws tokens the budget never held,
   whose embeddings the round trip dropped (`recipe_tokens`) — less those the captured IR does not answer clean,
-  together with the budget itself (`recipe_data`; the code circuit on the code prompts only). The defender needs no
-  trigger: the insertions are blind guesses, and the ACG decides which labels to trust.
+  together with the budget itself (`recipe_data`; the code circuit on the code prompts only, and with a `Recipe`'s
+  `hold` that many of the other prompts with insertions, labelled with the circuit's own answer on the prompt they
+  were made from: `distil.held`). The defender needs no trigger: the insertions are blind guesses, and the ACG
+  decides which labels to trust.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from acg.compiler.replacement import replacement_model
 from acg.ir.atomic import atomic_file
 from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
-from acg.roundtrip.distil import confirmed_pool
+from acg.roundtrip.distil import confirmed_pool, held
 from acg.roundtrip.evaluate import copy_split, evaluate
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, heldout_pair, resolve_tasks
@@ -63,13 +65,15 @@ class Recipe:
     kept where the captured IR answers clean (`recipe_data`), then the budget; trained at `lr`, with `soft` the
     weight of the IR's answer distribution against the labels on the prompts with insertions (`recipe_targets`; 0:
     the labels alone) and `anchor` the weight that holds the start's own block outputs on the budget's clean prompts
-    (`anchor_kw`; 0: none). The defaults are the RECIPE's; a value out of range is refused when the recipe is made,
-    before any work."""
+    (`anchor_kw`; 0: none). A task circuit's recipe also trains on `hold` prompts outside its task with insertions,
+    labelled with the circuit's own answer without them (`with_held`; 0: none). The defaults are the RECIPE's; a
+    value out of range is refused when the recipe is made, before any work."""
 
     n_insert: int = N_INSERT
     lr: float = defence.FT_LR
     soft: float = 0.0
     anchor: float = 0.0
+    hold: int = 0
 
     def __post_init__(self) -> None:
         if self.n_insert < 0:
@@ -80,14 +84,17 @@ class Recipe:
             raise ValueError(f"the soft-target weight must be in [0, 1], got {self.soft}")
         if not 0 <= self.anchor < float("inf"):
             raise ValueError(f"the anchor weight must be a finite number >= 0, got {self.anchor}")
+        if self.hold < 0:
+            raise ValueError(f"the number of prompts held outside the task must be >= 0, got {self.hold}")
 
     @property
     def name(self) -> str:
-        """What a row fine-tuned so adds to its name, for each of lr, soft and anchor that is not the RECIPE's: ", lr
-        X", ", soft W", ", anchor A"."""
+        """What a row fine-tuned so adds to its name, for each of lr, soft, anchor and hold that is not the RECIPE's:
+        ", lr X", ", soft W", ", anchor A", ", N held off-task"."""
         rate = "" if self.lr == defence.FT_LR else f", lr {self.lr:g}"
         soft = f", soft {self.soft:g}" if self.soft else ""
-        return rate + soft + (f", anchor {self.anchor:g}" if self.anchor else "")
+        anchor = f", anchor {self.anchor:g}" if self.anchor else ""
+        return rate + soft + anchor + (f", {self.hold} held off-task" if self.hold else "")
 
     def finetune_kw(self, taught: Any, data: Sequence[Any], report: dict[str, Any]) -> dict[str, Any]:
         """`defence.finetune`'s keywords for this recipe on `recipe_data`'s three (`data`, its `report` and the
@@ -146,13 +153,14 @@ def recipe_data(
 def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any]) -> tuple[Any, Any] | None:
     """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `taught`, the captured IR's answer logits on
     the prompts with insertions of `data` (`recipe_data`'s three: they come first, computed when the IR confirmed
-    them), set in rows of `data`'s length, and where they apply: 1 on those prompts, 0 on the budget (its labels are
-    the clean answers, taught as they are; its rows of logits are 0: on testbed-m's 5% budget that is 76,800 of
-    90,705 prompts). `weighted` scales them by the recipe's `soft`: 1 teaches the IR's whole answer distribution
-    where it confirmed the clean answer, 0 its argmax. None where there are no insertions: nothing to teach."""
+    them), set in rows of `data`'s length, and where they apply: 1 on those prompts, 0 on any held ones
+    (`with_held`: labelled by the start itself) and on the budget (its labels are the clean answers, taught as they
+    are; its rows of logits are 0: on testbed-m's 5% budget that is 76,800 of 90,705 prompts). `weighted` scales
+    them by the recipe's `soft`: 1 teaches the IR's whole answer distribution where it confirmed the clean answer, 0
+    its argmax. None where there are no insertions: nothing to teach."""
     import torch
 
-    n_insert = report["n"] - report["n_budget"]
+    n_insert = report["n"] - report["n_budget"] - report.get("n_held", 0)
     n_taught = 0 if taught is None else len(taught)
     if not 0 <= n_insert <= len(data) or report["n"] != len(data) or n_taught != n_insert:
         raise ValueError(
@@ -187,6 +195,30 @@ def anchor_kw(report: dict[str, Any], anchor: float) -> dict[str, Any]:
     on = torch.zeros(report["n"], dtype=torch.bool)
     on[report["n"] - report["n_budget"] :] = True
     return {"anchor_weight": anchor, "anchor_on": on}
+
+
+def with_held(
+    start: Any,
+    data: list[Any],
+    report: dict[str, Any],
+    outside: Sequence[Any],
+    tokens: Any,
+    n: int,
+    seed: int,
+    n_ctx: int,
+) -> tuple[list[Any], dict[str, Any]]:
+    """`recipe_data`'s `data` and `report` with `n` prompts of `outside` (the budget's prompts outside a task
+    circuit's task) with `tokens` inserted, labelled with `start`'s own answer on the prompt each was made from
+    (`distil.held`), set between the confirmed insertions and the budget (so that `recipe_targets` and `anchor_kw`
+    find theirs where they were); the report counts them (`n_held`)."""
+    if not n:
+        return data, report
+    if not outside:
+        raise ValueError("no prompts outside the task to hold")
+    extra = held(start, outside, tokens, n, seed, n_ctx)
+    at = report["n"] - report["n_budget"] - report.get("n_held", 0)
+    more = {"n": report["n"] + len(extra), "n_held": report.get("n_held", 0) + len(extra)}
+    return data[:at] + extra + data[at:], {**report, **more}
 
 
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
@@ -308,8 +340,9 @@ def run(
         ("- OV entries only", ("ov",), ()),
     )
     code_budget = [ex for ex in budget if ex.task in resolve_tasks("code")]
-    # per scope: fine-tuning data, its report, the fine-tuning's keywords, seconds; made while the captured IR is here
-    made_for: dict[str, tuple[list, dict, dict, float]] = {}
+    off_code = [ex for ex in budget if ex.task not in resolve_tasks("code")]
+    # per scope: fine-tuning data, its report, the IR's logits on it, seconds; made while the captured IR is here
+    made_for: dict[str, tuple[list, dict, Any, float]] = {}
     for method, kinds, weights in ablations:
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
             (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp, weights=weights: captured_ir(tables, kinds, tmp, weights))
@@ -317,12 +350,17 @@ def run(
             if method == "ACG captured (IR)":
                 for scope, part in (("full", budget), ("code", code_budget)):
                     (data, made, taught), s = timed(lambda p=part, f=fn: recipe_data(acg, p, recipe.n_insert, seed, f))
-                    made_for[scope] = (data, made, recipe.finetune_kw(taught, data, made), s)
+                    made_for[scope] = (data, made, taught, s)
 
     def tuned(start, scope: str, report: dict[str, Any]) -> None:
-        data, data_report, how, s = made_for[scope]
+        data, data_report, taught, s = made_for[scope]
+        if scope == "code":  # the other tasks' prompts with insertions, held to the circuit's own answers
+            hold = (start, data, data_report, off_code, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
+            data, data_report = with_held(*hold)
+        how = recipe.finetune_kw(taught, data, data_report)
         (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
-        method = f"roundtrip {scope}{BLOCKED}{RECIPE}{recipe.name}"
+        named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0)  # the full scope holds nothing
+        method = f"roundtrip {scope}{BLOCKED}{RECIPE}{named.name}"
         more = {**report, "finetune": {**data_report, "training": trained}}
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report=more)
 
@@ -379,10 +417,12 @@ def freeze_run(
     recipe must train to take a pathway out, and which training costs a task, is what the rows tell apart; the rate,
     how far the fine-tuning may move what it trains; the soft targets, whether the IR's whole answer distribution
     keeps the tasks its argmax costs; the anchor, whether holding the clean prompts' computation keeps them while the
-    insertions take the pathway out. Recipes that do not share `n_insert`, or share a name, are refused before any
-    work."""
+    insertions take the pathway out. Recipes that do not share `n_insert`, or share a name, or hold prompts outside
+    a task (the full round trip has none), are refused before any work."""
     if len({r.n_insert for r in recipes}) != 1 or len({r.name for r in recipes}) != len(recipes):
         raise ValueError(f"the recipes must share n_insert (one data set) and differ in name: {list(recipes)}")
+    if any(r.hold for r in recipes):
+        raise ValueError("the full round trip has no prompts outside its task to hold: a recipe's hold must be 0 here")
     zoo, model = get(name), load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
     steps = steps or spec.steps + spec.e2e_steps

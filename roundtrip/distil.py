@@ -15,6 +15,8 @@ prompts on which the two differ and have it copy the IR there:
   made from (what a defender without the ACG would do; an inserted digit or variable can make that label wrong).
 - `agreed_labels`: labels from the ACG instead — the original's answer where the captured IR agrees with it, the
   clean answer elsewhere — for fine-tuning the round trip on the same prompts without the wrong labels.
+- `held`: prompts with insertions labelled with a model's own answer on the prompt they were made from, for what a
+  task circuit is meant to have lost: its answer there is no clean one, but an insertion must not change it.
 - `confirmed`: the prompts on which the captured IR gives the clean answer, and no others: a label the ACG does not
   confirm (an insertion changed the right answer, or the IR keeps a backdoor, or it is simply wrong there) is not
   taught. Fine-tuned on these together with the untouched clean budget (`bench/dense_capture.py`), the insertions
@@ -161,6 +163,35 @@ def confirmed_pool(
     else:
         kept, report, logits = [], {"confirmed": None}, None
     return kept + list(budget), {**report, "n_budget": len(budget), "n": len(kept) + len(budget)}, logits
+
+
+def held(
+    model: Any,
+    examples: Sequence[Example | Pair],
+    tokens: Sequence[int],
+    n: int,
+    seed: int = 0,
+    n_ctx: int | None = None,
+) -> list[Example | Pair]:
+    """`n` prompts of `examples` with `tokens` inserted (`insertions`), each labelled with `model`'s own answer on
+    the prompt it was made from: what the model does there, which an insertion must not change. For a task
+    circuit's recipe on the prompts outside its task, where it is meant to have lost the clean answer (teaching that
+    would teach the task again) but a trigger must still move nothing."""
+    if n < 0:
+        raise ValueError(f"the number of prompts with insertions must be >= 0, got {n}")
+    if not n:
+        return []
+    own = answer_logits(model, examples).argmax(-1)
+    relabelled = [_relabelled(ex, int(y)) for ex, y in zip(examples, own, strict=True)]
+    return insertions(relabelled, tokens, n, seed, n_ctx)[0]
+
+
+def _relabelled(ex: Example | Pair, answer_id: int) -> Example | Pair:
+    """`ex` with `answer_id` as its answer and as the answer of its prompt without insertions."""
+    if isinstance(ex, Example):
+        word = vocab.TOKENS[answer_id]
+        return dataclasses.replace(ex, answer=word, clean_answer=word, kind="clean", family=None)
+    return dataclasses.replace(ex, answer_id=answer_id)
 
 
 def _pool(teacher: Any, examples: Sequence[Example], batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:

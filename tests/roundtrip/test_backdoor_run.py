@@ -51,12 +51,15 @@ def tiny() -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("soft,anchor", [(0.0, 0.0), (0.5, 2.0)])
-def test_a_tiny_backdoor_run_measures_every_row(soft, anchor):
-    out = backdoor.run("testbed-s", **tiny(), recipe=backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor))
+@pytest.mark.parametrize("soft,anchor,hold", [(0.0, 0.0, 0), (0.5, 2.0, 30)])
+def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold):
+    recipe = backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor, hold=hold)
+    out = backdoor.run("testbed-s", **tiny(), recipe=recipe)
     rows = out["rows"]
     named = ", soft 0.5, anchor 2" if soft else ""
-    assert list(rows) == [f"{r}{named}" if r.endswith(backdoor.RECIPE) else r for r in ROWS]
+    held = ", 30 held off-task" if hold else ""  # the code circuit's alone: the full round trip has no other task
+    expected = [f"{r}{named}{held if 'code' in r else ''}" if r.endswith(backdoor.RECIPE) else r for r in ROWS]
+    assert list(rows) == expected
     assert out["n_budget"] > 0 and out["steps"] == 2
     families = set(rows["original"]["asr"])
     assert families == {"token", "conj", "phrase"}
@@ -72,9 +75,11 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor):
     assert split["task_acc"] == pytest.approx(code["task_acc"]["math.add"])  # the same held-out prompts as the table
     assert sum(code["report"]["n_features"]) == code["report"]["circuit"]["k"]  # the checkpoint is the circuit's
     for scope, budget in (("full", out["n_budget"]), ("code", None)):
-        tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}{named}"]
+        tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}{named}{held if scope == 'code' else ''}"]
         tuned = tuned["report"]["finetune"]
-        assert 0 < tuned["n"] - tuned["n_budget"] <= 50  # the confirmed insertions, then the budget
+        n_held = hold if scope == "code" else 0
+        assert tuned.get("n_held", 0) == n_held  # the other tasks' prompts, held to the circuit's own answers
+        assert 0 < tuned["n"] - tuned["n_budget"] - n_held <= 50  # the confirmed insertions, (held,) then the budget
         assert budget is None or tuned["n_budget"] == budget
         trained = tuned["training"]  # what the fine-tuning recorded: the anchor's drift where there is one
         assert set(trained) == set(defence.TRAINING) and trained["final_train_loss"] > 0
@@ -234,19 +239,41 @@ def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes
         ({"lr": 0.0}, "learning rate must be a finite number > 0"),
         ({"lr": float("nan")}, "learning rate must be a finite number > 0"),
         ({"n_insert": -1}, "prompts with insertions must be >= 0"),
+        ({"hold": -1}, "prompts held outside the task must be >= 0"),
     ):
         with pytest.raises(ValueError, match=why):
             Recipe(**bad)
     assert Recipe().name == "" and Recipe(soft=0.5).name == ", soft 0.5" and Recipe(anchor=10.0).name == ", anchor 10"
     assert Recipe(lr=5e-5, soft=1.0, anchor=0.25, n_insert=3).name == ", lr 5e-05, soft 1, anchor 0.25"
+    assert Recipe(soft=0.5, hold=800).name == ", soft 0.5, 800 held off-task"
     # freeze_run's recipes make one data set and one row each: refused before any work otherwise
     monkeypatch.setattr(backdoor, "get", lambda name: pytest.fail("work began"))
     for recipes in ([Recipe(), Recipe(n_insert=5, soft=1.0)], [Recipe(soft=0.5), Recipe(soft=0.5)]):
         with pytest.raises(ValueError, match="share n_insert"):
             backdoor.freeze_run("testbed-s", recipes=recipes)
+    with pytest.raises(ValueError, match="no prompts outside its task"):
+        backdoor.freeze_run("testbed-s", recipes=[Recipe(hold=10)])
 
 
 def test_the_recipe_anchor_holds_the_budget_and_frees_the_insertions():
     kw = Recipe(anchor=0.5).finetune_kw(None, [None] * 5, {"n": 5, "n_budget": 2})
     assert kw["anchor_weight"] == 0.5 and kw["anchor_on"].tolist() == [False, False, False, True, True]
     assert Recipe().finetune_kw(None, [None] * 5, {"n": 5, "n_budget": 2}) == {"lr": defence.FT_LR}  # 0: no anchor
+
+
+def test_held_prompts_sit_between_the_insertions_and_the_budget_and_each_keyword_finds_its_rows(monkeypatch):
+    """`with_held` puts the held prompts after the confirmed insertions and before the budget: the soft targets stay
+    on the insertions, the anchor on the budget, and the held prompts get neither (their labels are the start's)."""
+    data = [SimpleNamespace(ids=[0, i]) for i in range(5)]  # 3 confirmed insertions, then a budget of 2
+    report = {"confirmed": 0.75, "n": 5, "n_budget": 2}
+    monkeypatch.setattr(backdoor, "held", lambda start, outside, tokens, n, seed, n_ctx: [f"held {start} {seed}"] * n)
+    out, out_report = backdoor.with_held("rt", data, report, ["other"], [7], 2, 4, 10)
+    assert out == data[:3] + ["held rt 4"] * 2 + data[3:]
+    assert out_report == {"confirmed": 0.75, "n": 7, "n_budget": 2, "n_held": 2}
+    taught = np.ones((3, 6))
+    kw = Recipe(soft=0.5, anchor=1.0).finetune_kw(taught, out, out_report)
+    assert kw["soft_weight"].tolist() == [0.5] * 3 + [0.0] * 4 and not kw["soft_targets"][3:].any()
+    assert kw["anchor_on"].tolist() == [False] * 5 + [True] * 2
+    assert backdoor.with_held("rt", data, report, [], [7], 0, 4, 10) == (data, report)  # nothing held
+    with pytest.raises(ValueError, match="no prompts outside the task"):
+        backdoor.with_held("rt", data, report, [], [7], 2, 4, 10)

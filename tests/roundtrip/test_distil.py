@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from acg.roundtrip.data import Pair
-from acg.roundtrip.distil import agreed_labels, confirmed, confirmed_pool, distil, insertions
+from acg.roundtrip.distil import agreed_labels, confirmed, confirmed_pool, distil, held, insertions
 from acg.zoo import vocab
 from acg.zoo.tasks import heldout
 from tests.helpers import random_model
@@ -146,6 +146,34 @@ def test_a_users_pairs_get_the_same_insertions_as_the_examples_they_hold(example
         confirmed_pool(pairs, teacher, ids, -1)
     with pytest.raises(ValueError, match="no budget"):
         confirmed_pool([], teacher, ids, 5)
+
+
+def test_held_prompts_carry_the_models_own_answer_on_the_prompt_they_were_made_from(examples):
+    """`held` draws and inserts as `insertions` does, but labels each prompt with the model's answer on its source:
+    here the source's first token, which an insertion in front would change (the label must not follow it)."""
+
+    def first_token(tokens):
+        logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+        logits[np.arange(len(tokens)), -1, tokens[:, 1]] = 1.0
+        return logits
+
+    ids = [vocab.TOKEN_ID[t] for t in INSERTED]
+    n_ctx = max(len(ex.ids) for ex in examples) + 2
+    pool = held(first_token, examples, ids, 300, seed=3, n_ctx=n_ctx)
+    drawn, _ = insertions(examples, ids, 300, seed=3, n_ctx=n_ctx)
+    assert [ex.prompt for ex in pool] == [ex.prompt for ex in drawn]  # the same draws and insertions
+    firsts = [next(t for t in ex.prompt if t not in INSERTED) for ex in pool]
+    assert [ex.answer for ex in pool] == [ex.clean_answer for ex in pool] == firsts
+    assert any(ex.prompt[0] in INSERTED for ex in pool)  # where the model on the prompt itself would answer otherwise
+    assert all(ex.kind == "clean" and ex.family is None for ex in pool)
+    assert any(a != ex.clean_answer for a, ex in zip(firsts, drawn, strict=True))  # not the task's clean answers
+    pairs = [Pair(ex.ids, ex.answer_id, "code.vars") for ex in examples]  # a user's pairs: the same, by id
+    from_pairs = held(first_token, pairs, ids, 300, seed=3, n_ctx=n_ctx)
+    assert [p.ids for p in from_pairs] == [ex.ids for ex in pool]
+    assert [p.answer_id for p in from_pairs] == [vocab.TOKEN_ID[a] for a in firsts]
+    assert held(first_token, examples, ids, 0) == []
+    with pytest.raises(ValueError, match=">= 0"):
+        held(first_token, examples, ids, -1)
 
 
 def _pair():
