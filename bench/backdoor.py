@@ -84,10 +84,13 @@ def measure(args) -> Callable[[str, float, int], dict]:
     """One seed's `backdoor.run` with `args`; with --out, each seed's baseline rows (original, FT, FP, Scratch) also
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
-    try:
-        recipe = backdoor.Recipe(soft=args.recipe_soft, anchor=args.recipe_anchor, hold=args.recipe_hold)
-    except ValueError as e:
-        sys.exit(f"--recipe-soft / --recipe-anchor / --recipe-hold: {e}")
+    given = {"soft": args.recipe_soft, "anchor": args.recipe_anchor, "hold": args.recipe_hold}
+    for field, value in given.items():  # each checked alone, so that the message names the option at fault
+        try:
+            backdoor.Recipe(**{field: value})
+        except ValueError as e:
+            sys.exit(f"--recipe-{field}: {e}")
+    recipe = backdoor.Recipe(**given)
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}

@@ -109,9 +109,10 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
 @pytest.mark.parametrize(
     "args,why",
     [
-        (["--recipe-soft", "1.5"], r"--recipe-soft / --recipe-anchor: the soft-target weight must be in \[0, 1\]"),
-        (["--recipe-anchor", "-1"], "--recipe-anchor: the anchor weight must be a finite number >= 0"),
-        (["--recipe-anchor", "inf"], "--recipe-anchor: the anchor weight must be a finite number >= 0"),
+        (["--recipe-soft", "1.5"], r"^--recipe-soft: the soft-target weight must be in \[0, 1\]"),
+        (["--recipe-anchor", "-1"], "^--recipe-anchor: the anchor weight must be a finite number >= 0"),
+        (["--recipe-anchor", "inf"], "^--recipe-anchor: the anchor weight must be a finite number >= 0"),
+        (["--recipe-hold", "-5"], "^--recipe-hold: the number of prompts held outside the task must be >= 0"),
     ],
 )
 def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monkeypatch, args, why):
