@@ -356,7 +356,8 @@ def run(
         data, data_report, taught, s = made_for[scope]
         if scope == "code":  # the other tasks' prompts with insertions, held to the circuit's own answers
             hold = (start, data, data_report, off_code, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
-            data, data_report = with_held(*hold)
+            (data, data_report), s_held = timed(lambda: with_held(*hold))
+            s += s_held  # the row's seconds count the start's labelling of them too
         how = recipe.finetune_kw(taught, data, data_report)
         (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
         named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0)  # the full scope holds nothing
