@@ -150,6 +150,12 @@ def recipe_data(
     return confirmed_pool(budget, teacher, recipe_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
 
 
+def n_inserted(report: dict[str, Any]) -> int:
+    """How many of `recipe_data`'s examples (as `with_held` may have extended them) are the confirmed insertions
+    that come first: all but the budget and any held prompts."""
+    return report["n"] - report["n_budget"] - report.get("n_held", 0)
+
+
 def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any]) -> tuple[Any, Any] | None:
     """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `taught`, the captured IR's answer logits on
     the prompts with insertions of `data` (`recipe_data`'s three: they come first, computed when the IR confirmed
@@ -160,7 +166,7 @@ def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any]) -> 
     its argmax. None where there are no insertions: nothing to teach."""
     import torch
 
-    n_insert = report["n"] - report["n_budget"] - report.get("n_held", 0)
+    n_insert = n_inserted(report)
     n_taught = 0 if taught is None else len(taught)
     if not 0 <= n_insert <= len(data) or report["n"] != len(data) or n_taught != n_insert:
         raise ValueError(
@@ -216,7 +222,7 @@ def with_held(
     if not outside:
         raise ValueError("no prompts outside the task to hold")
     extra = held(start, outside, tokens, n, seed, n_ctx)
-    at = report["n"] - report["n_budget"] - report.get("n_held", 0)
+    at = n_inserted(report)
     more = {"n": report["n"] + len(extra), "n_held": report.get("n_held", 0) + len(extra)}
     return data[:at] + extra + data[at:], {**report, **more}
 
@@ -339,8 +345,9 @@ def run(
         ("- layer-0 QK pairs only", ("qk",), ("T.L0",)),
         ("- OV entries only", ("ov",), ()),
     )
-    code_budget = [ex for ex in budget if ex.task in resolve_tasks("code")]
-    off_code = [ex for ex in budget if ex.task not in resolve_tasks("code")]
+    code_tasks = resolve_tasks("code")
+    code_budget = [ex for ex in budget if ex.task in code_tasks]
+    off_code = [ex for ex in budget if ex.task not in code_tasks]
     # per scope: fine-tuning data, its report, the IR's logits on it, seconds; made while the captured IR is here
     made_for: dict[str, tuple[list, dict, Any, float]] = {}
     for method, kinds, weights in ablations:
