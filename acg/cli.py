@@ -454,7 +454,7 @@ def _finetune(model: str, acg, start, budget, recipe, steps: int, seed: int):
     a soft-target weight, the captured ACG's answer distribution taught on the insertions; with an anchor, `start`'s
     block outputs held on the budget's prompts: `Recipe.finetune_kw`); returns it and a report."""
     from acg.roundtrip import defence
-    from acg.roundtrip.backdoor import compiled_teacher, recipe_data
+    from acg.roundtrip.backdoor import compiled_teacher, never_seen, recipe_data
     from acg.zoo.registry import ZOO
     from acg.zoo.train import TrainSpec
 
@@ -462,7 +462,7 @@ def _finetune(model: str, acg, start, budget, recipe, steps: int, seed: int):
     with compiled_teacher(acg) as teacher:
         data, report, taught = recipe_data(acg, budget, recipe.n_insert, seed, teacher=teacher)
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
-    how = recipe.finetune_kw(taught, data, report)
+    how = recipe.finetune_kw(taught, data, report, never_seen(acg))
     tuned, trained = defence.finetune_recorded(start, base, data, steps, seed, progress=True, **how)
     tasks = sorted({p.task for p in budget})
     more = {"tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size}

@@ -3,14 +3,15 @@ round-tripped full ACG and the round-tripped `code` circuit (plain, with layer 0
 fine-tuned on the insertions the captured IR confirms plus the budget), on one defender's clean budget per seed.
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
-                             [--recipe-anchor A] [--recipe-hold N] [--json] [--out FILE]
+                             [--recipe-unseen U] [--recipe-anchor A] [--recipe-hold N] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
 With --out, each seed's baseline rows (original, FT, FP, Scratch) are also kept in `OUT.MODEL-RATIO-SEED.partial.json`
 as they are measured; the same command run again after a crash takes them from there and starts at the ACG fit.
 `--recipe-soft W` fine-tunes the recipe rows with weight W of the captured IR's answer distribution against the labels
-on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W"); `--recipe-anchor A` holds
+on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W"), and `--recipe-unseen U`
+keeps U of W on the insertions that hold a token the fit never saw (" (U on never-seen)"); `--recipe-anchor A` holds
 the round trip's own block outputs on the budget's clean prompts at weight A (`backdoor.anchor_kw`; ", anchor A");
 `--recipe-hold N` adds to the code circuit's recipe N prompts of the other tasks with insertions, labelled with the
 circuit's own answer on the prompt each was made from (`backdoor.with_held`; ", N held off-task").
@@ -64,6 +65,12 @@ def main() -> None:
         help="weight in [0, 1] of the captured IR's answer distribution on the recipe's insertions (0: labels alone)",
     )
     ap.add_argument(
+        "--recipe-unseen",
+        type=float,
+        default=1.0,
+        help="share in [0, 1] of --recipe-soft kept on the insertions that hold a token the fit never saw (1: all)",
+    )
+    ap.add_argument(
         "--recipe-anchor",
         type=float,
         default=0.0,
@@ -85,12 +92,16 @@ def measure(args) -> Callable[[str, float, int], dict]:
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
     given = {"soft": args.recipe_soft, "anchor": args.recipe_anchor, "hold": args.recipe_hold}
-    for field, value in given.items():  # each checked alone, so that the message names the option at fault
+    given["unseen"] = args.recipe_unseen
+    for field, value in given.items():  # each checked alone (a share with soft), so the message names the option
         try:
-            backdoor.Recipe(**{field: value})
+            backdoor.Recipe(**{field: value}, **({"soft": 1.0} if field == "unseen" else {}))
         except ValueError as e:
             sys.exit(f"--recipe-{field}: {e}")
-    recipe = backdoor.Recipe(**given)
+    try:
+        recipe = backdoor.Recipe(**given)
+    except ValueError as e:  # a share of no soft weight
+        sys.exit(f"--recipe-unseen: {e}")
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}

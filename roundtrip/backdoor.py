@@ -32,7 +32,7 @@ import dataclasses
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,16 +64,19 @@ class Recipe:
     """How the RECIPE fine-tunes a round trip: `n_insert` prompts of the budget drawn with `recipe_tokens` inserted,
     kept where the captured IR answers clean (`recipe_data`), then the budget; trained at `lr`, with `soft` the
     weight of the IR's answer distribution against the labels on the prompts with insertions (`recipe_targets`; 0:
-    the labels alone) and `anchor` the weight that holds the start's own block outputs on the budget's clean prompts
-    (`anchor_kw`; 0: none). A task circuit's recipe also trains on `hold` prompts outside its task with insertions,
-    labelled with the circuit's own answer without them (`with_held`; 0: none). The defaults are the RECIPE's; a
-    value out of range is refused when the recipe is made, before any work."""
+    the labels alone), `unseen` the share of `soft` kept on the prompts whose insertions hold a token the ACG's
+    fitting corpus never held (`never_seen`; 1: the same weight, 0: their labels alone) and `anchor` the weight that
+    holds the start's own block outputs on the budget's clean prompts (`anchor_kw`; 0: none). A task circuit's
+    recipe also trains on `hold` prompts outside its task with insertions, labelled with the circuit's own answer
+    without them (`with_held`; 0: none). The defaults are the RECIPE's; a value out of range is refused when the
+    recipe is made, before any work."""
 
     n_insert: int = N_INSERT
     lr: float = defence.FT_LR
     soft: float = 0.0
     anchor: float = 0.0
     hold: int = 0
+    unseen: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_insert < 0:
@@ -82,6 +85,12 @@ class Recipe:
             raise ValueError(f"the learning rate must be a finite number > 0, got {self.lr}")
         if not 0 <= self.soft <= 1:
             raise ValueError(f"the soft-target weight must be in [0, 1], got {self.soft}")
+        if not 0 <= self.unseen <= 1:
+            raise ValueError(
+                f"the share of the soft weight on never-seen insertions must be in [0, 1], got {self.unseen}"
+            )
+        if self.unseen != 1 and not self.soft:
+            raise ValueError(f"a share of the soft weight ({self.unseen:g}) needs a soft weight: the labels have none")
         if not 0 <= self.anchor < float("inf"):
             raise ValueError(f"the anchor weight must be a finite number >= 0, got {self.anchor}")
         if self.hold < 0:
@@ -89,18 +98,29 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """What a row fine-tuned so adds to its name, for each of lr, soft, anchor and hold that is not the RECIPE's:
-        ", lr X", ", soft W", ", anchor A", ", N held off-task"."""
+        """What a row fine-tuned so adds to its name, for each of lr, soft, unseen, anchor and hold that is not the
+        RECIPE's: ", lr X", ", soft W", " (U on never-seen)", ", anchor A", ", N held off-task"."""
         rate = "" if self.lr == defence.FT_LR else f", lr {self.lr:g}"
         soft = f", soft {self.soft:g}" if self.soft else ""
+        soft += f" ({self.unseen:g} on never-seen)" if self.unseen != 1 else ""
         anchor = f", anchor {self.anchor:g}" if self.anchor else ""
         return rate + soft + anchor + (f", {self.hold} held off-task" if self.hold else "")
 
-    def finetune_kw(self, taught: Any, data: Sequence[Any], report: dict[str, Any]) -> dict[str, Any]:
+    def finetune_kw(
+        self, taught: Any, data: Sequence[Any], report: dict[str, Any], never: Collection[int] | None = None
+    ) -> dict[str, Any]:
         """`defence.finetune`'s keywords for this recipe on `recipe_data`'s three (`data`, its `report` and the
         captured IR's logits `taught`): the rate, the soft targets `recipe_targets` makes of `taught` weighted by
-        `soft` (none where `soft` is 0 or there are no insertions) and the anchor on the budget's prompts."""
-        targets = recipe_targets(taught, data, report) if self.soft else None
+        `soft` (none where `soft` is 0 or there are no insertions; `unseen` of it on the insertions that hold one of
+        the token ids `never`, the ACG's `never_seen`, which a recipe with `unseen` below 1 needs) and the anchor on
+        the budget's prompts."""
+        if self.soft and self.unseen != 1 and never is None:
+            raise ValueError(
+                f"the recipe teaches {self.unseen:g} of its soft weight on never-seen insertions: give them"
+            )
+        targets = (
+            recipe_targets(taught, data, report, () if never is None else never, self.unseen) if self.soft else None
+        )
         return {"lr": self.lr, **weighted(targets, self.soft), **anchor_kw(report, self.anchor)}
 
 
@@ -115,13 +135,18 @@ def blocked_roundtrip(acg, log: Callable[[str], None]) -> tuple[Any, Any, dict] 
         return None
 
 
+def never_seen(acg) -> np.ndarray:
+    """The token ids the ACG's fitting corpus never held (the round trip drops their embeddings)."""
+    return np.flatnonzero(acg.usage["tok_count"] == 0)
+
+
 def recipe_tokens(acg) -> np.ndarray:
     """The token ids the recipe's insertions draw from (uniformly, with repeats): every token the ACG's fitting
-    corpus held once, and the ones it never held (their embeddings are dropped by the round trip) repeated so that
-    they make up about half the draws: a dropped token reads as nothing but its position, and the checkpoint learns
-    to let such a position change nothing."""
+    corpus held once, and the ones it never held (`never_seen`) repeated so that they make up about half the draws: a
+    dropped token reads as nothing but its position, and the checkpoint learns to let such a position change
+    nothing."""
     seen = np.flatnonzero(acg.usage["tok_count"] > 0)
-    never = np.flatnonzero(acg.usage["tok_count"] == 0)
+    never = never_seen(acg)
     if len(never) == 0:
         return seen
     return np.concatenate([seen, np.tile(never, max(1, len(seen) // len(never)))])
@@ -156,10 +181,13 @@ def n_inserted(report: dict[str, Any]) -> int:
     return report["n"] - report["n_budget"] - report.get("n_held", 0)
 
 
-def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any]) -> tuple[Any, Any] | None:
+def recipe_targets(
+    taught: Any, data: Sequence[Any], report: dict[str, Any], never: Collection[int] = (), unseen: float = 1.0
+) -> tuple[Any, Any] | None:
     """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `taught`, the captured IR's answer logits on
     the prompts with insertions of `data` (`recipe_data`'s three: they come first, computed when the IR confirmed
-    them), set in rows of `data`'s length, and where they apply: 1 on those prompts, 0 on any held ones
+    them), set in rows of `data`'s length, and where they apply: 1 on those prompts (`unseen` on the ones that hold
+    any of the token ids `never`: `Recipe.unseen`), 0 on any held ones
     (`with_held`: labelled by the start itself) and on the budget (its labels are the clean answers, taught as they
     are; its rows of logits are 0: on testbed-m's 5% budget that is 76,800 of 90,705 prompts). `weighted` scales
     them by the recipe's `soft`: 1 teaches the IR's whole answer distribution where it confirmed the clean answer, 0
@@ -178,6 +206,10 @@ def recipe_targets(taught: Any, data: Sequence[Any], report: dict[str, Any]) -> 
     logits[:n_insert] = torch.as_tensor(taught, dtype=torch.float32)
     at_insertions = torch.zeros(len(data))
     at_insertions[:n_insert] = 1.0
+    if unseen != 1:
+        never = {int(t) for t in never}
+        holds = torch.tensor([not never.isdisjoint(ex.ids) for ex in data[:n_insert]], dtype=torch.bool)
+        at_insertions[:n_insert][holds] = unseen
     return logits, at_insertions
 
 
@@ -365,7 +397,7 @@ def run(
             hold = (start, data, data_report, off_code, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
             (data, data_report), s_held = timed(lambda: with_held(*hold))
             s += s_held  # the row's seconds count the start's labelling of them too
-        how = recipe.finetune_kw(taught, data, data_report)
+        how = recipe.finetune_kw(taught, data, data_report, never_seen(acg))
         (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
         named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0)  # the full scope holds nothing
         method = f"roundtrip {scope}{BLOCKED}{RECIPE}{named.name}"
@@ -459,9 +491,9 @@ def freeze_run(
         frozen = [n for n in names if n in have]
         for recipe in recipes:
             t = time.perf_counter()
-            how = recipe.finetune_kw(taught, data, data_report)
+            how = recipe.finetune_kw(taught, data, data_report, never_seen(acg))
             ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, frozen=frozen, **how)
-            more = {"frozen": frozen, "lr": recipe.lr, "soft": recipe.soft, "anchor": recipe.anchor}
+            more = {"frozen": frozen, **{f: getattr(recipe, f) for f in ("lr", "soft", "unseen", "anchor")}}
             add(f"recipe FT, {label} frozen{recipe.name}", ft, time.perf_counter() - t, **more, training=trained)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}

@@ -100,6 +100,10 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--softs", softs])
         with pytest.raises(SystemExit, match=why):
             freeze.main()
+    for argv, why in ((["--unseens", "0"], "--softs gives none above 0"), (["--softs", "0.5", "--unseens", "2"], "in")):
+        monkeypatch.setattr("sys.argv", ["recipe_freeze.py", *argv])
+        with pytest.raises(SystemExit, match=why):
+            freeze.main()
     for anchors, why in (("0,x", "not a list of numbers"), ("-1", "finite number >= 0"), ("inf", "finite number")):
         monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--anchors", anchors])
         with pytest.raises(SystemExit, match=why):
@@ -113,6 +117,8 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         (["--recipe-anchor", "-1"], "^--recipe-anchor: the anchor weight must be a finite number >= 0"),
         (["--recipe-anchor", "inf"], "^--recipe-anchor: the anchor weight must be a finite number >= 0"),
         (["--recipe-hold", "-5"], "^--recipe-hold: the number of prompts held outside the task must be >= 0"),
+        (["--recipe-unseen", "2"], r"^--recipe-unseen: the share of the soft weight .* must be in \[0, 1\]"),
+        (["--recipe-unseen", "0"], "^--recipe-unseen: a share of the soft weight \\(0\\) needs a soft weight"),
     ],
 )
 def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monkeypatch, args, why):

@@ -133,8 +133,11 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     monkeypatch.setattr(
         backdoor,
         "recipe_targets",
-        lambda taught, data, report: targets.append(taught) or ("logits", at_insertions),
+        lambda taught, data, report, never, unseen: (
+            targets.append((taught, never, unseen)) or ("logits", at_insertions)
+        ),
     )
+    monkeypatch.setattr(backdoor, "never_seen", lambda acg: [5])
 
     def finetune(rt, base, data, steps, seed, lr, frozen, **more):
         seen.append((lr, list(frozen)))
@@ -162,7 +165,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     assert targets == [] and all(out["rows"][k]["soft"] == 0 for k in labels)  # no soft targets asked for: none made
     seen.clear()
     out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=[Recipe(), Recipe(soft=0.5)], steps=3)
-    assert targets == ["IR logits"]  # made from the confirmation's logits for the soft recipe alone
+    assert targets == [("IR logits", [5], 1.0)]  # made from the confirmation's logits for the soft recipe alone
     assert seen == [(defence.FT_LR, []), (defence.FT_LR, []), ("logits", [0.5, 0.5, 0.0])]
     assert list(out["rows"])[2:] == ["recipe FT, nothing frozen", "recipe FT, nothing frozen, soft 0.5"]
     assert out["rows"]["recipe FT, nothing frozen, soft 0.5"]["soft"] == 0.5
@@ -184,7 +187,13 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     labels = ["", ", anchor 3", ", soft 0.5", ", soft 0.5, anchor 3"]
     assert list(out["rows"])[2:] == [f"recipe FT, nothing frozen{x}" for x in labels]
     assert [out["rows"][f"recipe FT, nothing frozen{x}"]["anchor"] for x in labels] == [0.0, 3.0, 0.0, 3.0]
-    assert targets == ["IR logits"] * 3  # each soft recipe its own, from the one confirmation
+    assert targets == [("IR logits", [5], 1.0)] * 3  # each soft recipe its own, from the one confirmation
+    # a share of the soft weight on never-seen insertions: the fit's never-seen tokens go with it, and the row says so
+    targets.clear()
+    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=[Recipe(soft=0.5, unseen=0.0)], steps=3)
+    assert targets == [("IR logits", [5], 0.0)]
+    row = out["rows"]["recipe FT, nothing frozen, soft 0.5 (0 on never-seen)"]
+    assert (row["soft"], row["unseen"]) == (0.5, 0.0)
 
 
 def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget_to_its_labels():
@@ -208,6 +217,22 @@ def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget
     assert "soft_targets" not in backdoor.Recipe(soft=0.5).finetune_kw(None, data[3:], {"n": 2, "n_budget": 2})
     with pytest.raises(ValueError, match="do not describe"):  # a soft recipe checks what it is given
         backdoor.Recipe(soft=0.5).finetune_kw(taught, data, {"n": 6, "n_budget": 2})
+
+
+def test_a_share_of_the_soft_weight_goes_to_the_insertions_that_hold_a_never_seen_token():
+    """`Recipe.unseen`: the insertions holding any never-seen token get `unseen` of the soft weight, the others all
+    of it; the budget none, whatever its prompts hold; a recipe that scales them refuses to run without the tokens."""
+    data = [SimpleNamespace(ids=ids) for ids in ([0, 1, 9], [0, 2], [0, 9, 8], [0, 3], [0, 9])]  # 4 insertions, 1 clean
+    taught, report = np.zeros((4, 10)), {"n": 5, "n_budget": 1}
+    _, at_insertions = backdoor.recipe_targets(taught, data, report, never=[9, 8], unseen=0.25)
+    assert at_insertions.tolist() == [0.25, 1.0, 0.25, 1.0, 0.0]
+    assert backdoor.recipe_targets(taught, data, report, never=[9])[1].tolist() == [1.0] * 4 + [0.0]  # share 1
+    assert backdoor.recipe_targets(taught, data, report, never=[], unseen=0.0)[1].tolist() == [1.0] * 4 + [0.0]
+    kw = Recipe(soft=0.5, unseen=0.0).finetune_kw(taught, data, report, np.array([9]))
+    assert kw["soft_weight"].tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="never-seen insertions: give them"):
+        Recipe(soft=0.5, unseen=0.0).finetune_kw(taught, data, report)
+    assert Recipe(soft=0.5).finetune_kw(taught, data, report)["soft_weight"].tolist() == [0.5] * 4 + [0.0]
 
 
 def test_the_recipe_teaches_the_logits_the_captured_ir_confirmed_with(monkeypatch):
@@ -240,12 +265,15 @@ def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes
         ({"lr": float("nan")}, "learning rate must be a finite number > 0"),
         ({"n_insert": -1}, "prompts with insertions must be >= 0"),
         ({"hold": -1}, "prompts held outside the task must be >= 0"),
+        ({"soft": 0.5, "unseen": 1.5}, r"share of the soft weight on never-seen insertions must be in \[0, 1\]"),
+        ({"unseen": 0.0}, "needs a soft weight: the labels have none"),
     ):
         with pytest.raises(ValueError, match=why):
             Recipe(**bad)
     assert Recipe().name == "" and Recipe(soft=0.5).name == ", soft 0.5" and Recipe(anchor=10.0).name == ", anchor 10"
     assert Recipe(lr=5e-5, soft=1.0, anchor=0.25, n_insert=3).name == ", lr 5e-05, soft 1, anchor 0.25"
     assert Recipe(soft=0.5, hold=800).name == ", soft 0.5, 800 held off-task"
+    assert Recipe(soft=0.5, unseen=0.25, anchor=1.0).name == ", soft 0.5 (0.25 on never-seen), anchor 1"
     # freeze_run's recipes make one data set and one row each: refused before any work otherwise
     monkeypatch.setattr(backdoor, "get", lambda name: pytest.fail("work began"))
     for recipes in ([Recipe(), Recipe(n_insert=5, soft=1.0)], [Recipe(soft=0.5), Recipe(soft=0.5)]):
