@@ -167,12 +167,21 @@ def recipe_data(
 ) -> tuple[list[Any], dict[str, Any], np.ndarray | None]:
     """The RECIPE's fine-tuning data (`distil.confirmed_pool`): `n_insert` prompts of `budget` with `recipe_tokens`
     inserted, kept where the captured IR (`captured_ir` with everything dropped; compiled here unless `teacher` is
-    given) answers clean, followed by `budget` itself; its report; and the captured IR's answer logits on the prompts
-    with insertions kept (None for no insertions), which `recipe_targets` teaches."""
+    given) answers clean, followed by `budget` itself; its report (with `n_never_seen`: how many of the insertions
+    kept hold a token the fit never saw, which `Recipe.unseen` weighs); and the captured IR's answer logits on the
+    prompts with insertions kept (None for no insertions), which `recipe_targets` teaches."""
     if teacher is None:
         with compiled_teacher(acg) as fn:
             return recipe_data(acg, budget, n_insert, seed, teacher=fn)
-    return confirmed_pool(budget, teacher, recipe_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
+    data, report, taught = confirmed_pool(budget, teacher, recipe_tokens(acg), n_insert, seed, acg.cfg.n_ctx)
+    report["n_never_seen"] = int(holding(data[: n_inserted(report)], never_seen(acg)).sum())
+    return data, report, taught
+
+
+def holding(examples: Sequence[Any], tokens: Collection[int]) -> np.ndarray:
+    """Which of `examples` hold any of the token ids `tokens` in their prompt (a bool per example)."""
+    tokens = {int(t) for t in tokens}
+    return np.array([not tokens.isdisjoint(ex.ids) for ex in examples], dtype=bool)
 
 
 def n_inserted(report: dict[str, Any]) -> int:
@@ -207,9 +216,7 @@ def recipe_targets(
     at_insertions = torch.zeros(len(data))
     at_insertions[:n_insert] = 1.0
     if unseen != 1:
-        never = {int(t) for t in never}
-        holds = torch.tensor([not never.isdisjoint(ex.ids) for ex in data[:n_insert]], dtype=torch.bool)
-        at_insertions[:n_insert][holds] = unseen
+        at_insertions[:n_insert][torch.from_numpy(holding(data[:n_insert], never))] = unseen
     return logits, at_insertions
 
 

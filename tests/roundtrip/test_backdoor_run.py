@@ -246,8 +246,10 @@ def test_the_recipe_teaches_the_logits_the_captured_ir_confirmed_with(monkeypatc
     budget = [Pair([vocab.BOS_ID, 7 + i % 4], 7 + i % 2, "t") for i in range(8)]  # half answered clean untouched
     acg = SimpleNamespace(cfg=SimpleNamespace(n_ctx=6))
     monkeypatch.setattr(backdoor, "recipe_tokens", lambda acg: [7, 8])
+    monkeypatch.setattr(backdoor, "never_seen", lambda acg: np.array([8]))
     data, report, taught = backdoor.recipe_data(acg, budget, 40, 0, teacher=teacher)
     n_insert = report["n"] - report["n_budget"]
+    assert report["n_never_seen"] == sum(8 in p.ids for p in data[:n_insert]) > 0  # counted on the insertions kept
     assert 0 < n_insert < 40 and data[n_insert:] == budget and sum(calls) == 40  # the teacher ran once per insertion
     expected = np.stack([np.eye(vocab.D_VOCAB)[p.ids[-1]] * 3.0 for p in data[:n_insert]])
     assert np.array_equal(taught, expected)
