@@ -116,7 +116,7 @@ class Recipe:
         the budget's prompts."""
         if self.soft and self.unseen != 1 and never is None:
             raise ValueError(
-                f"the recipe teaches {self.unseen:g} of its soft weight on never-seen insertions: give them"
+                f"a share of {self.unseen:g} of the soft weight needs the never-seen token ids (never_seen)"
             )
         targets = (
             recipe_targets(taught, data, report, () if never is None else never, self.unseen) if self.soft else None

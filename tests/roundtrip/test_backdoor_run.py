@@ -230,7 +230,7 @@ def test_a_share_of_the_soft_weight_goes_to_the_insertions_that_hold_a_never_see
     assert backdoor.recipe_targets(taught, data, report, never=[], unseen=0.0)[1].tolist() == [1.0] * 4 + [0.0]
     kw = Recipe(soft=0.5, unseen=0.0).finetune_kw(taught, data, report, np.array([9]))
     assert kw["soft_weight"].tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
-    with pytest.raises(ValueError, match="never-seen insertions: give them"):
+    with pytest.raises(ValueError, match=r"needs the never-seen token ids \(never_seen\)"):
         Recipe(soft=0.5, unseen=0.0).finetune_kw(taught, data, report)
     assert Recipe(soft=0.5).finetune_kw(taught, data, report)["soft_weight"].tolist() == [0.5] * 4 + [0.0]
 
