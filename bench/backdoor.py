@@ -91,11 +91,10 @@ def measure(args) -> Callable[[str, float, int], dict]:
     """One seed's `backdoor.run` with `args`; with --out, each seed's baseline rows (original, FT, FP, Scratch) also
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
-    given = {"soft": args.recipe_soft, "anchor": args.recipe_anchor, "hold": args.recipe_hold}
-    given["unseen"] = args.recipe_unseen
-    for field, value in given.items():  # each checked alone (a share with soft), so the message names the option
+    given = dict(soft=args.recipe_soft, unseen=args.recipe_unseen, anchor=args.recipe_anchor, hold=args.recipe_hold)
+    for field, value in given.items():  # each checked alone, so that the message names the option at fault
         try:
-            backdoor.Recipe(**{field: value}, **({"soft": 1.0} if field == "unseen" else {}))
+            backdoor.Recipe(**{"soft": 1.0, field: value})  # beside a soft weight: a share alone has none to scale
         except ValueError as e:
             sys.exit(f"--recipe-{field}: {e}")
     try:
