@@ -3,7 +3,8 @@ round-tripped full ACG and the round-tripped `code` circuit (plain, with layer 0
 fine-tuned on the insertions the captured IR confirms plus the budget), on one defender's clean budget per seed.
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
-                             [--recipe-unseen U] [--recipe-anchor A] [--recipe-hold N] [--json] [--out FILE]
+                             [--recipe-unseen U] [--recipe-anchor A] [--recipe-hold N [--recipe-flat]]
+                             [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -14,7 +15,8 @@ on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ",
 keeps U of W on the insertions that hold a token the fit never saw (" (U on never-seen)"); `--recipe-anchor A` holds
 the round trip's own block outputs on the budget's clean prompts at weight A (`backdoor.anchor_kw`; ", anchor A");
 `--recipe-hold N` adds to the code circuit's recipe N prompts of the other tasks with insertions, labelled with the
-circuit's own answer on the prompt each was made from (`backdoor.with_held`; ", N held off-task").
+circuit's own answer on the prompt each was made from (`backdoor.with_held`; ", N held off-task"), and with
+`--recipe-flat` teaches them an even answer distribution instead, at full weight (`backdoor.flat_held`; " flat").
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
@@ -83,6 +85,11 @@ def main() -> None:
         help="the code circuit's recipe also trains on this many of the other tasks' prompts with insertions, labelled "
         "with the circuit's own answer without them (0: none)",
     )
+    ap.add_argument(
+        "--recipe-flat",
+        action="store_true",
+        help="teach the --recipe-hold prompts an even answer distribution (no answer) instead of the circuit's own",
+    )
     args = ap.parse_args()
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
@@ -92,15 +99,16 @@ def measure(args) -> Callable[[str, float, int], dict]:
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
     given = dict(soft=args.recipe_soft, unseen=args.recipe_unseen, anchor=args.recipe_anchor, hold=args.recipe_hold)
+    given["flat"] = args.recipe_flat
     for field, value in given.items():  # each checked alone, so that the message names the option at fault
-        try:
-            backdoor.Recipe(**{"soft": 1.0, field: value})  # beside a soft weight: a share alone has none to scale
+        try:  # beside what the others need: a share scales a soft weight, a flat target goes on held prompts
+            backdoor.Recipe(**{"soft": 1.0, "hold": 1, field: value})
         except ValueError as e:
             sys.exit(f"--recipe-{field}: {e}")
     try:
         recipe = backdoor.Recipe(**given)
-    except ValueError as e:  # a share of no soft weight
-        sys.exit(f"--recipe-unseen: {e}")
+    except ValueError as e:  # an option without the one it needs
+        sys.exit(f"--recipe-{'unseen' if given['unseen'] != 1 and not given['soft'] else 'flat'}: {e}")
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}

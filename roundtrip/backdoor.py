@@ -22,8 +22,8 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
   whose embeddings the round trip dropped (`recipe_tokens`) — less those the captured IR does not answer clean,
   together with the budget itself (`recipe_data`; the code circuit on the code prompts only, and with a `Recipe`'s
   `hold` that many of the other prompts with insertions, labelled with the circuit's own answer on the prompt they
-  were made from: `distil.held`). The defender needs no trigger: the insertions are blind guesses, and the ACG
-  decides which labels to trust.
+  were made from, `distil.held`, or with `flat` taught an even answer distribution: `flat_held`). The defender
+  needs no trigger: the insertions are blind guesses, and the ACG decides which labels to trust.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from acg.ir.passes import get_pass
 from acg.roundtrip import circuit, defence, dense
 from acg.roundtrip.distil import confirmed_pool, held
 from acg.roundtrip.evaluate import copy_split, evaluate
+from acg.zoo import vocab
 from acg.zoo.registry import get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, heldout_pair, resolve_tasks
 
@@ -68,8 +69,10 @@ class Recipe:
     fitting corpus never held (`never_seen`; 1: the same weight, 0: their labels alone) and `anchor` the weight that
     holds the start's own block outputs on the budget's clean prompts (`anchor_kw`; 0: none). A task circuit's
     recipe also trains on `hold` prompts outside its task with insertions, labelled with the circuit's own answer
-    without them (`with_held`; 0: none). The defaults are the RECIPE's; a value out of range is refused when the
-    recipe is made, before any work."""
+    without them (`with_held`; 0: none), or with `flat` taught an even answer distribution there instead, at full
+    weight (`flat_held`: no answer at all where the circuit is meant to have lost the task). The defaults are the
+    RECIPE's; a value out of range, or one that needs another (a share without a soft weight, `flat` without held
+    prompts), is refused when the recipe is made, before any work."""
 
     n_insert: int = N_INSERT
     lr: float = defence.FT_LR
@@ -77,6 +80,7 @@ class Recipe:
     anchor: float = 0.0
     hold: int = 0
     unseen: float = 1.0
+    flat: bool = False
 
     def __post_init__(self) -> None:
         if self.n_insert < 0:
@@ -95,16 +99,19 @@ class Recipe:
             raise ValueError(f"the anchor weight must be a finite number >= 0, got {self.anchor}")
         if self.hold < 0:
             raise ValueError(f"the number of prompts held outside the task must be >= 0, got {self.hold}")
+        if self.flat and not self.hold:
+            raise ValueError("a flat answer distribution is taught on held prompts: it needs some (hold > 0)")
 
     @property
     def name(self) -> str:
-        """What a row fine-tuned so adds to its name, for each of lr, soft, unseen, anchor and hold that is not the
-        RECIPE's: ", lr X", ", soft W", " (U on never-seen)", ", anchor A", ", N held off-task"."""
+        """What a row fine-tuned so adds to its name, for each of lr, soft, unseen, anchor, hold and flat that is not
+        the RECIPE's: ", lr X", ", soft W", " (U on never-seen)", ", anchor A", ", N held off-task", " flat"."""
         rate = "" if self.lr == defence.FT_LR else f", lr {self.lr:g}"
         soft = f", soft {self.soft:g}" if self.soft else ""
         soft += f" ({self.unseen:g} on never-seen)" if self.unseen != 1 else ""
         anchor = f", anchor {self.anchor:g}" if self.anchor else ""
-        return rate + soft + anchor + (f", {self.hold} held off-task" if self.hold else "")
+        held = (f", {self.hold} held off-task" if self.hold else "") + (" flat" if self.flat else "")
+        return rate + soft + anchor + held
 
     def finetune_kw(
         self, taught: Any, data: Sequence[Any], report: dict[str, Any], never: Collection[int] | None = None
@@ -112,8 +119,8 @@ class Recipe:
         """`defence.finetune`'s keywords for this recipe on `recipe_data`'s three (`data`, its `report` and the
         captured IR's logits `taught`): the rate, the soft targets `recipe_targets` makes of `taught` weighted by
         `soft` (none where `soft` is 0 or there are no insertions; `unseen` of it on the insertions that hold one of
-        the token ids `never`, the ACG's `never_seen`, which a recipe with `unseen` below 1 needs) and the anchor on
-        the budget's prompts."""
+        the token ids `never`, the ACG's `never_seen`, which a recipe with `unseen` below 1 needs), with `flat` an
+        even answer distribution on the held prompts (`flat_held`), and the anchor on the budget's prompts."""
         if self.soft and self.unseen != 1 and never is None:
             raise ValueError(
                 f"a share of {self.unseen:g} of the soft weight needs the never-seen token ids (never_seen)"
@@ -121,7 +128,10 @@ class Recipe:
         targets = (
             recipe_targets(taught, data, report, () if never is None else never, self.unseen) if self.soft else None
         )
-        return {"lr": self.lr, **weighted(targets, self.soft), **anchor_kw(report, self.anchor)}
+        soft = weighted(targets, self.soft)
+        if self.flat:
+            soft = flat_held(soft, report, vocab.D_VOCAB if taught is None else taught.shape[1])
+        return {"lr": self.lr, **soft, **anchor_kw(report, self.anchor)}
 
 
 def blocked_roundtrip(acg, log: Callable[[str], None]) -> tuple[Any, Any, dict] | None:
@@ -227,6 +237,24 @@ def weighted(targets: tuple[Any, Any] | None, soft: float) -> dict[str, Any]:
         return {}
     logits, at_insertions = targets
     return {"soft_targets": logits, "soft_weight": soft * at_insertions}
+
+
+def flat_held(soft: dict[str, Any], report: dict[str, Any], d_vocab: int) -> dict[str, Any]:
+    """`weighted`'s keywords (`soft`; empty for the labels alone) with the held prompts `report` counts (`with_held`:
+    between the confirmed insertions and the budget) taught an even answer distribution over the `d_vocab` tokens at
+    weight 1 (equal logits; their labels, the start's own answers, are not taught): a task circuit is taught to give
+    no answer at all outside its task, whatever is inserted there. The other rows keep their targets and weights."""
+    import torch
+
+    n_held = report.get("n_held", 0)
+    if not n_held:
+        raise ValueError("a flat answer distribution is taught on held prompts, and the report holds none")
+    n, start = report["n"], n_inserted(report)
+    logits = soft["soft_targets"].clone() if soft else torch.zeros(n, d_vocab)
+    weight = soft["soft_weight"].clone() if soft else torch.zeros(n)
+    logits[start : start + n_held] = 0.0
+    weight[start : start + n_held] = 1.0
+    return {"soft_targets": logits, "soft_weight": weight}
 
 
 def anchor_kw(report: dict[str, Any], anchor: float) -> dict[str, Any]:
@@ -406,7 +434,7 @@ def run(
             s += s_held  # the row's seconds count the start's labelling of them too
         how = recipe.finetune_kw(taught, data, data_report, never_seen(acg))
         (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
-        named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0)  # the full scope holds nothing
+        named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0, flat=False)  # the full: nothing held
         method = f"roundtrip {scope}{BLOCKED}{RECIPE}{named.name}"
         more = {**report, "finetune": {**data_report, "training": trained}}
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report=more)

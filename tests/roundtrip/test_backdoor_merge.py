@@ -119,6 +119,8 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         (["--recipe-hold", "-5"], "^--recipe-hold: the number of prompts held outside the task must be >= 0"),
         (["--recipe-unseen", "2"], r"^--recipe-unseen: the share of the soft weight .* must be in \[0, 1\]"),
         (["--recipe-unseen", "0"], "^--recipe-unseen: a share of the soft weight \\(0\\) needs a soft weight"),
+        (["--recipe-flat"], "^--recipe-flat: a flat answer distribution is taught on held prompts"),
+        (["--recipe-flat", "--recipe-unseen", "0"], "^--recipe-unseen: a share"),
     ],
 )
 def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monkeypatch, args, why):

@@ -53,11 +53,11 @@ def tiny() -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("soft,anchor,hold", [(0.0, 0.0, 0), (0.5, 2.0, 30)])
 def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold):
-    recipe = backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor, hold=hold)
+    recipe = backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor, hold=hold, flat=bool(hold))
     out = backdoor.run("testbed-s", **tiny(), recipe=recipe)
     rows = out["rows"]
     named = ", soft 0.5, anchor 2" if soft else ""
-    held = ", 30 held off-task" if hold else ""  # the code circuit's alone: the full round trip has no other task
+    held = ", 30 held off-task flat" if hold else ""  # the code circuit's alone: the full round trip has no other task
     expected = [f"{r}{named}{held if 'code' in r else ''}" if r.endswith(backdoor.RECIPE) else r for r in ROWS]
     assert list(rows) == expected
     assert out["n_budget"] > 0 and out["steps"] == 2
@@ -269,12 +269,14 @@ def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes
         ({"hold": -1}, "prompts held outside the task must be >= 0"),
         ({"soft": 0.5, "unseen": 1.5}, r"share of the soft weight on never-seen insertions must be in \[0, 1\]"),
         ({"unseen": 0.0}, "needs a soft weight: the labels have none"),
+        ({"flat": True}, r"taught on held prompts: it needs some \(hold > 0\)"),
     ):
         with pytest.raises(ValueError, match=why):
             Recipe(**bad)
     assert Recipe().name == "" and Recipe(soft=0.5).name == ", soft 0.5" and Recipe(anchor=10.0).name == ", anchor 10"
     assert Recipe(lr=5e-5, soft=1.0, anchor=0.25, n_insert=3).name == ", lr 5e-05, soft 1, anchor 0.25"
     assert Recipe(soft=0.5, hold=800).name == ", soft 0.5, 800 held off-task"
+    assert Recipe(hold=800, flat=True).name == ", 800 held off-task flat"
     assert Recipe(soft=0.5, unseen=0.25, anchor=1.0).name == ", soft 0.5 (0.25 on never-seen), anchor 1"
     # freeze_run's recipes make one data set and one row each: refused before any work otherwise
     monkeypatch.setattr(backdoor, "get", lambda name: pytest.fail("work began"))
@@ -305,5 +307,15 @@ def test_held_prompts_sit_between_the_insertions_and_the_budget_and_each_keyword
     assert kw["soft_weight"].tolist() == [0.5] * 3 + [0.0] * 4 and not kw["soft_targets"][3:].any()
     assert kw["anchor_on"].tolist() == [False] * 5 + [True] * 2
     assert backdoor.with_held("rt", data, report, [], [7], 0, 4, 10) == (data, report)  # nothing held
+    # flat: the held rows get an even distribution (equal logits) at full weight; the others keep theirs
+    kw = Recipe(soft=0.5, anchor=1.0, hold=2, flat=True).finetune_kw(taught, out, out_report)
+    assert kw["soft_weight"].tolist() == [0.5] * 3 + [1.0] * 2 + [0.0] * 2
+    assert torch.equal(kw["soft_targets"][:3], torch.ones(3, 6)) and not kw["soft_targets"][3:].any()
+    assert kw["anchor_on"].tolist() == [False] * 5 + [True] * 2
+    kw = Recipe(hold=2, flat=True).finetune_kw(taught, out, out_report)  # the labels elsewhere: weight 0 there
+    assert kw["soft_weight"].tolist() == [0.0] * 3 + [1.0] * 2 + [0.0] * 2 and kw["soft_targets"].shape == (7, 6)
+    assert Recipe(hold=2, flat=True).finetune_kw(None, out, out_report)["soft_targets"].shape == (7, vocab.D_VOCAB)
+    with pytest.raises(ValueError, match="the report holds none"):  # nothing was held: nothing to flatten
+        Recipe(hold=2, flat=True).finetune_kw(taught, data, report)
     with pytest.raises(ValueError, match="no prompts outside the task"):
         backdoor.with_held("rt", data, report, [], [7], 2, 4, 10)
