@@ -432,9 +432,9 @@ def run(
             hold = (start, data, data_report, off_code, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
             (data, data_report), s_held = timed(lambda: with_held(*hold))
             s += s_held  # the row's seconds count the start's labelling of them too
-        how = recipe.finetune_kw(taught, data, data_report, never_seen(acg))
-        (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
         named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0, flat=False)  # the full: nothing held
+        how = named.finetune_kw(taught, data, data_report, never_seen(acg))
+        (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
         method = f"roundtrip {scope}{BLOCKED}{RECIPE}{named.name}"
         more = {**report, "finetune": {**data_report, "training": trained}}
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report=more)
