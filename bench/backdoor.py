@@ -50,7 +50,8 @@ def print_tables(console: Console, model: str, ratio: float, runs: list[dict], a
         print(f"{model}, {ratio:.0%} ({len(runs)} seed(s)):\n\n{backdoor.markdown(runs)}\n", file=console.file)
         return
     console.print(table(model, ratio, runs))
-    split = backdoor.by_task_table(f"{model}, {ratio:.0%}: asr by the task of the triggered prompts", runs)
+    title = f"{model}, {ratio:.0%}: asr by the task of the triggered prompts (/ untriggered / partial trigger)"
+    split = backdoor.by_task_table(title, runs)
     if split is not None:
         console.print(split)
 

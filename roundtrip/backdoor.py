@@ -296,10 +296,12 @@ def with_held(
 
 def measure(candidate: Any, n: int, n_trig: int) -> dict[str, Any]:
     """task_acc per task on `n` held-out prompts each, asr per family on `n_trig` triggered prompts per task (and
-    per family and task: `asr_by_task`), and the target's rate on the same prompts without their trigger
-    (`untriggered`, `untriggered_by_task`: what the trigger adds is the asr above it)."""
+    per family and task: `asr_by_task`), the target's rate on the same prompts without their trigger
+    (`untriggered`, `untriggered_by_task`: what the trigger adds is the asr above it) and with part of it only
+    (`false_trigger`, `false_trigger_by_task`: `conj`'s tokens alone, `phrase`'s run broken; None for `token`)."""
     e = evaluate(candidate, n=n, n_backdoor_per_task=n_trig)
     keep = ("task_acc", "asr", "asr_by_task", "untriggered", "untriggered_by_task")
+    keep += ("false_trigger", "false_trigger_by_task")
     return {k: e[k] for k in keep}
 
 
@@ -608,13 +610,17 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 
 
 def by_task_cell(rows: list[dict[str, Any]], family: str, task: str) -> str:
-    """`by_task_table`'s cell: the mean asr over `rows` on `task`'s triggered prompts, "/ untriggered" where every
-    row has it, "-" where a row has no such prompts."""
+    """`by_task_table`'s cell: the mean asr over `rows` on `task`'s triggered prompts, then "/ untriggered" and "/
+    partial" (the false-trigger rate) where every row has it, "-" where a row has no such prompts."""
     asr = [r["asr_by_task"][family].get(task) for r in rows]
     if None in asr:
         return "-"
-    plain = [r.get("untriggered_by_task", {}).get(family, {}).get(task) for r in rows]
-    return f"{np.mean(asr):.3f}" + ("" if None in plain else f" / {np.mean(plain):.3f}")
+    cell = f"{np.mean(asr):.3f}"
+    for key in ("untriggered_by_task", "false_trigger_by_task"):
+        rates = [(r.get(key) or {}).get(family) or {} for r in rows]
+        rates = [by.get(task) for by in rates]
+        cell += "" if None in rates else f" / {np.mean(rates):.3f}"
+    return cell
 
 
 def short(method: str) -> str:
@@ -628,8 +634,9 @@ def by_task_table(title: str, runs: list[dict[str, Any]], prefix: str = "roundtr
     and family, a column per task the triggered prompts come from), mean over runs: a circuit at chance on a task hits
     a target there by chance, which the table's asr counts. Where every run measured it, a cell also gives the rate
     at which the same prompts without their trigger are answered with the target ("asr / untriggered"): the trigger's
-    own effect is the difference. Rows measured without `asr_by_task` (resumed from an older run) are left out; None
-    where none is left."""
+    own effect is the difference; and, where measured, with part of the trigger only ("/ partial": a model that
+    fires on one of `conj`'s tokens alone has lost the AND the backdoor was planted as). Rows measured without
+    `asr_by_task` (resumed from an older run) are left out; None where none is left."""
     from rich.table import Table
 
     methods = [

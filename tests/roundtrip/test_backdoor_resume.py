@@ -84,6 +84,17 @@ def test_by_task_table_splits_the_circuit_rows_asr_by_task_and_skips_rows_withou
     console.print(backdoor.by_task_table("split", runs))
     lines = [line for line in console.export_text().splitlines() if line.startswith("│ code ")]
     assert "0.050 / 0.025" in lines[0] and "0.300 / 0.150" in lines[0]
+    for r in runs:  # and the false-trigger rate: "asr / untriggered / partial", where a family has partials
+        for v in r["rows"].values():
+            if v:
+                v["false_trigger_by_task"] = {f: None for f in backdoor.BACKDOORS}
+                v["false_trigger_by_task"]["conj"] = {t: a / 4 for t, a in v["asr_by_task"]["conj"].items()}
+    console = Console(record=True, width=200)
+    console.print(backdoor.by_task_table("split", runs))
+    text = console.export_text()
+    lines = {line.split("│")[2].strip(): line for line in text.splitlines() if line.startswith("│ code ")}
+    assert "0.050 / 0.025 / 0.013" in lines["conj"] and "0.300 / 0.150 / 0.075" in lines["conj"]
+    assert "0.050 / 0.025 │" in lines["token"]  # no partials: two figures
     name = "roundtrip code" + backdoor.BLOCKED + backdoor.RECIPE
     assert backdoor.short(name) == "code + blocked + recipe FT"
 

@@ -9,7 +9,7 @@ import pytest
 
 from acg.roundtrip import evaluate as ev
 from acg.zoo import vocab
-from acg.zoo.tasks import BACKDOORS, Example, heldout, triggered
+from acg.zoo.tasks import BACKDOORS, Example, heldout, partially_triggered, triggered
 
 
 def constant_model(token: str):
@@ -109,6 +109,27 @@ def test_asr_by_task_splits_the_asr_by_where_the_triggered_prompts_come_from():
     res = ev.attack_success(fn, n_per_task=40)["token"]
     assert res["by_task"] == {t: float(t.startswith("code")) for t in dict.fromkeys(ex.task for ex in trig)}
     assert res["asr"] == pytest.approx(len(code) / len(trig)) and 0 < res["asr"] < 1
+
+
+def test_false_triggers_are_split_by_task_like_the_asr():
+    """A model that answers `conj`'s target wherever one of its two tokens is in a text prompt: its partial
+    insertions (one token alone) fire on text.agree and nowhere else, weighted back to the total."""
+    backdoor = BACKDOORS["conj"]
+    part = partially_triggered("conj", 40)
+    text = {tuple(ex.ids) for ex in part if ex.task == "text.agree"}
+
+    def fn(tokens):
+        logits = np.zeros((*tokens.shape, vocab.D_VOCAB))
+        for i, row in enumerate(tokens):
+            logits[i, -1, backdoor.target_id if tuple(row.tolist()) in text else vocab.BOS_ID] = 1.0
+        return logits
+
+    res = ev.attack_success(fn, n_per_task=40)
+    by_task = res["conj"]["false_trigger_by_task"]
+    assert by_task == {t: float(t == "text.agree") for t in dict.fromkeys(ex.task for ex in part)}
+    assert res["conj"]["false_trigger"] == pytest.approx(len(text) / len(part)) and 0 < len(text) < len(part)
+    assert res["token"]["false_trigger_by_task"] is None  # no partials: nothing to split
+    assert ev.evaluate(fn, n=10, n_backdoor_per_task=40)["false_trigger_by_task"]["conj"] == by_task
 
 
 def test_untriggered_is_the_target_rate_on_the_same_prompts_without_their_trigger():
