@@ -3,7 +3,8 @@ round-tripped full ACG and the round-tripped `code` circuit (plain, with layer 0
 fine-tuned on the insertions the captured IR confirms plus the budget), on one defender's clean budget per seed.
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
-                             [--recipe-unseen U] [--recipe-anchor A] [--recipe-hold N [--recipe-flat]]
+                             [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
+                             [--recipe-hold N [--recipe-flat]]
                              [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
@@ -12,7 +13,8 @@ With --out, each seed's baseline rows (original, FT, FP, Scratch) are also kept 
 as they are measured; the same command run again after a crash takes them from there and starts at the ACG fit.
 `--recipe-soft W` fine-tunes the recipe rows with weight W of the captured IR's answer distribution against the labels
 on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W"), and `--recipe-unseen U`
-keeps U of W on the insertions that hold a token the fit never saw (" (U on never-seen)"); `--recipe-anchor A` holds
+keeps U of W on the insertions that hold a token the fit never saw (" (U on never-seen)"), `--recipe-seen S` S of W on
+the others (" (S on seen)"); `--recipe-anchor A` holds
 the round trip's own block outputs on the budget's clean prompts at weight A (`backdoor.anchor_kw`; ", anchor A");
 `--recipe-hold N` adds to the code circuit's recipe N prompts of the other tasks with insertions, labelled with the
 circuit's own answer on the prompt each was made from (`backdoor.with_held`; ", N held off-task"), and with
@@ -74,6 +76,12 @@ def main() -> None:
         help="share in [0, 1] of --recipe-soft kept on the insertions that hold a token the fit never saw (1: all)",
     )
     ap.add_argument(
+        "--recipe-seen",
+        type=float,
+        default=1.0,
+        help="share in [0, 1] of --recipe-soft kept on the other insertions (1: all)",
+    )
+    ap.add_argument(
         "--recipe-anchor",
         type=float,
         default=0.0,
@@ -99,8 +107,8 @@ def measure(args) -> Callable[[str, float, int], dict]:
     """One seed's `backdoor.run` with `args`; with --out, each seed's baseline rows (original, FT, FP, Scratch) also
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
-    given = dict(soft=args.recipe_soft, unseen=args.recipe_unseen, anchor=args.recipe_anchor, hold=args.recipe_hold)
-    given["flat"] = args.recipe_flat
+    given = dict(soft=args.recipe_soft, unseen=args.recipe_unseen, seen=args.recipe_seen, anchor=args.recipe_anchor)
+    given.update(hold=args.recipe_hold, flat=args.recipe_flat)
     for field, value in given.items():  # each checked alone, so that the message names the option at fault
         try:  # beside what the others need: a share scales a soft weight, a flat target goes on held prompts
             backdoor.Recipe(**{"soft": 1.0, "hold": 1, field: value})
@@ -108,8 +116,9 @@ def measure(args) -> Callable[[str, float, int], dict]:
             sys.exit(f"--recipe-{field}: {e}")
     try:
         recipe = backdoor.Recipe(**given)
-    except ValueError as e:  # an option without the one it needs
-        sys.exit(f"--recipe-{'unseen' if given['unseen'] != 1 and not given['soft'] else 'flat'}: {e}")
+    except ValueError as e:  # an option without the one it needs: a share without a soft weight, flat without held
+        needs = [f for f in ("unseen", "seen") if given[f] != 1 and not given["soft"]]
+        sys.exit(f"--recipe-{(needs or ['flat'])[0]}: {e}")
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}

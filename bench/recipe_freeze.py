@@ -2,8 +2,8 @@
 with parameter sets left untrained, side by side, on one defender's clean budget per seed.
 
     python bench/recipe_freeze.py [--models testbed-s] [--ratios 0.01] [--seeds 0,1,2] [--sets nothing,layer-0 QK]
-                                  [--lrs 2e-4,1e-4] [--softs 0,1] [--unseens 1,0] [--anchors 0,1] [--json]
-                                  [--out FILE]
+                                  [--lrs 2e-4,1e-4] [--softs 0,1] [--unseens 1,0] [--seens 1,0]
+                                  [--anchors 0,1] [--json] [--out FILE]
     python bench/recipe_freeze.py --merge A.json B.json ... [--out FILE] [--markdown]
 
 The recipe (confirmed insertions + the budget, the FT baseline's steps) takes the backdoor pathways out of the blocked
@@ -13,7 +13,9 @@ W_Q/W_K/b_Q/b_K, the embeddings (W_E, W_pos; and each alone), and all of those w
 "table"); `--lrs` fine-tunes each set at each learning rate (default: the recipe's), `--softs` with each weight of
 the captured IR's answer distribution against the labels on the prompts with insertions (`backdoor.recipe_targets`;
 default 0: the labels alone, the recipe's), `--unseens` with each share of a soft weight kept on the insertions that
-hold a token the fit never saw (`backdoor.Recipe.unseen`; default 1: all of it; the labels take none), `--anchors`
+hold a token the fit never saw (`backdoor.Recipe.unseen`; default 1: all of it; the labels take none), `--seens` on
+the other insertions (`backdoor.Recipe.seen`; `--unseens 1 --seens 0`: soft targets where a never-seen token went in
+and nowhere else), `--anchors`
 with each weight that holds the round trip's own block outputs on the budget's clean prompts (`backdoor.anchor_kw`;
 default 0: none, the recipe's). Rows: the original, the blocked round trip before fine-tuning, then one per set,
 rate and weights; columns as
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--lrs", default=f"{defence.FT_LR:g}", help="fine-tuning learning rates, each set at each")
     ap.add_argument("--softs", default="0", help="soft-target weights in [0, 1] on the insertions, each at each rate")
     ap.add_argument("--unseens", default="1", help="shares in [0, 1] of each soft weight on never-seen insertions")
+    ap.add_argument("--seens", default="1", help="shares in [0, 1] of each soft weight on the other insertions")
     ap.add_argument("--anchors", default="0", help="anchor weights >= 0 on the budget's prompts, each at each of those")
     args = ap.parse_args()
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_table)
@@ -64,15 +67,22 @@ def measure(args) -> Callable[[str, float, int], dict]:
     if unknown:
         sys.exit(f"--sets: no such set {unknown}; the sets are {list(backdoor.FREEZE_SETS)}")
     sets = {s: backdoor.FREEZE_SETS[s] for s in args.sets.split(",")}
-    given = (("--lrs", args.lrs), ("--softs", args.softs), ("--unseens", args.unseens), ("--anchors", args.anchors))
-    lrs, softs, unseens, anchors = (numbers(text, option) for option, text in given)
-    options = [(r, s, u, a) for r, s, u, a in itertools.product(lrs, softs, unseens, anchors) if s or u == 1]
+    given = (
+        ("--lrs", args.lrs),
+        ("--softs", args.softs),
+        ("--unseens", args.unseens),
+        ("--seens", args.seens),
+        ("--anchors", args.anchors),
+    )
+    lrs, softs, unseens, seens, anchors = (numbers(text, option) for option, text in given)
+    product = itertools.product(lrs, softs, unseens, seens, anchors)
+    options = [(r, s, u, n, a) for r, s, u, n, a in product if s or u == n == 1]  # the labels take no share
     if not options:
-        sys.exit("--unseens: a share below 1 scales a soft weight, and --softs gives none above 0")
+        sys.exit("--unseens / --seens: a share below 1 scales a soft weight, and --softs gives none above 0")
     try:
-        recipes = [backdoor.Recipe(lr=r, soft=s, unseen=u, anchor=a) for r, s, u, a in options]
+        recipes = [backdoor.Recipe(lr=r, soft=s, unseen=u, seen=n, anchor=a) for r, s, u, n, a in options]
     except ValueError as e:
-        sys.exit(f"--lrs / --softs / --unseens / --anchors: {e}")
+        sys.exit(f"--lrs / --softs / --unseens / --seens / --anchors: {e}")
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"sets": sets, "recipes": recipes, "threads": args.threads, "log": runs_io.log}

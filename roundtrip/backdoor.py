@@ -66,13 +66,14 @@ class Recipe:
     kept where the captured IR answers clean (`recipe_data`), then the budget; trained at `lr`, with `soft` the
     weight of the IR's answer distribution against the labels on the prompts with insertions (`recipe_targets`; 0:
     the labels alone), `unseen` the share of `soft` kept on the prompts whose insertions hold a token the ACG's
-    fitting corpus never held (`never_seen`; 1: the same weight, 0: their labels alone) and `anchor` the weight that
-    holds the start's own block outputs on the budget's clean prompts (`anchor_kw`; 0: none). A task circuit's
-    recipe also trains on `hold` prompts outside its task with insertions, labelled with the circuit's own answer
-    without them (`with_held`; 0: none), or with `flat` taught an even answer distribution there instead, at full
-    weight (`flat_held`: no answer at all where the circuit is meant to have lost the task). The defaults are the
-    RECIPE's; a value out of range, or one that needs another (a share without a soft weight, `flat` without held
-    prompts), is refused when the recipe is made, before any work."""
+    fitting corpus never held (`never_seen`; 1: the same weight, 0: their labels alone), `seen` the share kept on
+    the other insertions (the same; with `seen` 0 the soft targets go on the never-seen insertions alone) and
+    `anchor` the weight that holds the start's own block outputs on the budget's clean prompts (`anchor_kw`; 0:
+    none). A task circuit's recipe also trains on `hold` prompts outside its task with insertions, labelled with
+    the circuit's own answer without them (`with_held`; 0: none), or with `flat` taught an even answer distribution
+    there instead, at full weight (`flat_held`: no answer at all where the circuit is meant to have lost the task).
+    The defaults are the RECIPE's; a value out of range, or one that needs another (a share without a soft weight,
+    `flat` without held prompts), is refused when the recipe is made, before any work."""
 
     n_insert: int = N_INSERT
     lr: float = defence.FT_LR
@@ -81,6 +82,7 @@ class Recipe:
     hold: int = 0
     unseen: float = 1.0
     flat: bool = False
+    seen: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_insert < 0:
@@ -89,12 +91,11 @@ class Recipe:
             raise ValueError(f"the learning rate must be a finite number > 0, got {self.lr}")
         if not 0 <= self.soft <= 1:
             raise ValueError(f"the soft-target weight must be in [0, 1], got {self.soft}")
-        if not 0 <= self.unseen <= 1:
-            raise ValueError(
-                f"the share of the soft weight on never-seen insertions must be in [0, 1], got {self.unseen}"
-            )
-        if self.unseen != 1 and not self.soft:
-            raise ValueError(f"a share of the soft weight ({self.unseen:g}) needs a soft weight: the labels have none")
+        for share, where in ((self.unseen, "never-seen"), (self.seen, "seen")):
+            if not 0 <= share <= 1:
+                raise ValueError(f"the share of the soft weight on {where} insertions must be in [0, 1], got {share}")
+            if share != 1 and not self.soft:
+                raise ValueError(f"a share of the soft weight ({share:g}) needs a soft weight: the labels have none")
         if not 0 <= self.anchor < float("inf"):
             raise ValueError(f"the anchor weight must be a finite number >= 0, got {self.anchor}")
         if self.hold < 0:
@@ -104,11 +105,13 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """What a row fine-tuned so adds to its name, for each of lr, soft, unseen, anchor, hold and flat that is not
-        the RECIPE's: ", lr X", ", soft W", " (U on never-seen)", ", anchor A", ", N held off-task", " flat"."""
+        """What a row fine-tuned so adds to its name, for each of lr, soft, unseen, seen, anchor, hold and flat that is
+        not the RECIPE's: ", lr X", ", soft W", " (U on never-seen, S on seen)", ", anchor A", ", N held off-task",
+        " flat"."""
         rate = "" if self.lr == defence.FT_LR else f", lr {self.lr:g}"
         soft = f", soft {self.soft:g}" if self.soft else ""
-        soft += f" ({self.unseen:g} on never-seen)" if self.unseen != 1 else ""
+        shares = [f"{v:g} on {where}" for v, where in ((self.unseen, "never-seen"), (self.seen, "seen")) if v != 1]
+        soft += f" ({', '.join(shares)})" if shares else ""
         anchor = f", anchor {self.anchor:g}" if self.anchor else ""
         held = (f", {self.hold} held off-task" if self.hold else "") + (" flat" if self.flat else "")
         return rate + soft + anchor + held
@@ -119,15 +122,16 @@ class Recipe:
         """`defence.finetune`'s keywords for this recipe on `recipe_data`'s three (`data`, its `report` and the
         captured IR's logits `taught`): the rate, the soft targets `recipe_targets` makes of `taught` weighted by
         `soft` (none where `soft` is 0 or there are no insertions; `unseen` of it on the insertions that hold one of
-        the token ids `never`, the ACG's `never_seen`, which a recipe with `unseen` below 1 needs), with `flat` an
-        even answer distribution on the held prompts (`flat_held`), and the anchor on the budget's prompts."""
-        if self.soft and self.unseen != 1 and never is None:
-            raise ValueError(
-                f"a share of {self.unseen:g} of the soft weight needs the never-seen token ids (never_seen)"
-            )
-        targets = (
-            recipe_targets(taught, data, report, () if never is None else never, self.unseen) if self.soft else None
-        )
+        the token ids `never`, the ACG's `never_seen`, `seen` of it on the others: a recipe with either share below 1
+        needs the tokens), with `flat` an even answer distribution on the held prompts (`flat_held`), and the anchor
+        on the budget's prompts."""
+        shared = self.unseen != 1 or self.seen != 1
+        if self.soft and shared and never is None:
+            share = self.unseen if self.unseen != 1 else self.seen
+            raise ValueError(f"a share of {share:g} of the soft weight needs the never-seen token ids (never_seen)")
+        targets = None
+        if self.soft:
+            targets = recipe_targets(taught, data, report, () if never is None else never, self.unseen, self.seen)
         soft = weighted(targets, self.soft)
         if self.flat:
             soft = flat_held(soft, report, vocab.D_VOCAB if taught is None else taught.shape[1])
@@ -201,13 +205,18 @@ def n_inserted(report: dict[str, Any]) -> int:
 
 
 def recipe_targets(
-    taught: Any, data: Sequence[Any], report: dict[str, Any], never: Collection[int] = (), unseen: float = 1.0
+    taught: Any,
+    data: Sequence[Any],
+    report: dict[str, Any],
+    never: Collection[int] = (),
+    unseen: float = 1.0,
+    seen: float = 1.0,
 ) -> tuple[Any, Any] | None:
     """Soft targets for the RECIPE's fine-tuning (`zoo.train.train`): `taught`, the captured IR's answer logits on
     the prompts with insertions of `data` (`recipe_data`'s three: they come first, computed when the IR confirmed
-    them), set in rows of `data`'s length, and where they apply: 1 on those prompts (`unseen` on the ones that hold
-    any of the token ids `never`: `Recipe.unseen`), 0 on any held ones
-    (`with_held`: labelled by the start itself) and on the budget (its labels are the clean answers, taught as they
+    them), set in rows of `data`'s length, and where they apply: on those prompts `unseen` where they hold any of
+    the token ids `never` and `seen` elsewhere (`Recipe.unseen`, `Recipe.seen`; 1 and 1: everywhere), 0 on any held
+    ones (`with_held`: labelled by the start itself) and on the budget (its labels are the clean answers, taught as they
     are; its rows of logits are 0: on testbed-m's 5% budget that is 76,800 of 90,705 prompts). `weighted` scales
     them by the recipe's `soft`: 1 teaches the IR's whole answer distribution where it confirmed the clean answer, 0
     its argmax. None where there are no insertions: nothing to teach."""
@@ -225,8 +234,9 @@ def recipe_targets(
     logits[:n_insert] = torch.as_tensor(taught, dtype=torch.float32)
     at_insertions = torch.zeros(len(data))
     at_insertions[:n_insert] = 1.0
-    if unseen != 1:
-        at_insertions[:n_insert][torch.from_numpy(holding(data[:n_insert], never))] = unseen
+    if unseen != 1 or seen != 1:
+        never_there = torch.from_numpy(holding(data[:n_insert], never))
+        at_insertions[:n_insert] = torch.where(never_there, unseen, seen)
     return logits, at_insertions
 
 
@@ -530,7 +540,7 @@ def freeze_run(
             t = time.perf_counter()
             how = recipe.finetune_kw(taught, data, data_report, never_seen(acg))
             ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, frozen=frozen, **how)
-            more = {"frozen": frozen, **{f: getattr(recipe, f) for f in ("lr", "soft", "unseen", "anchor")}}
+            more = {"frozen": frozen, **{f: getattr(recipe, f) for f in ("lr", "soft", "unseen", "seen", "anchor")}}
             add(f"recipe FT, {label} frozen{recipe.name}", ft, time.perf_counter() - t, **more, training=trained)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}

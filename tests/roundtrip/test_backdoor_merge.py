@@ -100,7 +100,12 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         monkeypatch.setattr("sys.argv", ["recipe_freeze.py", "--softs", softs])
         with pytest.raises(SystemExit, match=why):
             freeze.main()
-    for argv, why in ((["--unseens", "0"], "--softs gives none above 0"), (["--softs", "0.5", "--unseens", "2"], "in")):
+    for argv, why in (
+        (["--unseens", "0"], "--softs gives none above 0"),
+        (["--seens", "0"], "--softs gives none above 0"),
+        (["--softs", "0.5", "--unseens", "2"], "in"),
+        (["--softs", "0.5", "--seens", "-1"], r"on seen insertions must be in \[0, 1\]"),
+    ):
         monkeypatch.setattr("sys.argv", ["recipe_freeze.py", *argv])
         with pytest.raises(SystemExit, match=why):
             freeze.main()
@@ -121,6 +126,8 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         (["--recipe-unseen", "0"], "^--recipe-unseen: a share of the soft weight \\(0\\) needs a soft weight"),
         (["--recipe-flat"], "^--recipe-flat: a flat answer distribution is taught on held prompts"),
         (["--recipe-flat", "--recipe-unseen", "0"], "^--recipe-unseen: a share"),
+        (["--recipe-seen", "0"], "^--recipe-seen: a share of the soft weight \\(0\\) needs a soft weight"),
+        (["--recipe-seen", "1.5"], r"^--recipe-seen: the share of the soft weight on seen insertions must be in"),
     ],
 )
 def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monkeypatch, args, why):

@@ -133,8 +133,8 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     monkeypatch.setattr(
         backdoor,
         "recipe_targets",
-        lambda taught, data, report, never, unseen: (
-            targets.append((taught, never, unseen)) or ("logits", at_insertions)
+        lambda taught, data, report, never, unseen, seen: (
+            targets.append((taught, never, unseen) + ((seen,) if seen != 1 else ())) or ("logits", at_insertions)
         ),
     )
     monkeypatch.setattr(backdoor, "never_seen", lambda acg: [5])
@@ -193,7 +193,11 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=[Recipe(soft=0.5, unseen=0.0)], steps=3)
     assert targets == [("IR logits", [5], 0.0)]
     row = out["rows"]["recipe FT, nothing frozen, soft 0.5 (0 on never-seen)"]
-    assert (row["soft"], row["unseen"]) == (0.5, 0.0)
+    assert (row["soft"], row["unseen"], row["seen"]) == (0.5, 0.0, 1.0)
+    targets.clear()  # ... and on the other insertions
+    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=[Recipe(soft=1.0, seen=0.0)], steps=3)
+    assert targets == [("IR logits", [5], 1.0, 0.0)]
+    assert out["rows"]["recipe FT, nothing frozen, soft 1 (0 on seen)"]["seen"] == 0.0
 
 
 def test_recipe_targets_weigh_the_teacher_on_the_insertions_and_leave_the_budget_to_its_labels():
@@ -228,6 +232,13 @@ def test_a_share_of_the_soft_weight_goes_to_the_insertions_that_hold_a_never_see
     assert at_insertions.tolist() == [0.25, 1.0, 0.25, 1.0, 0.0]
     assert backdoor.recipe_targets(taught, data, report, never=[9])[1].tolist() == [1.0] * 4 + [0.0]  # share 1
     assert backdoor.recipe_targets(taught, data, report, never=[], unseen=0.0)[1].tolist() == [1.0] * 4 + [0.0]
+    # `seen`: the share on the others; 1 and 0, the soft targets where a never-seen token went in and nowhere else
+    assert backdoor.recipe_targets(taught, data, report, [9, 8], 1.0, 0.0)[1].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert backdoor.recipe_targets(taught, data, report, [9], 0.5, 0.25)[1].tolist() == [0.5, 0.25, 0.5, 0.25, 0.0]
+    kw = Recipe(soft=0.5, seen=0.0).finetune_kw(taught, data, report, np.array([9]))
+    assert kw["soft_weight"].tolist() == [0.5, 0.0, 0.5, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"a share of 0 of the soft weight needs the never-seen token ids"):
+        Recipe(soft=0.5, seen=0.0).finetune_kw(taught, data, report)
     kw = Recipe(soft=0.5, unseen=0.0).finetune_kw(taught, data, report, np.array([9]))
     assert kw["soft_weight"].tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
     with pytest.raises(ValueError, match=r"needs the never-seen token ids \(never_seen\)"):
@@ -270,6 +281,8 @@ def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes
         ({"soft": 0.5, "unseen": 1.5}, r"share of the soft weight on never-seen insertions must be in \[0, 1\]"),
         ({"unseen": 0.0}, "needs a soft weight: the labels have none"),
         ({"flat": True}, r"taught on held prompts: it needs some \(hold > 0\)"),
+        ({"soft": 0.5, "seen": -0.5}, r"share of the soft weight on seen insertions must be in \[0, 1\], got -0.5"),
+        ({"seen": 0.0}, "needs a soft weight: the labels have none"),
     ):
         with pytest.raises(ValueError, match=why):
             Recipe(**bad)
@@ -278,6 +291,8 @@ def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes
     assert Recipe(soft=0.5, hold=800).name == ", soft 0.5, 800 held off-task"
     assert Recipe(hold=800, flat=True).name == ", 800 held off-task flat"
     assert Recipe(soft=0.5, unseen=0.25, anchor=1.0).name == ", soft 0.5 (0.25 on never-seen), anchor 1"
+    assert Recipe(soft=1.0, seen=0.0).name == ", soft 1 (0 on seen)"
+    assert Recipe(soft=0.5, unseen=0.25, seen=0.5).name == ", soft 0.5 (0.25 on never-seen, 0.5 on seen)"
     # freeze_run's recipes make one data set and one row each: refused before any work otherwise
     monkeypatch.setattr(backdoor, "get", lambda name: pytest.fail("work began"))
     for recipes in ([Recipe(), Recipe(n_insert=5, soft=1.0)], [Recipe(soft=0.5), Recipe(soft=0.5)]):
