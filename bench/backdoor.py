@@ -4,8 +4,7 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
-                             [--recipe-hold N [--recipe-flat]]
-                             [--json] [--out FILE]
+                             [--recipe-hold N [--recipe-flat]] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -14,11 +13,11 @@ as they are measured; the same command run again after a crash takes them from t
 `--recipe-soft W` fine-tunes the recipe rows with weight W of the captured IR's answer distribution against the labels
 on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W"), and `--recipe-unseen U`
 keeps U of W on the insertions that hold a token the fit never saw (" (U on never-seen)"), `--recipe-seen S` S of W on
-the others (" (S on seen)"); `--recipe-anchor A` holds
-the round trip's own block outputs on the budget's clean prompts at weight A (`backdoor.anchor_kw`; ", anchor A");
-`--recipe-hold N` adds to the code circuit's recipe N prompts of the other tasks with insertions, labelled with the
-circuit's own answer on the prompt each was made from (`backdoor.with_held`; ", N held off-task"), and with
-`--recipe-flat` teaches them an even answer distribution instead, at full weight (`backdoor.flat_held`; " flat").
+the others (" (S on seen)"); `--recipe-anchor A` holds the round trip's own block outputs on the budget's clean
+prompts at weight A (`backdoor.anchor_kw`; ", anchor A"); `--recipe-hold N` adds to the code circuit's recipe N
+prompts of the other tasks with insertions, labelled with the circuit's own answer on the prompt each was made from
+(`backdoor.with_held`; ", N held off-task"), and with `--recipe-flat` teaches them an even answer distribution
+instead, at full weight (`backdoor.flat_held`; " flat").
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.

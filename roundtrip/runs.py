@@ -45,6 +45,7 @@ def code_version(where: Path | None = None) -> dict[str, str | bool | None]:
 
 
 PACKAGES = ("torch", "numpy", "scipy", "numba", "onnx", "onnxruntime")  # what the fit and the evaluation run on
+WIDE = 240  # columns for tables written to a file or a pipe (the backdoor table is about 240 wide)
 
 
 def environment() -> dict[str, Any]:
@@ -125,6 +126,8 @@ def bench_main(
     except MergeError as e:
         raise SystemExit(str(e)) from e
     console = Console(stderr=args.json)
+    if not console.is_terminal:  # a log file or a pipe: rich's 80 columns would wrap the wide tables cell by cell
+        console = Console(stderr=args.json, width=WIDE)
     for (model, ratio), runs in entries.items():
         show(console, model, ratio, runs, args.markdown)
     emit(document(benchmark, entries, **extra), args.out, args.json)
