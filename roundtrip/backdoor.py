@@ -91,7 +91,7 @@ class Recipe:
             raise ValueError(f"the learning rate must be a finite number > 0, got {self.lr}")
         if not 0 <= self.soft <= 1:
             raise ValueError(f"the soft-target weight must be in [0, 1], got {self.soft}")
-        for share, where in ((self.unseen, "never-seen"), (self.seen, "seen")):
+        for share, where in self.shares:
             if not 0 <= share <= 1:
                 raise ValueError(f"the share of the soft weight on {where} insertions must be in [0, 1], got {share}")
             if share != 1 and not self.soft:
@@ -104,13 +104,18 @@ class Recipe:
             raise ValueError("a flat answer distribution is taught on held prompts: it needs some (hold > 0)")
 
     @property
+    def shares(self) -> tuple[tuple[float, str], ...]:
+        """The soft weight's shares and the insertions each goes on: (`unseen`, "never-seen"), (`seen`, "seen")."""
+        return (self.unseen, "never-seen"), (self.seen, "seen")
+
+    @property
     def name(self) -> str:
         """What a row fine-tuned so adds to its name, for each of lr, soft, unseen, seen, anchor, hold and flat that is
         not the RECIPE's: ", lr X", ", soft W", " (U on never-seen, S on seen)", ", anchor A", ", N held off-task",
         " flat"."""
         rate = "" if self.lr == defence.FT_LR else f", lr {self.lr:g}"
         soft = f", soft {self.soft:g}" if self.soft else ""
-        shares = [f"{v:g} on {where}" for v, where in ((self.unseen, "never-seen"), (self.seen, "seen")) if v != 1]
+        shares = [f"{v:g} on {where}" for v, where in self.shares if v != 1]
         soft += f" ({', '.join(shares)})" if shares else ""
         anchor = f", anchor {self.anchor:g}" if self.anchor else ""
         held = (f", {self.hold} held off-task" if self.hold else "") + (" flat" if self.flat else "")
@@ -125,10 +130,9 @@ class Recipe:
         the token ids `never`, the ACG's `never_seen`, `seen` of it on the others: a recipe with either share below 1
         needs the tokens), with `flat` an even answer distribution on the held prompts (`flat_held`), and the anchor
         on the budget's prompts."""
-        shared = self.unseen != 1 or self.seen != 1
+        shared = [v for v, _ in self.shares if v != 1]
         if self.soft and shared and never is None:
-            share = self.unseen if self.unseen != 1 else self.seen
-            raise ValueError(f"a share of {share:g} of the soft weight needs the never-seen token ids (never_seen)")
+            raise ValueError(f"a share of {shared[0]:g} of the soft weight needs the never-seen token ids (never_seen)")
         targets = None
         if self.soft:
             targets = recipe_targets(taught, data, report, () if never is None else never, self.unseen, self.seen)
