@@ -4,7 +4,7 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
-                             [--recipe-hold N [--recipe-flat]] [--json] [--out FILE]
+                             [--recipe-hold N [--recipe-flat]] [--circuit-refine-tokens N] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -17,7 +17,9 @@ the others (" (S on seen)"); `--recipe-anchor A` holds the round trip's own bloc
 prompts at weight A (`backdoor.anchor_kw`; ", anchor A"); `--recipe-hold N` adds to the code circuit's recipe N
 prompts of the other tasks with insertions, labelled with the circuit's own answer on the prompt each was made from
 (`backdoor.with_held`; ", N held off-task"), and with `--recipe-flat` teaches them an even answer distribution
-instead, at full weight (`backdoor.flat_held`; " flat").
+instead, at full weight (`backdoor.flat_held`; " flat"). `--circuit-refine-tokens N` has the code circuit's
+elimination try leaving out the N rarest tokens of the code prompts (default 64, `backdoor.REFINE_TOKENS`; 0: every
+token they hold kept, as before 4 December; the rows are named " (every code token kept)").
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
@@ -98,7 +100,15 @@ def main() -> None:
         action="store_true",
         help="teach the --recipe-hold prompts an even answer distribution (no answer) instead of the circuit's own",
     )
+    ap.add_argument(
+        "--circuit-refine-tokens",
+        type=int,
+        default=backdoor.REFINE_TOKENS,
+        help="the code circuit's elimination tries leaving out this many of the code prompts' rarest tokens (0: none)",
+    )
     args = ap.parse_args()
+    if args.circuit_refine_tokens < 0:
+        ap.error(f"--circuit-refine-tokens must be >= 0 (tokens to try leaving out), got {args.circuit_refine_tokens}")
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
 
@@ -121,7 +131,7 @@ def measure(args) -> Callable[[str, float, int], dict]:
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
-        kw["recipe"] = recipe
+        kw.update(recipe=recipe, refine_tokens=args.circuit_refine_tokens)
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

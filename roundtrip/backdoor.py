@@ -58,6 +58,7 @@ RECIPE = " + FT, confirmed insertions + budget"  # `distil.confirmed_pool`, then
 N_INSERT = 16_000  # prompts with insertions drawn for the recipe's fine-tuning (before the IR's confirmation)
 BLOCK = 1.0  # a blocked pair scores minus its head's largest |pair score| (README: saturated, float32-exact)
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
+REFINE_TOKENS = 64  # the code circuit's elimination tries leaving out the 64 rarest tokens of the code prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,10 +331,18 @@ def captured_ir(
     return codegen.load(f"{tmp}/onnx"), result.report
 
 
-def code_circuit(model, acg, budget, n_fit: int = 2000, n_eval: int = 1000, tolerance: float = 0.01):
+def code_circuit(
+    model,
+    acg,
+    budget,
+    n_fit: int = 2000,
+    n_eval: int = 1000,
+    tolerance: float = 0.01,
+    refine_tokens: int = REFINE_TOKENS,
+):
     """The `code` circuit: attributed on the budget's code prompts, selected on held-out prompts (seed
-    CIRCUIT_EVAL_SEED), every top-k feature tried by the elimination, whose path is validated on other held-out
-    prompts (the next seed's, less any the selection holds)."""
+    CIRCUIT_EVAL_SEED), the `refine_tokens` rarest tokens of the code prompts and every top-k feature tried by the
+    elimination, whose path is validated on other held-out prompts (the next seed's, less any the selection holds)."""
     tasks = resolve_tasks("code")
     fit_examples = [ex for ex in budget if ex.task in tasks][:n_fit]
     eval_examples, validation = heldout_pair(tasks, n_eval, CIRCUIT_EVAL_SEED)
@@ -347,6 +356,7 @@ def code_circuit(model, acg, budget, n_fit: int = 2000, n_eval: int = 1000, tole
         name="circuit:code",
         refine=None,
         validation=validation,
+        refine_tokens=refine_tokens,
     )
 
 
@@ -364,12 +374,15 @@ def run(
     threads: int = 2,
     resume: Path | None = None,
     recipe: Recipe = Recipe(),
+    refine_tokens: int = REFINE_TOKENS,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
     FP, Scratch) is saved there as soon as it is measured and taken from there by a later run of the same budget,
     seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again. `recipe`:
-    how the RECIPE rows fine-tune (the RECIPE's own by default), named in them (`Recipe.name`) where it differs."""
+    how the RECIPE rows fine-tune (the RECIPE's own by default), named in them (`Recipe.name`) where it differs.
+    `refine_tokens`: how many of the code prompts' rarest tokens the code circuit's elimination tries leaving out
+    (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS."""
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -442,7 +455,7 @@ def run(
                     (data, made, taught), s = timed(lambda p=part, f=fn: recipe_data(acg, p, recipe.n_insert, seed, f))
                     made_for[scope] = (data, made, taught, s)
 
-    def tuned(start, scope: str, report: dict[str, Any]) -> None:
+    def tuned(start, scope: str, report: dict[str, Any], tag: str = "") -> None:
         data, data_report, taught, s = made_for[scope]
         if scope == "code":  # the other tasks' prompts with insertions, held to the circuit's own answers
             hold = (start, data, data_report, off_code, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
@@ -451,7 +464,7 @@ def run(
         named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0, flat=False)  # the full: nothing held
         how = named.finetune_kw(taught, data, data_report, never_seen(acg))
         (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
-        method = f"roundtrip {scope}{BLOCKED}{RECIPE}{named.name}"
+        method = f"roundtrip {scope}{tag}{BLOCKED}{RECIPE}{named.name}"
         more = {**report, "finetune": {**data_report, "training": trained}}
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report=more)
 
@@ -460,18 +473,27 @@ def run(
         add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
         if block is not None:
             tuned(rt, "full", report)
-    circ, s = timed(lambda: code_circuit(model, acg, budget, n_eval=n_eval))  # selected on as many prompts as measured
+    # selected on as many prompts as measured
+    circ, s = timed(lambda: code_circuit(model, acg, budget, n_eval=n_eval, refine_tokens=refine_tokens))
+    tag = circuit_tag(refine_tokens)
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
         (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
         edges = circuit.n_edges(pruned) if edges is None else edges
         report.update(circuit=circ.report, curve=circ.curve, n_edges=edges)
         report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
-        add("roundtrip code" + suffix, rt_code, s + s2, report["n_params"], report=report)
+        add("roundtrip code" + tag + suffix, rt_code, s + s2, report["n_params"], report=report)
         if block is not None:
-            tuned(rt_code, "code", report)
+            tuned(rt_code, "code", report, tag)
     add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
+
+
+def circuit_tag(refine_tokens: int) -> str:
+    """What the code circuit's rows add to their name for a token elimination other than REFINE_TOKENS's."""
+    if refine_tokens == REFINE_TOKENS:
+        return ""
+    return " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
 
 
 _L0_QK = ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.b_Q", "blocks.0.attn.b_K")

@@ -18,8 +18,11 @@ left out where the target still holds — first-order scores miss redundancy (tw
 Every decision is judged on the same prompts (the curve's), and many decisions on one sample favour a circuit that
 is lucky on it: the target is therefore held with a `margin` per task, by default one standard error of the
 reference accuracy on those prompts (sqrt(r (1 - r) / n)), at most half the tolerance, so that it still holds on
-prompts the selection never saw (the bench measures on others). Tokens kept are those
-the task's prompts use; positions, all those they reach; attention writes are restricted to the kept span.
+prompts the selection never saw (the bench measures on others). Tokens kept are those the task's prompts use, less
+those the same elimination leaves out (run on the top k before its features; the 64 rarest in the task's prompts
+tried, rarest first: a token the task's prompts hold but its answers do not need, such as one a poisoned training
+stream scattered through them, is dropped and reads as its position alone); positions, all those they reach;
+attention writes are restricted to the kept span.
 The edges between the kept features are pruned the same way on the unrolled circuit (`roundtrip/edges.py`): a dense
 checkpoint cannot leave out a single edge, an unrolled circuit (IR, code) can.
 """
@@ -91,11 +94,16 @@ class Circuit:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def task_tokens(examples: Sequence[Example], d_vocab: int) -> np.ndarray:
-    used = np.zeros(d_vocab, bool)
+def token_share(examples: Sequence[Example], d_vocab: int) -> np.ndarray:
+    """Per token id, the share of `examples` whose prompt holds it."""
+    held = np.zeros(d_vocab)
     for ex in examples:
-        used[ex.ids] = True
-    return used
+        held[np.unique(ex.ids)] += 1
+    return held / max(len(examples), 1)
+
+
+def task_tokens(examples: Sequence[Example], d_vocab: int) -> np.ndarray:
+    return token_share(examples, d_vocab) > 0
 
 
 def ranked(scores: list[np.ndarray]) -> np.ndarray:
@@ -147,6 +155,7 @@ def extract(
     refine: int | None = 64,
     margin: float | None = None,
     validation: dict[str, Sequence[Example]] | None = None,
+    refine_tokens: int | None = 64,
 ) -> Circuit:
     """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of `reference`
     (None: the model's own accuracy there) on every task in `eval_examples` (module docstring). Candidates are the
@@ -156,15 +165,20 @@ def extract(
     validation prompts alike; None where the target is met). The `refine` least attributed features of the top k (None:
     all of them) are then ablated one at a time, least first, and each is
     left out where the target still holds (backward elimination: the report's `k_top` is the top-k size, `refined_away`
-    how many it left out). Each decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts;
-    `margin` None: per task, `selection_margin` (the report's `margin`).
+    how many it left out). Before the features, the tokens: those `fit_examples` hold, of which the `refine_tokens`
+    rarest (the share of `fit_examples` holding each; None: all of them) are dropped from the top k the same way,
+    rarest first, each left out where the target still holds (its embedding zeroed, it reads as its position alone;
+    the report's `tokens_refined_away`, ids). Each decision asks for `task_acc` >= reference - tolerance + margin on
+    the eval prompts; `margin` None: per task, `selection_margin` (the report's `margin`).
 
     `validation` (prompts per task, none of them in `eval_examples`): the elimination's path (the circuit after each
     removal it kept) is checked against them, and the smallest circuit on it that holds the same target there too
-    is the result (bisection over the path, taken as monotone; the report's `validated`, and `refined_away` counts
-    only the removals kept). Without it the elimination's last circuit is the result."""
+    is the result (bisection over the path, taken as monotone; the report's `validated`, and `refined_away` /
+    `tokens_refined_away` count only the removals kept). Without it the elimination's last circuit is the result."""
     if refine is not None and refine < 0:
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
+    if refine_tokens is not None and refine_tokens < 0:
+        raise ValueError(f"refine_tokens must be >= 0 (tokens to try leaving out), got {refine_tokens}")
     if margin is not None and not 0 <= margin <= tolerance:
         raise ValueError(f"margin must be in [0, tolerance = {tolerance}], got {margin}")
 
@@ -186,13 +200,16 @@ def extract(
     live = int(sum((s > 0).sum() for s in scores))
     if live == 0:
         raise RoundtripError(f"no feature carries any attribution on the {len(fit_examples)} task prompts")
-    tokens = task_tokens(fit_examples, acg.cfg.d_vocab)
+    share = token_share(fit_examples, acg.cfg.d_vocab)
+    tokens = share > 0
     longest = max(len(ex.ids) for ex in fit_examples)
     positions = np.arange(acg.cfg.n_ctx) < longest
     cache: dict[int, dict[str, float]] = {}
 
-    def accuracy_of(chosen: Sequence[int], examples: dict[str, Sequence[Example]] = eval_examples) -> dict[str, float]:
-        pruned, _ = prune(acg, select(scores, chosen, tokens, positions))
+    def accuracy_of(
+        chosen: Sequence[int], examples: dict[str, Sequence[Example]] = eval_examples, kept: np.ndarray = tokens
+    ) -> dict[str, float]:
+        pruned, _ = prune(acg, select(scores, chosen, kept, positions))
         repl = to_dense(pruned)
         return {t: accuracy(answer_logits(repl, exs), exs) for t, exs in examples.items()}
 
@@ -220,13 +237,21 @@ def extract(
         good = smallest_passing(ks, lambda k: faithful(measure(k)), bisect_steps) or live
     curve = [{"k": k, "fraction": k / total, "task_acc": cache[k]} for k in sorted(cache)]
     chosen, acc = list(order[:good]), measure(good)
-    path = [(chosen, acc)]  # the circuit after each removal kept
+    path = [(chosen, tokens, acc)]  # the circuit (features, tokens) after each removal kept: tokens first
+    rarest = [t for t in np.argsort(share, kind="stable") if tokens[t]]  # ties: lower id first
+    for token in rarest[: len(rarest) if refine_tokens is None else refine_tokens]:
+        kept = path[-1][1].copy()
+        kept[token] = False
+        kept_acc = accuracy_of(chosen, kept=kept)
+        if faithful(kept_acc):
+            path.append((chosen, kept, kept_acc))
+    kept = path[-1][1]
     for feature in order[:good][::-1][: good if refine is None else refine]:  # least attributed first
         trial = [f for f in path[-1][0] if f != feature]
-        trial_acc = accuracy_of(trial) if trial else None
+        trial_acc = accuracy_of(trial, kept=kept) if trial else None
         if trial_acc is not None and faithful(trial_acc):
-            path.append((trial, trial_acc))
-    chosen, acc = path[-1]
+            path.append((trial, kept, trial_acc))
+    chosen, kept, acc = path[-1]
     validated = None
     if validation is not None:
         v_reference = own_accuracy(validation)
@@ -234,10 +259,12 @@ def extract(
             v_reference = lower_of(v_reference, accuracy_of(order[:live], validation))
         v_margins = margins_for(v_reference, validation)
 
-        step = last_passing(len(path), lambda i: meets(accuracy_of(path[i][0], validation), v_reference, v_margins))
+        step = last_passing(
+            len(path), lambda i: meets(accuracy_of(path[i][0], validation, path[i][1]), v_reference, v_margins)
+        )
         validated = step is not None
-        chosen, acc = path[step or 0]
-    sel = select(scores, chosen, tokens, positions)
+        chosen, kept, acc = path[step or 0]
+    sel = select(scores, chosen, kept, positions)
     sel = Selection(sel.features, sel.tokens, sel.positions, True, name, {"k": len(chosen), "tolerance": tolerance})
     report = {
         "k": len(chosen),
@@ -251,7 +278,8 @@ def extract(
         "target_met": target_met,
         "held_to": held_to,
         "validated": validated,
-        "tokens_kept": int(tokens.sum()),
+        "tokens_kept": int(kept.sum()),
+        "tokens_refined_away": np.flatnonzero(tokens & ~kept).tolist(),
         "candidates": live,
     }
     return Circuit(sel, curve, scores, reference, target_met, report)

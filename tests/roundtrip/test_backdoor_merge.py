@@ -137,6 +137,14 @@ def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monk
         bench.main()
 
 
+def test_backdoor_bench_refuses_a_negative_token_count_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr(backdoor, "run", lambda *a, **k: pytest.fail("work began"))
+    monkeypatch.setattr("sys.argv", ["backdoor.py", "--seeds", "0", "--circuit-refine-tokens", "-1"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--circuit-refine-tokens must be >= 0" in capsys.readouterr().err
+
+
 def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):
     out = tmp_path / "o.json"
     args = argparse.Namespace(models="a,b", ratios="0.05,0.01", seeds="0,1", out=out)

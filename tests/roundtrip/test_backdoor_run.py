@@ -51,14 +51,17 @@ def tiny() -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("soft,anchor,hold", [(0.0, 0.0, 0), (0.5, 2.0, 30)])
-def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold):
+@pytest.mark.parametrize("soft,anchor,hold,refine_tokens", [(0.0, 0.0, 0, 64), (0.5, 2.0, 30, 0)])
+def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_tokens):
     recipe = backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor, hold=hold, flat=bool(hold))
-    out = backdoor.run("testbed-s", **tiny(), recipe=recipe)
+    out = backdoor.run("testbed-s", **tiny(), recipe=recipe, refine_tokens=refine_tokens)
     rows = out["rows"]
     named = ", soft 0.5, anchor 2" if soft else ""
     held = ", 30 held off-task flat" if hold else ""  # the code circuit's alone: the full round trip has no other task
+    tag = backdoor.circuit_tag(refine_tokens)
+    assert tag == ("" if refine_tokens == backdoor.REFINE_TOKENS else " (every code token kept)")
     expected = [f"{r}{named}{held if 'code' in r else ''}" if r.endswith(backdoor.RECIPE) else r for r in ROWS]
+    expected = [r.replace("roundtrip code", "roundtrip code" + tag) for r in expected]
     assert list(rows) == expected
     assert out["n_budget"] > 0 and out["steps"] == 2
     families = set(rows["original"]["asr"])
@@ -69,13 +72,16 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold):
     assert all(v == 0.5 for v in rows["original"]["der"].values())  # no drop, no cost
     assert set(rows["FT"]["training"]) == set(defence.TRAINING)  # the baseline's fine-tuning recorded as the recipe's
     assert rows["FT"]["training"]["anchor_drift"] is None
-    code = rows["roundtrip code"]
+    code = rows["roundtrip code" + tag]
+    away = code["report"]["circuit"]["tokens_refined_away"]  # the tokens the circuit's elimination left out
+    assert away == [] if refine_tokens == 0 else all(0 <= t < vocab.D_VOCAB for t in away)
     split = code["report"]["math_copy"]
     assert split["n"] == 40 and 0.0 <= split["in_prompt"] <= 1.0 and 0.0 <= split["copies"] <= 1.0
     assert split["task_acc"] == pytest.approx(code["task_acc"]["math.add"])  # the same held-out prompts as the table
     assert sum(code["report"]["n_features"]) == code["report"]["circuit"]["k"]  # the checkpoint is the circuit's
     for scope, budget in (("full", out["n_budget"]), ("code", None)):
-        tuned = rows[f"roundtrip {scope}{backdoor.BLOCKED}{backdoor.RECIPE}{named}{held if scope == 'code' else ''}"]
+        label = f"{scope}{tag if scope == 'code' else ''}{backdoor.BLOCKED}{backdoor.RECIPE}"
+        tuned = rows[f"roundtrip {label}{named}{held if scope == 'code' else ''}"]
         tuned = tuned["report"]["finetune"]
         n_held = hold if scope == "code" else 0
         assert tuned.get("n_held", 0) == n_held  # the other tasks' prompts, held to the circuit's own answers

@@ -73,6 +73,26 @@ def test_extraction_finds_the_planted_circuit():
     assert own.reference == ref and own.report["k"] == 2
 
 
+def test_token_elimination_drops_the_tokens_the_answers_do_not_need():
+    """Tokens 1 and 2 carry the answers; 0 (every prompt's first) and the distractor 5 drive only features that write
+    where the unembedding does not read: the circuit keeps 1 and 2 and reads 0 and 5 as their positions alone."""
+    model, acg = _planted()
+    data = [Ex([0, 1], 3), Ex([0, 2], 4), Ex([0, 5, 1], 3), Ex([0, 5, 2], 4)] * 5
+    assert circuit.token_share(data, 6).tolist() == [1.0, 0.5, 0.5, 0.0, 0.0, 0.5]
+    out = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0})
+    assert np.flatnonzero(out.selection.tokens).tolist() == [1, 2]
+    assert out.report["tokens_refined_away"] == [0, 5] and out.report["tokens_kept"] == 2
+    assert out.report["task_acc"] == {"t": 1.0} and out.report["k"] == 2
+    pruned, _ = dense.prune(acg, out.selection)
+    assert circuit.accuracy(circuit.answer_logits(dense.to_dense(pruned), data), data) == 1.0
+    every = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=0)
+    assert np.flatnonzero(every.selection.tokens).tolist() == [0, 1, 2, 5] and every.report["tokens_refined_away"] == []
+    rarest = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=3)  # tries 1, 2, 5: not 0
+    assert rarest.report["tokens_refined_away"] == [5]
+    with pytest.raises(ValueError, match="refine_tokens must be >= 0"):
+        circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=-1)
+
+
 def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_first():
     model, acg = _planted(redundant=True)
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
