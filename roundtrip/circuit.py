@@ -174,7 +174,9 @@ def extract(
     `validation` (prompts per task, none of them in `eval_examples`): the elimination's path (the circuit after each
     removal it kept) is checked against them, and the smallest circuit on it that holds the same target there too
     is the result (bisection over the path, taken as monotone; the report's `validated`, and `refined_away` /
-    `tokens_refined_away` count only the removals kept). Without it the elimination's last circuit is the result."""
+    `tokens_refined_away` count only the removals kept). Where not even the top k holds it there (`validated`
+    False), the result is the smallest on the path that loses nothing there against the top k (a token its prompts
+    never hold is still left out). Without it the elimination's last circuit is the result."""
     if refine is not None and refine < 0:
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if refine_tokens is not None and refine_tokens < 0:
@@ -258,12 +260,19 @@ def extract(
         if held_to is not None:
             v_reference = lower_of(v_reference, accuracy_of(order[:live], validation))
         v_margins = margins_for(v_reference, validation)
+        v_cache: dict[int, dict[str, float]] = {}
 
-        step = last_passing(
-            len(path), lambda i: meets(accuracy_of(path[i][0], validation, path[i][1]), v_reference, v_margins)
-        )
+        def on_validation(i: int) -> dict[str, float]:
+            if i not in v_cache:
+                v_cache[i] = accuracy_of(path[i][0], validation, path[i][1])
+            return v_cache[i]
+
+        step = last_passing(len(path), lambda i: meets(on_validation(i), v_reference, v_margins))
         validated = step is not None
-        chosen, kept, acc = path[step or 0]
+        if step is None:  # not even the top k holds it there: hold each removal to lose nothing there instead
+            top = on_validation(0)
+            step = last_passing(len(path), lambda i: all(on_validation(i)[t] >= top[t] for t in top))
+        chosen, kept, acc = path[step]
     sel = select(scores, chosen, kept, positions)
     sel = Selection(sel.features, sel.tokens, sel.positions, True, name, {"k": len(chosen), "tolerance": tolerance})
     report = {

@@ -142,6 +142,19 @@ def test_validation_prompts_undo_removals_that_only_the_selection_prompts_allow(
     assert same.report["k"] == 1 and same.report["validated"] is True
 
 
+def test_where_not_even_the_top_k_validates_each_removal_is_held_to_lose_nothing_there():
+    """The attribution and selection prompts ask only "1 -> 3": feature 1 never fires on them, so the circuit is
+    feature 0, which the validation prompts' "2 -> 4" half shows short of the target. Left out all the same: the
+    tokens the validation prompts never hold (0 also drives nothing the answers read), which lose nothing there."""
+    model, acg = _planted()
+    only_ones = [Ex([0, 1], 3), Ex([0, 5, 1], 3)] * 5
+    both = {"t": [Ex([0, 1], 3), Ex([0, 2], 4)] * 5}
+    out = circuit.extract(model, acg, only_ones, {"t": only_ones}, {"t": 1.0}, validation=both)
+    assert out.report["validated"] is False and out.report["k"] == 1
+    assert out.selection.features[0].tolist() == [0]
+    assert np.flatnonzero(out.selection.tokens).tolist() == [1] and out.report["tokens_refined_away"] == [0, 5]
+
+
 def test_last_passing_finds_the_end_of_a_monotone_run_by_bisection():
     calls: list[int] = []
 
