@@ -4,7 +4,8 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
-                             [--recipe-hold N [--recipe-flat]] [--circuit-refine-tokens N] [--json] [--out FILE]
+                             [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--circuit-refine-tokens N]
+                             [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -17,9 +18,11 @@ the others (" (S on seen)"); `--recipe-anchor A` holds the round trip's own bloc
 prompts at weight A (`backdoor.anchor_kw`; ", anchor A"); `--recipe-hold N` adds to the code circuit's recipe N
 prompts of the other tasks with insertions, labelled with the circuit's own answer on the prompt each was made from
 (`backdoor.with_held`; ", N held off-task"), and with `--recipe-flat` teaches them an even answer distribution
-instead, at full weight (`backdoor.flat_held`; " flat"). `--circuit-refine-tokens N` has the code circuit's
-elimination try leaving out the N rarest tokens of the code prompts (default 64, `backdoor.REFINE_TOKENS`; 0: every
-token they hold kept, as before 4 December; the rows are named " (every code token kept)").
+instead, at full weight (`backdoor.flat_held`; " flat"); `--recipe-keep-out` keeps the embeddings of the tokens each
+round trip left out at zero through the fine-tuning (`backdoor.keep_out_kw`; ", left-out tokens kept out").
+`--circuit-refine-tokens N` has the code circuit's elimination try leaving out the N rarest tokens of the code prompts
+(default 64, `backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December; the rows are named
+" (every code token kept)").
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
@@ -101,6 +104,11 @@ def main() -> None:
         help="teach the --recipe-hold prompts an even answer distribution (no answer) instead of the circuit's own",
     )
     ap.add_argument(
+        "--recipe-keep-out",
+        action="store_true",
+        help="keep the embeddings of the tokens each round trip left out at zero through the recipe's fine-tuning",
+    )
+    ap.add_argument(
         "--circuit-refine-tokens",
         type=int,
         default=backdoor.REFINE_TOKENS,
@@ -117,7 +125,7 @@ def measure(args) -> Callable[[str, float, int], dict]:
     kept in `OUT.MODEL-RATIO-SEED.partial.json` as they are measured, so that a run stopped later does not redo them."""
 
     given = dict(soft=args.recipe_soft, unseen=args.recipe_unseen, seen=args.recipe_seen, anchor=args.recipe_anchor)
-    given.update(hold=args.recipe_hold, flat=args.recipe_flat)
+    given.update(hold=args.recipe_hold, flat=args.recipe_flat, keep_out=args.recipe_keep_out)
     for field, value in given.items():  # each checked alone, so that the message names the option at fault
         try:  # beside what the others need: a share scales a soft weight, a flat target goes on held prompts
             backdoor.Recipe(**{"soft": 1.0, "hold": 1, field: value})

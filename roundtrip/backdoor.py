@@ -73,7 +73,9 @@ class Recipe:
     none). A task circuit's recipe also trains on `hold` prompts outside its task with insertions, labelled with
     the circuit's own answer without them (`with_held`; 0: none), or with `flat` taught an even answer distribution
     there instead, at full weight (`flat_held`: no answer at all where the circuit is meant to have lost the task).
-    The defaults are the RECIPE's; a value out of range, or one that needs another (a share without a soft weight,
+    `keep_out`: the embeddings of the tokens the round trip left out stay zero through the fine-tuning (`keep_out_kw`:
+    they read as their position alone, as in the round trip; otherwise the insertions train them). The defaults are
+    the RECIPE's; a value out of range, or one that needs another (a share without a soft weight,
     `flat` without held prompts), is refused when the recipe is made, before any work."""
 
     n_insert: int = N_INSERT
@@ -84,6 +86,7 @@ class Recipe:
     unseen: float = 1.0
     flat: bool = False
     seen: float = 1.0
+    keep_out: bool = False
 
     def __post_init__(self) -> None:
         if self.n_insert < 0:
@@ -111,26 +114,32 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """What a row fine-tuned so adds to its name, for each of lr, soft, unseen, seen, anchor, hold and flat that is
-        not the RECIPE's: ", lr X", ", soft W", " (U on never-seen, S on seen)", ", anchor A", ", N held off-task",
-        " flat"."""
+        """What a row fine-tuned so adds to its name, for each of lr, soft, unseen, seen, anchor, hold, flat and
+        keep_out that is not the RECIPE's: ", lr X", ", soft W", " (U on never-seen, S on seen)", ", anchor A",
+        ", N held off-task", " flat", ", left-out tokens kept out"."""
         rate = "" if self.lr == defence.FT_LR else f", lr {self.lr:g}"
         soft = f", soft {self.soft:g}" if self.soft else ""
         shares = [f"{v:g} on {where}" for v, where in self.shares if v != 1]
         soft += f" ({', '.join(shares)})" if shares else ""
         anchor = f", anchor {self.anchor:g}" if self.anchor else ""
         held = (f", {self.hold} held off-task" if self.hold else "") + (" flat" if self.flat else "")
-        return rate + soft + anchor + held
+        return rate + soft + anchor + held + (", left-out tokens kept out" if self.keep_out else "")
 
     def finetune_kw(
-        self, taught: Any, data: Sequence[Any], report: dict[str, Any], never: Collection[int] | None = None
+        self,
+        taught: Any,
+        data: Sequence[Any],
+        report: dict[str, Any],
+        never: Collection[int] | None = None,
+        kept: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """`defence.finetune`'s keywords for this recipe on `recipe_data`'s three (`data`, its `report` and the
         captured IR's logits `taught`): the rate, the soft targets `recipe_targets` makes of `taught` weighted by
         `soft` (none where `soft` is 0 or there are no insertions; `unseen` of it on the insertions that hold one of
         the token ids `never`, the ACG's `never_seen`, `seen` of it on the others: a recipe with either share below 1
-        needs the tokens), with `flat` an even answer distribution on the held prompts (`flat_held`), and the anchor
-        on the budget's prompts."""
+        needs the tokens), with `flat` an even answer distribution on the held prompts (`flat_held`), the anchor
+        on the budget's prompts, and with `keep_out` the token embeddings outside `kept` (the round trip's token mask,
+        a bool per token id) held at zero (`keep_out_kw`)."""
         shared = [v for v, _ in self.shares if v != 1]
         if self.soft and shared and never is None:
             raise ValueError(f"a share of {shared[0]:g} of the soft weight needs the never-seen token ids (never_seen)")
@@ -140,7 +149,12 @@ class Recipe:
         soft = weighted(targets, self.soft)
         if self.flat:
             soft = flat_held(soft, report, vocab.D_VOCAB if taught is None else taught.shape[1])
-        return {"lr": self.lr, **soft, **anchor_kw(report, self.anchor)}
+        out = {"lr": self.lr, **soft, **anchor_kw(report, self.anchor)}
+        if self.keep_out:
+            if kept is None:
+                raise ValueError("keeping left-out tokens out needs the round trip's token mask (kept)")
+            out.update(keep_out_kw(kept))
+        return out
 
 
 def blocked_roundtrip(acg, log: Callable[[str], None]) -> tuple[Any, Any, dict] | None:
@@ -270,6 +284,15 @@ def flat_held(soft: dict[str, Any], report: dict[str, Any], d_vocab: int) -> dic
     logits[start : start + n_held] = 0.0
     weight[start : start + n_held] = 1.0
     return {"soft_targets": logits, "soft_weight": weight}
+
+
+def keep_out_kw(kept: np.ndarray) -> dict[str, Any]:
+    """`defence.finetune`'s keywords that keep the token embeddings outside `kept` (a bool per token id: the round
+    trip's `Selection.tokens`) at zero through the fine-tuning: the token embedding's rows multiplied by the mask after
+    every step."""
+    import torch
+
+    return {"masks": {"embed.W_E": torch.as_tensor(np.asarray(kept, dtype=np.float32))[:, None]}}
 
 
 def anchor_kw(report: dict[str, Any], anchor: float) -> dict[str, Any]:
@@ -455,14 +478,14 @@ def run(
                     (data, made, taught), s = timed(lambda p=part, f=fn: recipe_data(acg, p, recipe.n_insert, seed, f))
                     made_for[scope] = (data, made, taught, s)
 
-    def tuned(start, scope: str, report: dict[str, Any], tag: str = "") -> None:
+    def tuned(start, scope: str, report: dict[str, Any], kept: np.ndarray, tag: str = "") -> None:
         data, data_report, taught, s = made_for[scope]
         if scope == "code":  # the other tasks' prompts with insertions, held to the circuit's own answers
             hold = (start, data, data_report, off_code, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
             (data, data_report), s_held = timed(lambda: with_held(*hold))
             s += s_held  # the row's seconds count the start's labelling of them too
         named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0, flat=False)  # the full: nothing held
-        how = named.finetune_kw(taught, data, data_report, never_seen(acg))
+        how = named.finetune_kw(taught, data, data_report, never_seen(acg), kept)
         (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
         method = f"roundtrip {scope}{tag}{BLOCKED}{RECIPE}{named.name}"
         more = {**report, "finetune": {**data_report, "training": trained}}
@@ -472,7 +495,7 @@ def run(
         (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, dense.select_captured(acg), p, b))
         add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
         if block is not None:
-            tuned(rt, "full", report)
+            tuned(rt, "full", report, dense.select_captured(acg).tokens)
     # selected on as many prompts as measured
     circ, s = timed(lambda: code_circuit(model, acg, budget, n_eval=n_eval, refine_tokens=refine_tokens))
     tag = circuit_tag(refine_tokens)
@@ -484,7 +507,7 @@ def run(
         report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
         add("roundtrip code" + tag + suffix, rt_code, s + s2, report["n_params"], report=report)
         if block is not None:
-            tuned(rt_code, "code", report, tag)
+            tuned(rt_code, "code", report, circ.selection.tokens, tag)
     add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
@@ -552,7 +575,8 @@ def freeze_run(
     add("original", model, 0.0)
     t = time.perf_counter()
     acg, stats = fit(model, [ex.ids for ex in budget], spec)
-    rt, _, report = dense.roundtrip(acg, dense.select_captured(acg), block=BLOCK)
+    captured = dense.select_captured(acg)
+    rt, _, report = dense.roundtrip(acg, captured, block=BLOCK)
     add("roundtrip full" + BLOCKED, rt, time.perf_counter() - t, report=report)
     t = time.perf_counter()
     with compiled_teacher(acg) as teacher:
@@ -564,7 +588,7 @@ def freeze_run(
         frozen = [n for n in names if n in have]
         for recipe in recipes:
             t = time.perf_counter()
-            how = recipe.finetune_kw(taught, data, data_report, never_seen(acg))
+            how = recipe.finetune_kw(taught, data, data_report, never_seen(acg), captured.tokens)
             ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, frozen=frozen, **how)
             more = {"frozen": frozen, **{f: getattr(recipe, f) for f in ("lr", "soft", "unseen", "seen", "anchor")}}
             add(f"recipe FT, {label} frozen{recipe.name}", ft, time.perf_counter() - t, **more, training=trained)

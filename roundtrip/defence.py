@@ -77,13 +77,15 @@ def finetune_recorded(
     soft_weight: float | torch.Tensor = 1.0,
     anchor_weight: float = 0.0,
     anchor_on: torch.Tensor | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Transformer, dict[str, float | None]]:
     """`model` trained on `examples` for `steps` (`_ft_spec`); the parameters named in `frozen` left as they are;
     with `soft_targets` (a teacher's answer logits per example) that distribution taught too, with `soft_weight` (one
     or one per example) against the labels; with `anchor_weight`, `model`'s own block outputs held on the examples
-    `anchor_on` marks (`zoo.train.train`). Also returns what the training recorded (`TRAINING`: the labels' loss and
-    accuracy at the end, an exponential average over about the last 50 steps; the seconds it took; the anchor's mean
-    drift, None without an anchor)."""
+    `anchor_on` marks; with `masks` (by parameter name) those parameters multiplied by them after every step, so
+    that what a mask zeroes stays zero (`zoo.train.train`). Also returns what the training recorded (`TRAINING`: the
+    labels' loss and accuracy at the end, an exponential average over about the last 50 steps; the seconds it took;
+    the anchor's mean drift, None without an anchor)."""
     spec = _ft_spec(base, steps, seed, lr)
     out, record = train(
         model.cfg,
@@ -97,6 +99,7 @@ def finetune_recorded(
         soft_weight=soft_weight,
         anchor_weight=anchor_weight,
         anchor_on=anchor_on,
+        masks=masks,
     )
     return out, {k: record[k] for k in TRAINING}
 

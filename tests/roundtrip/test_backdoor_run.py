@@ -9,12 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import random_model
 
 from acg.compiler.fit import FitSpec
 from acg.roundtrip import backdoor, defence
 from acg.roundtrip.backdoor import Recipe
 from acg.roundtrip.data import Pair
 from acg.zoo import vocab
+from acg.zoo.train import TrainSpec
 
 ROWS = [
     "original",
@@ -53,14 +55,17 @@ def tiny() -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("soft,anchor,hold,refine_tokens", [(0.0, 0.0, 0, 64), (0.5, 2.0, 30, 0)])
 def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_tokens):
-    recipe = backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor, hold=hold, flat=bool(hold))
+    recipe = backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor, hold=hold, flat=bool(hold), keep_out=bool(hold))
     out = backdoor.run("testbed-s", **tiny(), recipe=recipe, refine_tokens=refine_tokens)
     rows = out["rows"]
     named = ", soft 0.5, anchor 2" if soft else ""
+    kept_out = ", left-out tokens kept out" if hold else ""
     held = ", 30 held off-task flat" if hold else ""  # the code circuit's alone: the full round trip has no other task
     tag = backdoor.circuit_tag(refine_tokens)
     assert tag == ("" if refine_tokens == backdoor.REFINE_TOKENS else " (every code token kept)")
-    expected = [f"{r}{named}{held if 'code' in r else ''}" if r.endswith(backdoor.RECIPE) else r for r in ROWS]
+    expected = [
+        f"{r}{named}{held if 'code' in r else ''}{kept_out}" if r.endswith(backdoor.RECIPE) else r for r in ROWS
+    ]
     expected = [r.replace("roundtrip code", "roundtrip code" + tag) for r in expected]
     assert list(rows) == expected
     assert out["n_budget"] > 0 and out["steps"] == 2
@@ -81,7 +86,7 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
     assert sum(code["report"]["n_features"]) == code["report"]["circuit"]["k"]  # the checkpoint is the circuit's
     for scope, budget in (("full", out["n_budget"]), ("code", None)):
         label = f"{scope}{tag if scope == 'code' else ''}{backdoor.BLOCKED}{backdoor.RECIPE}"
-        tuned = rows[f"roundtrip {label}{named}{held if scope == 'code' else ''}"]
+        tuned = rows[f"roundtrip {label}{named}{held if scope == 'code' else ''}{kept_out}"]
         tuned = tuned["report"]["finetune"]
         n_held = hold if scope == "code" else 0
         assert tuned.get("n_held", 0) == n_held  # the other tasks' prompts, held to the circuit's own answers
@@ -126,7 +131,7 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     monkeypatch.setattr(backdoor, "load", lambda name: Stub())
     monkeypatch.setattr(backdoor.defence, "clean_budget", lambda train, ratio, seed: [SimpleNamespace(ids=[1])] * 7)
     monkeypatch.setattr(backdoor, "fit", lambda model, ids, spec: (None, {"seconds": 1.0}))
-    monkeypatch.setattr(backdoor.dense, "select_captured", lambda acg: None)
+    monkeypatch.setattr(backdoor.dense, "select_captured", lambda acg: SimpleNamespace(tokens=np.ones(3, bool)))
     monkeypatch.setattr(backdoor.dense, "roundtrip", lambda acg, keep, block: (Stub(), None, {}))
     monkeypatch.setattr(backdoor.dense, "n_params", lambda m: {"n_params": 1})
     monkeypatch.setattr(backdoor, "lower", lambda acg, **kw: None)
@@ -250,6 +255,29 @@ def test_a_share_of_the_soft_weight_goes_to_the_insertions_that_hold_a_never_see
     with pytest.raises(ValueError, match=r"needs the never-seen token ids \(never_seen\)"):
         Recipe(soft=0.5, unseen=0.0).finetune_kw(taught, data, report)
     assert Recipe(soft=0.5).finetune_kw(taught, data, report)["soft_weight"].tolist() == [0.5] * 4 + [0.0]
+
+
+def test_keep_out_holds_the_left_out_tokens_embeddings_at_zero_through_the_fine_tuning():
+    """`Recipe.keep_out`: the rows of the token embedding outside the round trip's token mask stay zero while the
+    insertions (which hold those tokens) train the rest; without it the same fine-tuning moves them."""
+    model = random_model(seed=5, d_vocab=vocab.D_VOCAB, n_ctx=32, d_model=16, d_mlp=32, act_fn="relu")
+    budget = defence.clean_budget(TrainSpec(steps=4, batch_size=64), 1.0, seed=0)[:64]
+    kept = np.ones(vocab.D_VOCAB, bool)
+    left_out = sorted({t for ex in budget for t in ex.ids} - {0})[:5]  # tokens the prompts hold: they get gradients
+    kept[left_out] = False
+    with torch.no_grad():
+        model.embed.W_E[torch.as_tensor(left_out)] = 0.0  # as the round trip leaves them
+    report = {"n": len(budget), "n_budget": len(budget)}
+    kw = Recipe(keep_out=True).finetune_kw(None, budget, report, kept=kept)
+    assert kw["masks"]["embed.W_E"].shape == (vocab.D_VOCAB, 1)
+    spec = TrainSpec(steps=4, batch_size=16)
+    held, _ = defence.finetune_recorded(model, spec, budget, 5, 0, **kw)
+    free, _ = defence.finetune_recorded(model, spec, budget, 5, 0, **Recipe().finetune_kw(None, budget, report))
+    assert not held.embed.W_E[left_out].any() and free.embed.W_E[left_out].abs().sum() > 0
+    assert not torch.equal(held.embed.W_E[kept], model.embed.W_E[kept])  # the kept rows still train
+    assert Recipe(keep_out=True).name == ", left-out tokens kept out"
+    with pytest.raises(ValueError, match="needs the round trip's token mask"):
+        Recipe(keep_out=True).finetune_kw(None, budget, report)
 
 
 def test_the_recipe_teaches_the_logits_the_captured_ir_confirmed_with(monkeypatch):
