@@ -168,8 +168,8 @@ def extract(
     how many it left out). Before the features, the tokens: those `fit_examples` hold, of which the `refine_tokens`
     rarest (the share of `fit_examples` holding each; None: all of them) are dropped from the top k the same way,
     rarest first, each left out where the target still holds (its embedding zeroed, it reads as its position alone;
-    the report's `tokens_refined_away`, ids). Each decision asks for `task_acc` >= reference - tolerance + margin on
-    the eval prompts; `margin` None: per task, `selection_margin` (the report's `margin`).
+    the report's `tokens_refined_away`, ids), never the last one. Each decision asks for `task_acc` >= reference -
+    tolerance + margin on the eval prompts; `margin` None: per task, `selection_margin` (the report's `margin`).
 
     `validation` (prompts per task, none of them in `eval_examples`): the elimination's path (the circuit after each
     removal it kept) is checked against them, and the smallest circuit on it that holds the same target there too
@@ -244,6 +244,8 @@ def extract(
     for token in rarest[: len(rarest) if refine_tokens is None else refine_tokens]:
         kept = path[-1][1].copy()
         kept[token] = False
+        if not kept.any():  # as with the features, the last one stays: a circuit reads something
+            break
         kept_acc = accuracy_of(chosen, kept=kept)
         if faithful(kept_acc):
             path.append((chosen, kept, kept_acc))

@@ -89,6 +89,8 @@ def test_token_elimination_drops_the_tokens_the_answers_do_not_need():
     assert np.flatnonzero(every.selection.tokens).tolist() == [0, 1, 2, 5] and every.report["tokens_refined_away"] == []
     rarest = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=3)  # tries 1, 2, 5: not 0
     assert rarest.report["tokens_refined_away"] == [5]
+    anything = circuit.extract(model, acg, data, {"t": data}, {"t": 0.0})  # a target any circuit meets
+    assert np.flatnonzero(anything.selection.tokens).tolist() == [0] and anything.report["k"] == 1  # the last stays
     with pytest.raises(ValueError, match="refine_tokens must be >= 0"):
         circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=-1)
 
