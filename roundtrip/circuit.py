@@ -102,10 +102,6 @@ def token_share(examples: Sequence[Example], d_vocab: int) -> np.ndarray:
     return held / max(len(examples), 1)
 
 
-def task_tokens(examples: Sequence[Example], d_vocab: int) -> np.ndarray:
-    return token_share(examples, d_vocab) > 0
-
-
 def ranked(scores: list[np.ndarray]) -> np.ndarray:
     """Every feature of every layer (index into the layers' concatenation), highest score first (ties: lower index)."""
     return np.argsort(-np.concatenate(scores), kind="stable")
@@ -175,8 +171,9 @@ def extract(
     removal it kept) is checked against them, and the smallest circuit on it that holds the same target there too
     is the result (bisection over the path, taken as monotone; the report's `validated`, and `refined_away` /
     `tokens_refined_away` count only the removals kept). Where not even the top k holds it there (`validated`
-    False), the result is the smallest on the path that loses nothing there against the top k (a token its prompts
-    never hold is still left out). Without it the elimination's last circuit is the result."""
+    False), the result is the smallest on the path that loses nothing there against the top k (so a token the
+    validation prompts never hold, whose removal costs nothing there, stays left out). Without it the elimination's
+    last circuit is the result."""
     if refine is not None and refine < 0:
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if refine_tokens is not None and refine_tokens < 0:
