@@ -75,8 +75,8 @@ class Recipe:
     there instead, at full weight (`flat_held`: no answer at all where the circuit is meant to have lost the task).
     `keep_out`: the embeddings of the tokens the round trip left out stay zero through the fine-tuning (`keep_out_kw`:
     they read as their position alone, as in the round trip; otherwise the insertions train them). The defaults are
-    the RECIPE's; a value out of range, or one that needs another (a share without a soft weight,
-    `flat` without held prompts), is refused when the recipe is made, before any work."""
+    the RECIPE's; a value out of range, or one that needs another (a share without a soft weight, `flat` without
+    held prompts), is refused when the recipe is made, before any work."""
 
     n_insert: int = N_INSERT
     lr: float = defence.FT_LR
@@ -491,11 +491,12 @@ def run(
         more = {**report, "finetune": {**data_report, "training": trained}}
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report=more)
 
+    captured = dense.select_captured(acg)  # every full round trip's selection, and its token mask for the recipe
     for suffix, pairs, block in (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK)):
-        (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, dense.select_captured(acg), p, b))
+        (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, captured, p, b))
         add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
         if block is not None:
-            tuned(rt, "full", report, dense.select_captured(acg).tokens)
+            tuned(rt, "full", report, captured.tokens)
     # selected on as many prompts as measured
     circ, s = timed(lambda: code_circuit(model, acg, budget, n_eval=n_eval, refine_tokens=refine_tokens))
     tag = circuit_tag(refine_tokens)
