@@ -110,6 +110,46 @@ def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_fi
         circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=-1)
 
 
+def _outweighed() -> tuple[Transformer, ACG]:
+    """One layer as in `_planted`; token 1 drives features 0, 1 and 2 (activation 0.5 each): feature 0 writes answer 3's
+    logit (+2), feature 1 works against it (+4 to answer 3, +6.5 to answer 4: the most attributed, and harmful),
+    feature 2 writes +1 to answer 3 only, just enough to outweigh feature 1; every token reads 1.5 on answer 5. The
+    top 3 answer "1 -> 3"; the smallest faithful circuit is {0}."""
+    d, V, n = 8, 6, 6
+    cfg = TransformerConfig(
+        n_layers=1, d_model=d, n_heads=1, d_head=d, d_mlp=n, d_vocab=V, n_ctx=4, act_fn="relu", normalization_type=None
+    )
+    e = np.eye(d)
+    W_E = np.stack([e[5] + (e[k] if k < 5 else 0) for k in range(V)])
+    W_enc = np.zeros((d, n))
+    W_enc[1, :3] = 1.0
+    W_enc[5, 3:] = 1.0
+    b_enc = np.array([-0.5] * 3 + [0.0] * 3)
+    W_dec = np.zeros((n, d))
+    W_dec[0, 3], W_dec[1, 3], W_dec[1, 4], W_dec[2, 3] = 4.0, 8.0, 13.0, 2.0  # x 0.5: +2; +4, +6.5; +1
+    W_dec[3:, 6] = 1.0
+    W_U = np.zeros((d, V))
+    W_U[3, 3] = W_U[4, 4] = 1.0
+    W_U[5, 5] = 1.5
+    return planted_one_layer(cfg, W_E, W_U, W_enc, b_enc, W_dec)
+
+
+def test_a_second_elimination_pass_leaves_out_what_only_outweighed_a_removed_feature():
+    """Least attributed first, the first pass keeps 2 (without it 1 wins), keeps 0 and leaves out 1; the second finds
+    2 no longer needed (0 alone answers), the third nothing: {0}, where one pass stops at {0, 2}."""
+    model, acg = _outweighed()
+    data = [Ex([0, 1], 3), Ex([5, 1], 3)] * 5
+    scores, _ = circuit.feature_attribution(model, acg, data)
+    assert circuit.ranked(scores)[:3].tolist() == [1, 0, 2]
+    one = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0})  # one pass by default
+    assert one.report["k_top"] == 3 and one.selection.features[0].tolist() == [0, 2] and one.report["passes"] == 1
+    out = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, passes=3)
+    assert out.selection.features[0].tolist() == [0] and out.report["refined_away"] == 2
+    assert out.report["passes"] == 3 and out.report["task_acc"] == {"t": 1.0}
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, passes=0)
+
+
 def test_the_target_is_held_with_a_margin_against_selection_luck():
     """Each decision asks for reference - tolerance + margin: by default one standard error of the reference on the
     selection prompts, at most half the tolerance. One feature answers half the prompts: enough for a target of 0.48,
