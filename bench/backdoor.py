@@ -4,8 +4,8 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
-                             [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--circuit-refine-tokens N]
-                             [--json] [--out FILE]
+                             [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--no-recipe]
+                             [--circuit-refine-tokens N] [--code-only] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -22,7 +22,10 @@ instead, at full weight (`backdoor.flat_held`; " flat"); `--recipe-keep-out` kee
 round trip left out at zero through the fine-tuning (`backdoor.keep_out_kw`; ", left-out tokens kept out").
 `--circuit-refine-tokens N` has the code circuit's elimination try leaving out the N rarest tokens of the code prompts
 (default 64, `backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December; the rows are named
-" (every code token kept)").
+" (every code token kept)"). `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code
+circuit needs alone (original, ACG replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)`
+as its teacher): no baselines, ablations or full round trips, for a seed of testbed-m in about a fifth of the time.
+Runs of the two kinds have different rows and do not merge.
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
 n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
@@ -114,6 +117,12 @@ def main() -> None:
         default=backdoor.REFINE_TOKENS,
         help="the code circuit's elimination tries leaving out this many of the code prompts' rarest tokens (0: none)",
     )
+    ap.add_argument("--no-recipe", action="store_true", help="leave out the rows the recipe fine-tunes")
+    ap.add_argument(
+        "--code-only",
+        action="store_true",
+        help="the code circuit's rows alone (and the original's, the ACG replacement's): no baselines, no full ones",
+    )
     args = ap.parse_args()
     if args.circuit_refine_tokens < 0:
         ap.error(f"--circuit-refine-tokens must be >= 0 (tokens to try leaving out), got {args.circuit_refine_tokens}")
@@ -139,7 +148,8 @@ def measure(args) -> Callable[[str, float, int], dict]:
 
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
-        kw.update(recipe=recipe, refine_tokens=args.circuit_refine_tokens)
+        kw.update(recipe=None if args.no_recipe else recipe, refine_tokens=args.circuit_refine_tokens)
+        kw.update(code_only=args.code_only)
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

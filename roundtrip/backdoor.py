@@ -396,14 +396,18 @@ def run(
     device: str = "cpu",
     threads: int = 2,
     resume: Path | None = None,
-    recipe: Recipe = Recipe(),
+    recipe: Recipe | None = Recipe(),
     refine_tokens: int = REFINE_TOKENS,
+    code_only: bool = False,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
     FP, Scratch) is saved there as soon as it is measured and taken from there by a later run of the same budget,
     seed, steps and evaluation sizes: a run stopped in the ACG stage does not train its baselines again. `recipe`:
-    how the RECIPE rows fine-tune (the RECIPE's own by default), named in them (`Recipe.name`) where it differs.
+    how the RECIPE rows fine-tune (the RECIPE's own by default), named in them (`Recipe.name`) where it differs;
+    None: no RECIPE rows. `code_only`: the rows the code circuit needs alone (original, ACG replacement, the code
+    circuit's round trips, and with a recipe `ACG captured (IR)`, its teacher): no baselines, no ablations, no full
+    round trips (a seed of testbed-m in about a fifth of the time).
     `refine_tokens`: how many of the code prompts' rarest tokens the code circuit's elimination tries leaving out
     (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS."""
     zoo = get(name)
@@ -444,13 +448,13 @@ def run(
     if not reused("original"):
         add("original", model, 0.0, dense.n_params(model)["n_params"])
     kw = {"progress": progress, "device": device}
-    if not reused("FT"):
+    if not code_only and not reused("FT"):
         (ft, trained), s = timed(lambda: defence.finetune_recorded(model, base, budget, steps, seed, **kw))
         add("FT", ft, s, dense.n_params(ft)["n_params"], training=trained)
-    if not reused("FP"):
+    if not code_only and not reused("FP"):
         (fp, fp_report), s = timed(lambda: defence.fine_prune(model, base, budget, steps, seed, **kw))
         add("FP", fp, s, dense.n_params(fp)["n_params"], report=fp_report)
-    if not reused("Scratch"):
+    if not code_only and not reused("Scratch"):
         sc, s = timed(lambda: defence.scratch(model, base, budget, steps, seed, **kw))
         add("Scratch", sc, s, dense.n_params(sc)["n_params"])
     (acg, stats), s = timed(lambda: fit(model, [ex.ids for ex in budget], spec, progress=progress))
@@ -464,6 +468,8 @@ def run(
         ("- layer-0 QK pairs only", ("qk",), ("T.L0",)),
         ("- OV entries only", ("ov",), ()),
     )
+    if code_only:  # the captured IR only as the code recipe's teacher
+        ablations = ablations[:1] if recipe is not None else ()
     code_tasks = resolve_tasks("code")
     code_budget = [ex for ex in budget if ex.task in code_tasks]
     off_code = [ex for ex in budget if ex.task not in code_tasks]
@@ -473,8 +479,9 @@ def run(
         with tempfile.TemporaryDirectory(prefix="acg-capture-") as tmp:
             (fn, rep), s = timed(lambda kinds=kinds, tmp=tmp, weights=weights: captured_ir(tables, kinds, tmp, weights))
             add(method, fn, s, None, capture=rep["by_kind"])
-            if method == "ACG captured (IR)":
-                for scope, part in (("full", budget), ("code", code_budget)):
+            if method == "ACG captured (IR)" and recipe is not None:
+                scopes = (("code", code_budget),) if code_only else (("full", budget), ("code", code_budget))
+                for scope, part in scopes:
                     (data, made, taught), s = timed(lambda p=part, f=fn: recipe_data(acg, p, recipe.n_insert, seed, f))
                     made_for[scope] = (data, made, taught, s)
 
@@ -492,10 +499,11 @@ def run(
         add(method, ft, s + s2, dense.n_params(ft)["n_params"], report=more)
 
     captured = dense.select_captured(acg)  # every full round trip's selection, and its token mask for the recipe
-    for suffix, pairs, block in (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK)):
+    full = () if code_only else (("", False, None), (PAIRS, True, None), (BLOCKED, True, BLOCK))
+    for suffix, pairs, block in full:
         (rt, _, report), s = timed(lambda p=pairs, b=block: dense.roundtrip(acg, captured, p, b))
         add("roundtrip full" + suffix, rt, s, report["n_params"], report=report)
-        if block is not None:
+        if block is not None and recipe is not None:
             tuned(rt, "full", report, captured.tokens)
     # selected on as many prompts as measured
     circ, s = timed(lambda: code_circuit(model, acg, budget, n_eval=n_eval, refine_tokens=refine_tokens))
@@ -507,7 +515,7 @@ def run(
         report.update(circuit=circ.report, curve=circ.curve, n_edges=edges)
         report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
         add("roundtrip code" + tag + suffix, rt_code, s + s2, report["n_params"], report=report)
-        if block is not None:
+        if block is not None and recipe is not None:
             tuned(rt_code, "code", report, circ.selection.tokens, tag)
     add_der(rows)
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}

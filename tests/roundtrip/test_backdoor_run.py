@@ -98,6 +98,22 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recipe", [None, Recipe(n_insert=50)])
+def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe):
+    """`code_only`: no baselines, ablations or full round trips; the captured IR only as the recipe's teacher; with no
+    recipe, no recipe row."""
+    out = backdoor.run("testbed-s", **tiny(), recipe=recipe, code_only=True)
+    code = [r for r in ROWS if r.startswith("roundtrip code")]
+    expected = (
+        ["original", "ACG replacement", "ACG captured (IR)", *code] if recipe else ROWS[:1] + ROWS[4:5] + code[:2]
+    )
+    assert list(out["rows"]) == expected
+    assert all(set(row["der"]) == {"token", "conj", "phrase"} for row in out["rows"].values())
+    if recipe:
+        assert out["rows"][code[-1]]["report"]["finetune"]["n_budget"] < out["n_budget"]  # the code prompts' alone
+
+
+@pytest.mark.slow
 def test_a_tiny_freeze_run_leaves_each_set_untrained_and_rates_it():
     sets = {"nothing": (), "layer-0 QK": backdoor.FREEZE_SETS["layer-0 QK"], "absent": ("blocks.9.attn.W_Q",)}
     recipes = [backdoor.Recipe(n_insert=50), backdoor.Recipe(n_insert=50, soft=1.0)]
