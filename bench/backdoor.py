@@ -24,7 +24,8 @@ round trip left out at zero through the fine-tuning (`backdoor.keep_out_kw`; ", 
 (default 64, `backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December; the rows are named
 " (every code token kept)"). `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code
 circuit needs alone (original, ACG replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)`
-as its teacher): no baselines, ablations or full round trips, for a seed of testbed-m in about a fifth of the time.
+as its teacher): no baselines, ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here,
+29 of them the extraction; every row: 68-132 minutes).
 Runs of the two kinds have different rows and do not merge.
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
