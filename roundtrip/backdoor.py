@@ -553,17 +553,17 @@ def freeze_run(
     threads: int = 2,
     recipes: Sequence[Recipe] = (Recipe(),),
 ) -> dict[str, Any]:
-    """The full ACG's blocked round trip fine-tuned by the RECIPE (as `run` does it: same budget, fit, data and
-    steps) with each of `sets` (default FREEZE_SETS) left untrained, by each of `recipes` (one data set: they share
-    `n_insert`; the rate, soft-target and anchor weights vary): one row per set and recipe ("recipe FT, SET frozen"
-    and the recipe's `name`; its `frozen` lists the names the model has, its `lr`, `soft` and `anchor` the
+    """The full ACG's blocked round trip fine-tuned by the RECIPE (as `run` does it: same budget, fit, data and steps)
+    with each of `sets` (default FREEZE_SETS) left untrained, by each of `recipes` (one data set: they share `n_insert`;
+    the rate, soft-target and anchor weights vary): one row per set and recipe ("recipe FT, SET frozen" and the recipe's
+    `name`; its `frozen` lists the names the model has, its `lr`, `soft`, `unseen`, `seen`, `anchor` and `keep_out` the
     recipe's), beside `original` and the blocked round trip itself; DER per family against the original. Layer 0's
     attention scores are where `pairs.carry` blocks the pairs the budget never used: which of their parameters the
-    recipe must train to take a pathway out, and which training costs a task, is what the rows tell apart; the rate,
-    how far the fine-tuning may move what it trains; the soft targets, whether the IR's whole answer distribution
-    keeps the tasks its argmax costs; the anchor, whether holding the clean prompts' computation keeps them while the
-    insertions take the pathway out. Recipes that do not share `n_insert`, or share a name, or hold prompts outside
-    a task (the full round trip has none), are refused before any work."""
+    recipe must train to take a pathway out, and which training costs a task, is what the rows tell apart; the rate, how
+    far the fine-tuning may move what it trains; the soft targets, whether the IR's whole answer distribution keeps the
+    tasks its argmax costs; the anchor, whether holding the clean prompts' computation keeps them while the insertions
+    take the pathway out. Recipes that do not share `n_insert`, or share a name, or hold prompts outside a task (the
+    full round trip has none), are refused before any work."""
     if len({r.n_insert for r in recipes}) != 1 or len({r.name for r in recipes}) != len(recipes):
         raise ValueError(f"the recipes must share n_insert (one data set) and differ in name: {list(recipes)}")
     if any(r.hold for r in recipes):
@@ -599,7 +599,8 @@ def freeze_run(
             t = time.perf_counter()
             how = recipe.finetune_kw(taught, data, data_report, never_seen(acg), captured.tokens)
             ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, frozen=frozen, **how)
-            more = {"frozen": frozen, **{f: getattr(recipe, f) for f in ("lr", "soft", "unseen", "seen", "anchor")}}
+            fields = ("lr", "soft", "unseen", "seen", "anchor", "keep_out")
+            more = {"frozen": frozen, **{f: getattr(recipe, f) for f in fields}}
             add(f"recipe FT, {label} frozen{recipe.name}", ft, time.perf_counter() - t, **more, training=trained)
     add_der(rows)
     extra = {"n_budget": len(budget), "steps": steps, "threads": threads, "fit": {"seconds": stats["seconds"]}}

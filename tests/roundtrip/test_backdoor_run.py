@@ -172,6 +172,8 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
             seen.append((more["soft_targets"], more["soft_weight"].tolist()))
         if "anchor_weight" in more:
             seen.append((more["anchor_weight"], more["anchor_on"].tolist()))
+        if "masks" in more:
+            seen.append(("masks", more["masks"]["embed.W_E"].flatten().tolist()))
         return Stub(), {"final_train_loss": float(len(seen))}
 
     monkeypatch.setattr(backdoor.defence, "finetune_recorded", finetune)
@@ -215,6 +217,13 @@ def test_freeze_run_fine_tunes_each_set_at_each_rate_and_labels_the_rows(monkeyp
     assert list(out["rows"])[2:] == [f"recipe FT, nothing frozen{x}" for x in labels]
     assert [out["rows"][f"recipe FT, nothing frozen{x}"]["anchor"] for x in labels] == [0.0, 3.0, 0.0, 3.0]
     assert targets == [("IR logits", [5], 1.0)] * 3  # each soft recipe its own, from the one confirmation
+    # keep-out: the round trip's token mask goes to the fine-tuning, and the row records it
+    seen.clear()
+    out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=[Recipe(), Recipe(keep_out=True)], steps=3)
+    assert seen == [(defence.FT_LR, []), (defence.FT_LR, []), ("masks", [1.0, 1.0, 1.0])]
+    kept_out = "recipe FT, nothing frozen, left-out tokens kept out"
+    assert list(out["rows"])[2:] == ["recipe FT, nothing frozen", kept_out]
+    assert out["rows"][kept_out]["keep_out"] is True and out["rows"]["recipe FT, nothing frozen"]["keep_out"] is False
     # a share of the soft weight on never-seen insertions: the fit's never-seen tokens go with it, and the row says so
     targets.clear()
     out = backdoor.freeze_run("testbed-s", sets={"nothing": ()}, recipes=[Recipe(soft=0.5, unseen=0.0)], steps=3)
