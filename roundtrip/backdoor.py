@@ -593,13 +593,13 @@ def freeze_run(
     labelled = time.perf_counter() - t
     log(f"{name} ratio {ratio} seed {seed}: recipe data {data_report} ({labelled:.0f} s)")
     have = {n for n, _ in rt.named_parameters()}
+    fields = ("lr", "soft", "unseen", "seen", "anchor", "keep_out")  # what each row records of its recipe
     for label, names in (FREEZE_SETS if sets is None else sets).items():
         frozen = [n for n in names if n in have]
         for recipe in recipes:
             t = time.perf_counter()
             how = recipe.finetune_kw(taught, data, data_report, never_seen(acg), captured.tokens)
             ft, trained = defence.finetune_recorded(rt, base, data, steps, seed, frozen=frozen, **how)
-            fields = ("lr", "soft", "unseen", "seen", "anchor", "keep_out")
             more = {"frozen": frozen, **{f: getattr(recipe, f) for f in fields}}
             add(f"recipe FT, {label} frozen{recipe.name}", ft, time.perf_counter() - t, **more, training=trained)
     add_der(rows)
