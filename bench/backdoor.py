@@ -5,7 +5,7 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
                              [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--no-recipe]
-                             [--circuit-refine-tokens N] [--code-only] [--json] [--out FILE]
+                             [--circuit-refine-tokens N] [--circuit-block B] [--code-only] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -22,7 +22,9 @@ instead, at full weight (`backdoor.flat_held`; " flat"); `--recipe-keep-out` kee
 round trip left out at zero through the fine-tuning (`backdoor.keep_out_kw`; ", left-out tokens kept out").
 `--circuit-refine-tokens N` has the code circuit's elimination try leaving out the N rarest tokens of the code prompts
 (default 64, `backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December; the rows are named
-" (every code token kept)"). `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code
+" (every code token kept)"). `--circuit-block B` lets its feature elimination leave out up to B features at one
+try, twice as many after a removal kept, half after one refused (`circuit.extract`'s `block`; the rows are named
+" (up to B features a try)"). `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code
 circuit needs alone (original, ACG replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)`
 as its teacher): no baselines, ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here,
 29 of them the extraction; every row: 68-132 minutes).
@@ -118,6 +120,13 @@ def main() -> None:
         default=backdoor.REFINE_TOKENS,
         help="the code circuit's elimination tries leaving out this many of the code prompts' rarest tokens (0: none)",
     )
+    ap.add_argument(
+        "--circuit-block",
+        type=int,
+        default=1,
+        help="the code circuit's feature elimination leaves out up to this many at one try, twice as many after a "
+        "removal kept, half after one refused (1: one at a time)",
+    )
     ap.add_argument("--no-recipe", action="store_true", help="leave out the rows the recipe fine-tunes")
     ap.add_argument(
         "--code-only",
@@ -127,6 +136,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.circuit_refine_tokens < 0:
         ap.error(f"--circuit-refine-tokens must be >= 0 (tokens to try leaving out), got {args.circuit_refine_tokens}")
+    if args.circuit_block < 1:
+        ap.error(f"--circuit-block must be >= 1 (features tried together), got {args.circuit_block}")
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
 
@@ -150,7 +161,7 @@ def measure(args) -> Callable[[str, float, int], dict]:
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
         kw.update(recipe=None if args.no_recipe else recipe, refine_tokens=args.circuit_refine_tokens)
-        kw.update(code_only=args.code_only)
+        kw.update(code_only=args.code_only, circuit_block=args.circuit_block)
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

@@ -362,10 +362,12 @@ def code_circuit(
     n_eval: int = 1000,
     tolerance: float = 0.01,
     refine_tokens: int = REFINE_TOKENS,
+    block: int = 1,
 ):
     """The `code` circuit: attributed on the budget's code prompts, selected on held-out prompts (seed
     CIRCUIT_EVAL_SEED), the `refine_tokens` rarest tokens of the code prompts and every top-k feature tried by the
-    elimination, whose path is validated on other held-out prompts (the next seed's, less any the selection holds)."""
+    elimination (up to `block` at a try, `circuit.extract`), whose path is validated on other held-out prompts (the next
+    seed's, less any the selection holds)."""
     tasks = resolve_tasks("code")
     fit_examples = [ex for ex in budget if ex.task in tasks][:n_fit]
     eval_examples, validation = heldout_pair(tasks, n_eval, CIRCUIT_EVAL_SEED)
@@ -380,6 +382,7 @@ def code_circuit(
         refine=None,
         validation=validation,
         refine_tokens=refine_tokens,
+        block=block,
     )
 
 
@@ -399,6 +402,7 @@ def run(
     recipe: Recipe | None = Recipe(),
     refine_tokens: int = REFINE_TOKENS,
     code_only: bool = False,
+    circuit_block: int = 1,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
@@ -409,7 +413,8 @@ def run(
     circuit's round trips, and with a recipe `ACG captured (IR)`, its teacher): no baselines, no ablations, no full
     round trips (testbed-m seed 0 without a recipe: 41 minutes here, 29 of them the circuit's extraction).
     `refine_tokens`: how many of the code prompts' rarest tokens the code circuit's elimination tries leaving out
-    (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS."""
+    (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS; `circuit_block`, in
+    what blocks its elimination tries the top-k features (`circuit.extract`'s `block`), named there where above 1."""
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -506,8 +511,9 @@ def run(
         if block is not None and recipe is not None:
             tuned(rt, "full", report, captured.tokens)
     # selected on as many prompts as measured
-    circ, s = timed(lambda: code_circuit(model, acg, budget, n_eval=n_eval, refine_tokens=refine_tokens))
-    tag = circuit_tag(refine_tokens)
+    how = {"n_eval": n_eval, "refine_tokens": refine_tokens, "block": circuit_block}
+    circ, s = timed(lambda: code_circuit(model, acg, budget, **how))
+    tag = circuit_tag(refine_tokens, circuit_block)
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
         (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
@@ -521,11 +527,13 @@ def run(
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
 
-def circuit_tag(refine_tokens: int) -> str:
-    """What the code circuit's rows add to their name for a token elimination other than REFINE_TOKENS's."""
-    if refine_tokens == REFINE_TOKENS:
-        return ""
-    return " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
+def circuit_tag(refine_tokens: int, block: int = 1) -> str:
+    """What the code circuit's rows add to their name for a token elimination other than REFINE_TOKENS's, and for a
+    feature elimination in blocks."""
+    tokens = ""
+    if refine_tokens != REFINE_TOKENS:
+        tokens = " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
+    return tokens + (f" (up to {block} features a try)" if block > 1 else "")
 
 
 _L0_QK = ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.b_Q", "blocks.0.attn.b_K")

@@ -157,6 +157,7 @@ def extract(
     validation: dict[str, Sequence[Example]] | None = None,
     refine_tokens: int | None = 64,
     passes: int = 1,
+    block: int = 1,
 ) -> Circuit:
     """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of `reference`
     (None: the model's own accuracy there) on every task in `eval_examples` (module docstring). Candidates are the
@@ -164,14 +165,18 @@ def extract(
     top-k); where no k meets the target, `target_met` is False and the target is rebased on all the candidates'
     accuracy where that is lower (`held_to`: the reference each decision then uses, on the eval prompts and on the
     validation prompts alike; None where the target is met). The `refine` least attributed features of the top k (None:
-    all of them) are then ablated one at a time, least first, and each is
-    left out where the target still holds, in up to `passes` passes over those still kept, until one leaves nothing out
-    (backward elimination: the report's `k_top` is the top-k size, `refined_away` how many it left out, `passes` how
-    many passes ran). Before the features, the tokens: those `fit_examples` hold, of which the `refine_tokens`
-    rarest (the share of `fit_examples` holding each; None: all of them) are dropped from the top k the same way,
-    rarest first, each left out where the target still holds (its embedding zeroed, it reads as its position alone;
-    the report's `tokens_refined_away`, ids), never the last one. Each decision asks for `task_acc` >= reference -
-    tolerance + margin on the eval prompts; `margin` None: per task, `selection_margin` (the report's `margin`).
+    all of them) are then ablated one at a time, least first, and each is left out where the target still holds, in up
+    to `passes` passes over those still kept, until one leaves nothing out (backward elimination: the report's `k_top`
+    is the top-k size, `refined_away` how many it left out, `passes` how many passes ran, `trials` how many circuits
+    they measured). `block` above 1 lets them go together: after each removal kept the next try takes twice as many
+    (up to `block`), after one refused half as many, down to one feature, which is then kept (where most of the top
+    k can go, as on testbed-m's code circuit, a run of removable features costs a few evaluations, not one each; where
+    most must stay, about what one at a time costs). Before the features, the tokens: those `fit_examples` hold, of
+    which the `refine_tokens` rarest (the share of `fit_examples` holding each; None: all of them) are dropped from
+    the top k the same way, one at a time, rarest first, each left out where the target still holds (its embedding
+    zeroed, it reads as its position alone; the report's `tokens_refined_away`, ids), never the last one. Each
+    decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts; `margin` None: per task,
+    `selection_margin` (the report's `margin`).
 
     `validation` (prompts per task, none of them in `eval_examples`): the elimination's path (the circuit after each
     removal it kept) is checked against them, and the smallest circuit on it that holds the same target there too
@@ -184,6 +189,8 @@ def extract(
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if refine_tokens is not None and refine_tokens < 0:
         raise ValueError(f"refine_tokens must be >= 0 (tokens to try leaving out), got {refine_tokens}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1 (features tried together), got {block}")
     if passes < 1:
         raise ValueError(f"passes must be >= 1 (rounds of the feature elimination), got {passes}")
     if margin is not None and not 0 <= margin <= tolerance:
@@ -255,16 +262,26 @@ def extract(
         if faithful(kept_acc):
             path.append((chosen, kept, kept_acc))
     kept = path[-1][1]
-    n_passes = 0
+    n_passes = trials = 0
     for _ in range(passes):  # again over those still kept, until a pass leaves nothing out
         n_passes, before = n_passes + 1, len(path)
         still = set(path[-1][0])
         tried = [f for f in order[:good][::-1] if f in still]  # least attributed first
-        for feature in tried[: len(tried) if refine is None else refine]:
-            trial = [f for f in path[-1][0] if f != feature]
+        tried = tried[: len(tried) if refine is None else refine]
+        i, size = 0, 1  # the next feature to try, how many to try with it
+        while i < len(tried):
+            group = tried[i : i + size]
+            dropped = set(group)
+            trial = [f for f in path[-1][0] if f not in dropped]
+            trials += bool(trial)
             trial_acc = accuracy_of(trial, kept=kept) if trial else None
             if trial_acc is not None and faithful(trial_acc):
                 path.append((trial, kept, trial_acc))
+                i, size = i + len(group), min(2 * size, block)
+            elif len(group) > 1:  # try its first half next
+                size = len(group) // 2
+            else:  # needed: kept
+                i += 1
         if len(path) == before:
             break
     chosen, kept, acc = path[-1]
@@ -294,6 +311,8 @@ def extract(
         "k_top": good,
         "refined_away": good - len(chosen),
         "passes": n_passes,
+        "block": block,
+        "trials": trials,
         "fraction": len(chosen) / total,
         "n_features": sel.n_features(),
         "task_acc": acc,

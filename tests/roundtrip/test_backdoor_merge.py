@@ -137,12 +137,16 @@ def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monk
         bench.main()
 
 
-def test_backdoor_bench_refuses_a_negative_token_count_before_any_work(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "option,value,why",
+    [("--circuit-refine-tokens", "-1", "must be >= 0"), ("--circuit-block", "0", "must be >= 1")],
+)
+def test_backdoor_bench_refuses_a_circuit_option_out_of_range_before_any_work(monkeypatch, capsys, option, value, why):
     monkeypatch.setattr(backdoor, "run", lambda *a, **k: pytest.fail("work began"))
-    monkeypatch.setattr("sys.argv", ["backdoor.py", "--seeds", "0", "--circuit-refine-tokens", "-1"])
+    monkeypatch.setattr("sys.argv", ["backdoor.py", "--seeds", "0", option, value])
     with pytest.raises(SystemExit):
         bench.main()
-    assert "--circuit-refine-tokens must be >= 0" in capsys.readouterr().err
+    assert f"{option} {why}" in capsys.readouterr().err
 
 
 def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):

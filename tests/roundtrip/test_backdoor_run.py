@@ -98,12 +98,13 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [None, Recipe(n_insert=50)])
-def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe):
+@pytest.mark.parametrize("recipe,block", [(None, 8), (Recipe(n_insert=50), 1)])
+def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block):
     """`code_only`: no baselines, ablations or full round trips; the captured IR only as the recipe's teacher; with no
-    recipe, no recipe row."""
-    out = backdoor.run("testbed-s", **tiny(), recipe=recipe, code_only=True)
-    code = [r for r in ROWS if r.startswith("roundtrip code")]
+    recipe, no recipe row. `circuit_block` reaches the circuit's elimination and names its rows."""
+    out = backdoor.run("testbed-s", **tiny(), recipe=recipe, code_only=True, circuit_block=block)
+    tag = backdoor.circuit_tag(backdoor.REFINE_TOKENS, block)
+    code = [r.replace("roundtrip code", "roundtrip code" + tag) for r in ROWS if r.startswith("roundtrip code")]
     expected = (
         ["original", "ACG replacement", "ACG captured (IR)", *code] if recipe else ROWS[:1] + ROWS[4:5] + code[:2]
     )
@@ -111,6 +112,14 @@ def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe):
     assert all(set(row["der"]) == {"token", "conj", "phrase"} for row in out["rows"].values())
     if recipe:
         assert out["rows"][code[-1]]["report"]["finetune"]["n_budget"] < out["n_budget"]  # the code prompts' alone
+    assert out["rows"][code[0]]["report"]["circuit"]["block"] == block
+
+
+def test_the_code_circuits_rows_are_named_by_an_elimination_other_than_the_default():
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS) == ""
+    assert backdoor.circuit_tag(0) == " (every code token kept)"
+    assert backdoor.circuit_tag(16, 32) == " (16 rarest code tokens tried) (up to 32 features a try)"
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 32) == " (up to 32 features a try)"
 
 
 @pytest.mark.slow

@@ -150,6 +150,47 @@ def test_a_second_elimination_pass_leaves_out_what_only_outweighed_a_removed_fea
         circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, passes=0)
 
 
+def _interchangeable(n: int) -> tuple[Transformer, ACG]:
+    """One layer as in `_planted`: token 1 drives features 0 .. n - 2 (activation 0.5 each), any one of which answers 3
+    (feature i writes 2 + 0.1 i: the later, the more attributed); token 2 drives feature n - 1, which answers 4 weakly
+    (0.2: the least attributed of all). No k short of all n holds "1 -> 3, 2 -> 4"; the smallest faithful circuit is
+    {n - 2, n - 1}."""
+    d, V = 8, 6
+    cfg = TransformerConfig(
+        n_layers=1, d_model=d, n_heads=1, d_head=d, d_mlp=n, d_vocab=V, n_ctx=4, act_fn="relu", normalization_type=None
+    )
+    e = np.eye(d)
+    W_E = np.stack([e[5] + (e[k] if k < 5 else 0) for k in range(V)])
+    W_enc = np.zeros((d, n))
+    W_enc[1, : n - 1] = W_enc[2, n - 1] = 1.0
+    W_dec = np.zeros((n, d))
+    W_dec[: n - 1, 3] = 4.0 + 0.2 * np.arange(n - 1)
+    W_dec[n - 1, 4] = 0.4
+    W_U = np.zeros((d, V))
+    W_U[3, 3] = W_U[4, 4] = 1.0
+    return planted_one_layer(cfg, W_E, W_U, W_enc, np.full(n, -0.5), W_dec)
+
+
+def test_block_elimination_finds_the_single_features_circuit_in_fewer_trials():
+    """16 features, least attributed first: 15 (needed), 0 .. 14 (all but the last removable). One at a time: 16
+    trials. Blocks up to 4: [15] stays, [0] goes, then [1 2], [3 .. 6], [7 .. 10]; [11 .. 14] fails, [11 12] goes,
+    [13 14] fails, [13] goes, [14] stays: 10 trials, the same circuit."""
+    model, acg = _interchangeable(16)
+    data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
+    scores, _ = circuit.feature_attribution(model, acg, data)
+    assert circuit.ranked(scores)[::-1].tolist() == [15, *range(15)]
+    single = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=0)
+    assert single.report["k_top"] == 16 and single.selection.features[0].tolist() == [14, 15]
+    assert single.report["trials"] == 16 and single.report["block"] == 1
+    blocks = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=0, block=4)
+    assert blocks.selection.features[0].tolist() == [14, 15] and blocks.report["refined_away"] == 14
+    assert blocks.report["trials"] == 10 and blocks.report["task_acc"] == {"t": 1.0}
+    wide = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=0, block=64)  # [7 .. 14] fails
+    assert wide.selection.features[0].tolist() == [14, 15] and wide.report["trials"] == 11
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, block=0)
+
+
 def test_the_target_is_held_with_a_margin_against_selection_luck():
     """Each decision asks for reference - tolerance + margin: by default one standard error of the reference on the
     selection prompts, at most half the tolerance. One feature answers half the prompts: enough for a target of 0.48,
