@@ -266,6 +266,14 @@ def roundtrip_cmd(
         ),
     ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="circuit: prompts to attribute over")] = 2000,
+    block: Annotated[
+        int,
+        typer.Option(
+            help="circuit: the elimination leaves out up to this many features at one try, twice as many after a "
+            "removal kept, half after one refused (1: one at a time; larger is faster where most of the top k can go)",
+            min=1,
+        ),
+    ] = 1,
     hf: Annotated[Path | None, typer.Option(help="also write a Hugging Face GPT-2 folder (ReLU dictionaries)")] = None,
     ir: Annotated[
         Path | None, typer.Option("--ir", help="an edited circuit (`acg import-code`) to fold into the weights")
@@ -352,7 +360,7 @@ def roundtrip_cmd(
         report_extra = {"edits": edits, "ir": str(ir)}
     elif task is not None or data is not None:
         name = f"circuit:{task or data}"
-        circ, *_ = _extract(torch_model, acg, task, data, n_prompts, tolerance, name, pairs=data_pairs)
+        circ, *_ = _extract(torch_model, acg, task, data, n_prompts, tolerance, name, pairs=data_pairs, block=block)
         sel = circ.selection
         report_extra = {"circuit": circ.report, "curve": circ.curve}
     elif everything:
@@ -507,17 +515,27 @@ def _extract(
     name: str,
     quick: bool = False,
     pairs: list | None = None,
+    block: int = 1,
 ):
     """A task's circuit (`circuit.extract`; the original's accuracy on the selection prompts is its `reference`) and the
     prompts it was attributed and selected on. A testbed task's elimination tries every top-k feature (`quick`: the 64
     least attributed) and is validated on a second held-out sample (as the backdoor table's code circuit); a JSONL's
-    tries the 64 least attributed, on its second half."""
+    tries the 64 least attributed, on its second half. `block`: up to how many features one try leaves out."""
     from acg.roundtrip import circuit as circuit_mod
 
     fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab, pairs)
     refine = None if validation is not None and not quick else 64
     circ = circuit_mod.extract(
-        torch_model, acg, fit_examples, eval_examples, None, tolerance, name=name, refine=refine, validation=validation
+        torch_model,
+        acg,
+        fit_examples,
+        eval_examples,
+        None,
+        tolerance,
+        name=name,
+        refine=refine,
+        validation=validation,
+        block=block,
     )
     return circ, fit_examples, eval_examples
 
@@ -583,6 +601,14 @@ def compile_cmd(
         ),
     ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="task circuits: prompts to attribute over")] = 2000,
+    block: Annotated[
+        int,
+        typer.Option(
+            help="task circuits: the elimination leaves out up to this many features at one try, twice as many after a "
+            "removal kept, half after one refused (1: one at a time; larger is faster where most of the top k can go)",
+            min=1,
+        ),
+    ] = 1,
     save_ir: Annotated[Path | None, typer.Option(help="also write the IR folder here")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -612,7 +638,7 @@ def compile_cmd(
             )
         if task is not None and data is not None:
             raise ACGError("give either --task or --data, not both")
-        graph, circuit_report = _task_circuit(model, acg_dir, dtype, task, data, tolerance, n_prompts)
+        graph, circuit_report = _task_circuit(model, acg_dir, dtype, task, data, tolerance, n_prompts, block)
         what = "acg-task-circuit"
     else:
         graph, what = _acg_graph(model, acg_dir, dtype, keep_errors, features, top, min_weight, max_terms)
@@ -650,14 +676,16 @@ def compile_cmd(
         )
 
 
-def _task_circuit(model: str, acg_dir: Path, dtype: str, task, data, tolerance: float, n_prompts: int):
+def _task_circuit(model: str, acg_dir: Path, dtype: str, task, data, tolerance: float, n_prompts: int, block: int = 1):
     """(the unrolled IR of a task's circuit: features by attribution, then edges by attribution; a report)."""
     import numpy as np
 
     from acg.roundtrip import edges as edges_mod
 
     torch_model, acg = _model_and_acg(model, acg_dir)
-    circ, fit_examples, eval_examples = _extract(torch_model, acg, task, data, n_prompts, tolerance, "circuit")
+    circ, fit_examples, eval_examples = _extract(
+        torch_model, acg, task, data, n_prompts, tolerance, "circuit", block=block
+    )
     sel = circ.selection
     keep = {layer: idx.tolist() for layer, idx in enumerate(sel.features)}
     tokens, positions = np.flatnonzero(sel.tokens).tolist(), np.flatnonzero(sel.positions).tolist()

@@ -88,10 +88,11 @@ def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path)
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a = 3 ; a", "answer": "3"}\n{"prompt": [1, 5, 6], "answer": 7}\n' * 10)
     args = ["roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "d", "--data", data, "--json"]
-    code, out, err = cli(capsys, *args)
+    code, out, err = cli(capsys, *args, "--block", "8")
     assert code == 0, err
     report = json.loads(out)["circuit"]
     assert report["k"] >= 1 and set(report["task_acc"]) == {"pairs"}  # the file's name
+    assert report["block"] == 8  # the elimination's tries: up to 8 features each
     tagged = tmp_path / "tagged.jsonl"
     tagged.write_text(
         '{"prompt": "a = 3 ; a", "answer": "3", "task": "vars"}\n{"prompt": [1, 5, 6], "answer": 7, "task": "ids"}\n'
@@ -114,6 +115,7 @@ def test_compile_a_task_circuit_features_then_edges(capsys, setup, tmp_path):
     result = json.loads(out)
     edges = result["edges"]
     assert result["graph"] == "acg-task-circuit" and result["curve"] and result["edge_curve"]
+    assert result["circuit"]["block"] == 1  # one feature a try unless --block says otherwise
     assert 0 < edges["n_edges"] <= edges["n_edges_of"]
     assert sum(edges["n_edges_per_layer"].values()) == edges["n_edges"]
     assert edges["n_features"] == {str(k): v for k, v in enumerate(result["circuit"]["n_features"])}
@@ -154,6 +156,9 @@ def test_an_acg_of_another_model_is_refused(capsys, setup, tmp_path):
     assert code == 2 and "another model" in err and not (tmp_path / "out").exists()
     code, _, err = cli(capsys, "roundtrip", setup[1], "--acg", root / "acg", "-o", tmp_path / "out", "--task", "nope")
     assert code == 2 and "unknown task" in err and not (tmp_path / "out").exists()
+    args = ["roundtrip", setup[1], "--acg", root / "acg", "-o", tmp_path / "out", "--task", "code", "--block", "0"]
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and "--block" in err and not (tmp_path / "out").exists()
 
 
 def test_hf_export_of_a_jumprelu_round_trip_is_refused(capsys, setup, tmp_path):
