@@ -413,8 +413,9 @@ def run(
     circuit's round trips, and with a recipe `ACG captured (IR)`, its teacher): no baselines, no ablations, no full
     round trips (testbed-m seed 0 without a recipe: 41 minutes here, 29 of them the circuit's extraction).
     `refine_tokens`: how many of the code prompts' rarest tokens the code circuit's elimination tries leaving out
-    (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS; `circuit_block`, in
-    what blocks its elimination tries the top-k features (`circuit.extract`'s `block`), named there where above 1."""
+    (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS; `circuit_block`: up
+    to how many top-k features one try of its elimination leaves out (`circuit.extract`'s `block`), named there where
+    above 1."""
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
