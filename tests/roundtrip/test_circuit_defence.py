@@ -222,7 +222,10 @@ def test_validation_prompts_undo_removals_that_only_the_selection_prompts_allow(
     assert out.report["k"] == 2 and out.report["refined_away"] == 0 and out.report["validated"] is True
     assert out.selection.features[0].tolist() == [0, 1]
     same = circuit.extract(model, acg, fit_examples, selection, {"t": 1.0}, validation=selection)
-    assert same.report["k"] == 1 and same.report["validated"] is True
+    assert same.report["k"] == 1 and same.report["validated"] is True and same.report["validation_checks"] == 1
+    blocks = circuit.extract(model, acg, fit_examples, selection, {"t": 1.0}, validation=both, block=2)  # scanned back
+    assert blocks.selection.features[0].tolist() == [0, 1] and blocks.report["validated"] is True
+    assert blocks.report["validation_checks"] == 4  # top k, tokens 2 and 0 out, feature 1 out: only the top k holds
 
 
 def test_where_not_even_the_top_k_validates_each_removal_is_held_to_lose_nothing_there():
@@ -252,6 +255,19 @@ def test_last_passing_finds_the_end_of_a_monotone_run_by_bisection():
     assert circuit.last_passing(5, upto(10)) == 4 and calls[-1] == 4
     assert circuit.last_passing(5, upto(-1)) is None
     assert circuit.last_passing(1, upto(0)) == 0 and circuit.last_passing(1, upto(-1)) is None
+
+
+def test_last_passing_scans_back_where_the_run_is_not_monotone():
+    calls: list[int] = []
+
+    def ok(i: int) -> bool:  # holds at 2 and 5 only: bisection, taking it as monotone, gives up at 0
+        calls.append(i)
+        return i in (2, 5)
+
+    assert circuit.last_passing(10, ok) is None
+    calls.clear()
+    assert circuit.last_passing(10, ok, scan=True) == 5 and calls == [9, 8, 7, 6, 5]
+    assert circuit.last_passing(10, lambda i: False, scan=True) is None
 
 
 def test_a_missed_target_holds_the_circuit_to_what_the_candidates_reach_not_the_whole_dictionary():
