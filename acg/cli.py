@@ -26,6 +26,14 @@ err = Console(stderr=True)
 _state = {"debug": False}
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+Block = Annotated[
+    int,
+    typer.Option(
+        help="task circuits: the elimination leaves out up to this many features at one try, twice as many after a "
+        "removal kept, half after one refused (1: one at a time; larger is faster where most of the top k can go)",
+        min=1,
+    ),
+]
 
 
 @app.callback()
@@ -266,14 +274,7 @@ def roundtrip_cmd(
         ),
     ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="circuit: prompts to attribute over")] = 2000,
-    block: Annotated[
-        int,
-        typer.Option(
-            help="circuit: the elimination leaves out up to this many features at one try, twice as many after a "
-            "removal kept, half after one refused (1: one at a time; larger is faster where most of the top k can go)",
-            min=1,
-        ),
-    ] = 1,
+    block: Block = 1,
     hf: Annotated[Path | None, typer.Option(help="also write a Hugging Face GPT-2 folder (ReLU dictionaries)")] = None,
     ir: Annotated[
         Path | None, typer.Option("--ir", help="an edited circuit (`acg import-code`) to fold into the weights")
@@ -601,14 +602,7 @@ def compile_cmd(
         ),
     ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="task circuits: prompts to attribute over")] = 2000,
-    block: Annotated[
-        int,
-        typer.Option(
-            help="task circuits: the elimination leaves out up to this many features at one try, twice as many after a "
-            "removal kept, half after one refused (1: one at a time; larger is faster where most of the top k can go)",
-            min=1,
-        ),
-    ] = 1,
+    block: Block = 1,
     save_ir: Annotated[Path | None, typer.Option(help="also write the IR folder here")] = None,
     as_json: JsonFlag = False,
 ) -> None:

@@ -23,11 +23,11 @@ pass leaves out runs of features at one try (twice as many after each removal ke
 refused, down to one): where most of the top k can go (testbed-m) that is a few trials per run of removable features
 instead of one per feature; where most must stay it saves less (testbed-s 5% seed 2: 305 trials against 351).
 Validation then scans the (short) path back from its end to the last circuit that holds there, where one at a time
-it bisects: removals of many features at one try go further on
-the selection prompts, and the path is not monotone on the validation prompts (testbed-m 5% seed 0: the path falls
-under the target there when `<bos>` goes, holds again from 1,447 features down to 359, and not below; bisection gave
-up at the tokens, the scan keeps 359 where one at a time kept 341, in 333 trials and 93 checks against 1,638 trials;
-on testbed-s 5% seed 2 it keeps 216 where one at a time, bisected, kept 264: MLP 21.3% of the original's, not 26.0%).
+it bisects: removals of many features at one try go further on the selection prompts, and the path is not monotone
+on the validation prompts (testbed-m 5% seed 0: the path falls under the target there when `<bos>` goes, holds again
+from 1,447 features down to 359, and not below; bisection gave up at the tokens, the scan keeps 359 where one at a
+time kept 341, in 333 trials and 93 checks against 1,638 trials; on testbed-s 5% seed 2 it keeps 216 where one at a
+time, bisected, kept 264: MLP 21.3% of the original's, not 26.0%).
 Every decision is judged on the same prompts (the curve's), and many decisions on one sample favour a circuit that
 is lucky on it: the target is therefore held with a `margin` per task, by default one standard error of the
 reference accuracy on those prompts (sqrt(r (1 - r) / n)), at most half the tolerance, so that it still holds on
