@@ -5,7 +5,8 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
                              [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--no-recipe]
-                             [--circuit-refine-tokens N] [--circuit-block B] [--code-only] [--json] [--out FILE]
+                             [--circuit-refine-tokens N] [--circuit-block B] [--circuit-ablation mean]
+                             [--code-only] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -20,14 +21,16 @@ prompts of the other tasks with insertions, labelled with the circuit's own answ
 (`backdoor.with_held`; ", N held off-task"), and with `--recipe-flat` teaches them an even answer distribution
 instead, at full weight (`backdoor.flat_held`; " flat"); `--recipe-keep-out` keeps the embeddings of the tokens each
 round trip left out at zero through the fine-tuning (`backdoor.keep_out_kw`; ", left-out tokens kept out").
-`--circuit-refine-tokens N` has the code circuit's elimination try leaving out the N rarest tokens of the code prompts
-(default 64, `backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December; the rows are named
-" (every code token kept)"). `--circuit-block B` lets its feature elimination leave out up to B features at one
+`--circuit-refine-tokens N` has the code circuit's elimination try leaving out the N rarest tokens of the code
+prompts (default 64, `backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December; the rows are
+named " (every code token kept)"). `--circuit-block B` lets its feature elimination leave out up to B features at one
 try, twice as many after a removal kept, half after one refused (`circuit.extract`'s `block`; the rows are named
-" (up to B features a try)"). `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code
-circuit needs alone (original, ACG replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)`
-as its teacher): no baselines, ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here,
-29 of them the extraction; every row: 68-132 minutes).
+" (up to B features a try)"). `--circuit-ablation mean` reads the tokens the circuit leaves out as the kept tokens'
+mean embedding under how often the code prompts hold each (a mean ablation) instead of as their positions alone
+(`circuit.extract`'s `token_ablation`; " (left-out tokens read as the mean)"). `--no-recipe` leaves out the recipe
+rows; `--code-only` measures the rows the code circuit needs alone (original, ACG replacement, the code circuit's
+round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines, ablations or full round trips
+(testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every row: 68-132 minutes).
 Runs of the two kinds have different rows and do not merge.
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
@@ -44,7 +47,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from acg.roundtrip import backdoor
+from acg.roundtrip import backdoor, circuit
 from acg.roundtrip import runs as runs_io
 
 NAME = "backdoor"
@@ -127,6 +130,13 @@ def main() -> None:
         help="the code circuit's feature elimination leaves out up to this many at one try, twice as many after a "
         "removal kept, half after one refused (1: one at a time)",
     )
+    ap.add_argument(
+        "--circuit-ablation",
+        choices=circuit.TOKEN_ABLATIONS,
+        default="zero",
+        help="what a token the code circuit leaves out reads as: its position alone (zero) or the kept tokens' mean "
+        "embedding under how often the code prompts hold each (mean)",
+    )
     ap.add_argument("--no-recipe", action="store_true", help="leave out the rows the recipe fine-tunes")
     ap.add_argument(
         "--code-only",
@@ -138,6 +148,8 @@ def main() -> None:
         ap.error(f"--circuit-refine-tokens must be >= 0 (tokens to try leaving out), got {args.circuit_refine_tokens}")
     if args.circuit_block < 1:
         ap.error(f"--circuit-block must be >= 1 (features tried together), got {args.circuit_block}")
+    if args.recipe_keep_out and args.circuit_ablation != "zero" and not args.no_recipe:
+        ap.error("--recipe-keep-out holds left-out tokens at zero; --circuit-ablation mean reads them as the mean")
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
 
@@ -161,7 +173,7 @@ def measure(args) -> Callable[[str, float, int], dict]:
     def one(model: str, ratio: float, seed: int) -> dict:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
         kw.update(recipe=None if args.no_recipe else recipe, refine_tokens=args.circuit_refine_tokens)
-        kw.update(code_only=args.code_only, circuit_block=args.circuit_block)
+        kw.update(code_only=args.code_only, circuit_block=args.circuit_block, circuit_ablation=args.circuit_ablation)
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

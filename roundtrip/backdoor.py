@@ -363,11 +363,12 @@ def code_circuit(
     tolerance: float = 0.01,
     refine_tokens: int = REFINE_TOKENS,
     block: int = 1,
+    token_ablation: str = "zero",
 ):
     """The `code` circuit: attributed on the budget's code prompts, selected on held-out prompts (seed
     CIRCUIT_EVAL_SEED), the `refine_tokens` rarest tokens of the code prompts and every top-k feature tried by the
-    elimination (up to `block` at a try, `circuit.extract`), whose path is validated on other held-out prompts (the next
-    seed's, less any the selection holds)."""
+    elimination (up to `block` at a try, `circuit.extract`; a token left out reads as `token_ablation` says), whose
+    path is validated on other held-out prompts (the next seed's, less any the selection holds)."""
     tasks = resolve_tasks("code")
     fit_examples = [ex for ex in budget if ex.task in tasks][:n_fit]
     eval_examples, validation = heldout_pair(tasks, n_eval, CIRCUIT_EVAL_SEED)
@@ -383,6 +384,7 @@ def code_circuit(
         validation=validation,
         refine_tokens=refine_tokens,
         block=block,
+        token_ablation=token_ablation,
     )
 
 
@@ -403,6 +405,7 @@ def run(
     refine_tokens: int = REFINE_TOKENS,
     code_only: bool = False,
     circuit_block: int = 1,
+    circuit_ablation: str = "zero",
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
@@ -415,7 +418,13 @@ def run(
     `refine_tokens`: how many of the code prompts' rarest tokens the code circuit's elimination tries leaving out
     (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS; `circuit_block`: up
     to how many top-k features one try of its elimination leaves out (`circuit.extract`'s `block`), named there where
-    above 1."""
+    above 1; `circuit_ablation`: what a token it leaves out reads as (`circuit.extract`'s `token_ablation`), named
+    there where "mean". A recipe that keeps left-out tokens at zero (`keep_out`) with a mean ablation, which reads
+    them as the mean token, is refused before any work."""
+    if recipe is not None and recipe.keep_out and circuit_ablation != "zero":
+        raise ValueError("keep_out holds left-out tokens at zero; a mean ablation reads them as the mean token")
+    if circuit_ablation not in circuit.TOKEN_ABLATIONS:
+        raise ValueError(f"circuit_ablation must be one of {', '.join(circuit.TOKEN_ABLATIONS)}: {circuit_ablation!r}")
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -454,15 +463,17 @@ def run(
     if not reused("original"):
         add("original", model, 0.0, dense.n_params(model)["n_params"])
     kw = {"progress": progress, "device": device}
-    if not code_only and not reused("FT"):
-        (ft, trained), s = timed(lambda: defence.finetune_recorded(model, base, budget, steps, seed, **kw))
-        add("FT", ft, s, dense.n_params(ft)["n_params"], training=trained)
-    if not code_only and not reused("FP"):
-        (fp, fp_report), s = timed(lambda: defence.fine_prune(model, base, budget, steps, seed, **kw))
-        add("FP", fp, s, dense.n_params(fp)["n_params"], report=fp_report)
-    if not code_only and not reused("Scratch"):
-        sc, s = timed(lambda: defence.scratch(model, base, budget, steps, seed, **kw))
-        add("Scratch", sc, s, dense.n_params(sc)["n_params"])
+    baselines = {  # how each trains, and the key of what it returns beside the model (None: the model alone)
+        "FT": (defence.finetune_recorded, "training"),
+        "FP": (defence.fine_prune, "report"),
+        "Scratch": (defence.scratch, None),
+    }
+    for method, (train, key_of) in ({} if code_only else baselines).items():
+        if reused(method):
+            continue
+        out, s = timed(lambda train=train: train(model, base, budget, steps, seed, **kw))
+        trained, more = out if key_of else (out, {})
+        add(method, trained, s, dense.n_params(trained)["n_params"], **({key_of: more} if key_of else {}))
     (acg, stats), s = timed(lambda: fit(model, [ex.ids for ex in budget], spec, progress=progress))
     extra["fit"] = {"seconds": stats["seconds"], "layers": stats["layers"]}
     add("ACG replacement", replacement_model(model, acg.transcoders), s, dense.n_params(acg)["n_params"])
@@ -512,9 +523,9 @@ def run(
         if block is not None and recipe is not None:
             tuned(rt, "full", report, captured.tokens)
     # selected on as many prompts as measured
-    how = {"n_eval": n_eval, "refine_tokens": refine_tokens, "block": circuit_block}
+    how = {"n_eval": n_eval, "refine_tokens": refine_tokens, "block": circuit_block, "token_ablation": circuit_ablation}
     circ, s = timed(lambda: code_circuit(model, acg, budget, **how))
-    tag = circuit_tag(refine_tokens, circuit_block)
+    tag = circuit_tag(refine_tokens, circuit_block, circuit_ablation)
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
         (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
@@ -528,13 +539,14 @@ def run(
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
 
-def circuit_tag(refine_tokens: int, block: int = 1) -> str:
-    """What the code circuit's rows add to their name for a token elimination other than REFINE_TOKENS's, and for a
-    feature elimination in blocks."""
+def circuit_tag(refine_tokens: int, block: int = 1, token_ablation: str = "zero") -> str:
+    """What the code circuit's rows add to their name for a token elimination other than REFINE_TOKENS's, for a
+    feature elimination in blocks, and for left-out tokens read as the mean token."""
     tokens = ""
     if refine_tokens != REFINE_TOKENS:
         tokens = " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
-    return tokens + (f" (up to {block} features a try)" if block > 1 else "")
+    mean = " (left-out tokens read as the mean)" if token_ablation == "mean" else ""
+    return tokens + (f" (up to {block} features a try)" if block > 1 else "") + mean
 
 
 _L0_QK = ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.b_Q", "blocks.0.attn.b_K")

@@ -42,6 +42,7 @@ checkpoint cannot leave out a single edge, an unrolled circuit (IR, code) can.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from acg.roundtrip.dense import RoundtripError, Selection, prune, to_dense
 from acg.roundtrip.evaluate import accuracy, answer_logits, length_batches
 from acg.zoo.tasks import Example
 
+TOKEN_ABLATIONS = ("zero", "mean")  # what a token a circuit leaves out reads as: its position alone, or the mean token
 GRID = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
@@ -120,12 +122,24 @@ def ranked(scores: list[np.ndarray]) -> np.ndarray:
     return np.argsort(-np.concatenate(scores), kind="stable")
 
 
-def select(scores: list[np.ndarray], chosen: Sequence[int], tokens: np.ndarray, positions: np.ndarray) -> Selection:
-    """The features at `chosen` (indices into the layers' concatenation), per layer."""
+def select(
+    scores: list[np.ndarray],
+    chosen: Sequence[int],
+    tokens: np.ndarray,
+    positions: np.ndarray,
+    fill: np.ndarray | None = None,
+) -> Selection:
+    """The features at `chosen` (indices into the layers' concatenation), per layer; `fill`: the selection's
+    `token_fill` (what a left-out token reads as)."""
     chosen = np.asarray(chosen, dtype=np.int64)
     bounds = np.cumsum([0, *map(len, scores)])
     feats = tuple(np.sort(chosen[(chosen >= lo) & (chosen < hi)] - lo) for lo, hi in itertools.pairwise(bounds))
-    return Selection(feats, tokens, positions, restrict_attention=True, source="circuit")
+    return Selection(feats, tokens, positions, restrict_attention=True, source="circuit", token_fill=fill)
+
+
+def token_counts(examples: Sequence[Example], d_vocab: int) -> np.ndarray:
+    """Per token id, how many times `examples`' prompts hold it (a mean ablation's weights: `Selection.token_fill`)."""
+    return np.bincount(np.concatenate([np.asarray(ex.ids) for ex in examples]), minlength=d_vocab).astype(np.float64)
 
 
 def smallest_passing(ks: Sequence[int], ok: Callable[[int], bool], bisect_steps: int) -> int | None:
@@ -167,6 +181,7 @@ def extract(
     refine_tokens: int | None = 64,
     passes: int = 1,
     block: int = 1,
+    token_ablation: str = "zero",
 ) -> Circuit:
     """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of `reference`
     (None: the model's own accuracy there) on every task in `eval_examples` (module docstring). Candidates are the
@@ -183,7 +198,9 @@ def extract(
     most must stay, about what one at a time costs). Before the features, the tokens: those `fit_examples` hold, of
     which the `refine_tokens` rarest (the share of `fit_examples` holding each; None: all of them) are dropped from
     the top k the same way, one at a time, rarest first, each left out where the target still holds (its embedding
-    zeroed, it reads as its position alone; the report's `tokens_refined_away`, ids), never the last one. Each
+    zeroed, it reads as its position alone; with `token_ablation` "mean" it reads as the kept tokens' mean embedding
+    under how often `fit_examples` hold each, a mean ablation, and so does every token they never hold; the report's
+    `tokens_refined_away`, ids), never the last one. Each
     decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts; `margin` None: per task,
     `selection_margin` (the report's `margin`).
 
@@ -205,6 +222,8 @@ def extract(
         raise ValueError(f"passes must be >= 1 (rounds of the feature elimination), got {passes}")
     if margin is not None and not 0 <= margin <= tolerance:
         raise ValueError(f"margin must be in [0, tolerance = {tolerance}], got {margin}")
+    if token_ablation not in TOKEN_ABLATIONS:
+        raise ValueError(f"token_ablation must be one of {', '.join(TOKEN_ABLATIONS)}, got {token_ablation!r}")
 
     def own_accuracy(examples: dict[str, Sequence[Example]]) -> dict[str, float]:
         return {t: accuracy(answer_logits(model, exs), exs) for t, exs in examples.items()}
@@ -226,6 +245,7 @@ def extract(
         raise RoundtripError(f"no feature carries any attribution on the {len(fit_examples)} task prompts")
     share = token_share(fit_examples, acg.cfg.d_vocab)
     tokens = share > 0
+    fill = token_counts(fit_examples, acg.cfg.d_vocab) if token_ablation == "mean" else None
     longest = max(len(ex.ids) for ex in fit_examples)
     positions = np.arange(acg.cfg.n_ctx) < longest
     cache: dict[int, dict[str, float]] = {}
@@ -233,7 +253,7 @@ def extract(
     def accuracy_of(
         chosen: Sequence[int], examples: dict[str, Sequence[Example]] = eval_examples, kept: np.ndarray = tokens
     ) -> dict[str, float]:
-        pruned, _ = prune(acg, select(scores, chosen, kept, positions))
+        pruned, _ = prune(acg, select(scores, chosen, kept, positions, fill))
         repl = to_dense(pruned)
         return {t: accuracy(answer_logits(repl, exs), exs) for t, exs in examples.items()}
 
@@ -316,8 +336,8 @@ def extract(
             step = last_passing(len(path), lambda i: all(on_validation(i)[t] >= top[t] for t in top), scan)
         chosen, kept, acc = path[step]
         checks = len(v_cache)
-    sel = select(scores, chosen, kept, positions)
-    sel = Selection(sel.features, sel.tokens, sel.positions, True, name, {"k": len(chosen), "tolerance": tolerance})
+    sel = select(scores, chosen, kept, positions, fill)
+    sel = dataclasses.replace(sel, source=name, meta={"k": len(chosen), "tolerance": tolerance})
     report = {
         "k": len(chosen),
         "k_top": good,
@@ -336,6 +356,7 @@ def extract(
         "validation_checks": checks,
         "tokens_kept": int(kept.sum()),
         "tokens_refined_away": np.flatnonzero(tokens & ~kept).tolist(),
+        "token_ablation": token_ablation,
         "candidates": live,
     }
     return Circuit(sel, curve, scores, reference, target_met, report)

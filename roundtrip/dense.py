@@ -3,8 +3,9 @@
 Two steps, so that "the IR it came from" is well defined and the checkpoint can be checked against it:
 
 1. `prune(acg, selection)` keeps what the selection names and nothing else, as an ACG again: the kept transcoder
-   features (sliced out of each dictionary), the kept token and position embeddings (the others set to zero), and,
-   with `restrict_attention`, every head's output projected onto the subspace S that the kept writers span (kept
+   features (sliced out of each dictionary), the kept token and position embeddings (the others set to zero; with a
+   `token_fill`, to the kept ones' mean, which layer 0's captured pairs then read linearly too: `pairs`), and, with
+   `restrict_attention`, every head's output projected onto the subspace S that the kept writers span (kept
    embedding rows, kept decoder rows, the biases). Every other writer then writes into S, so every read (queries,
    keys, values, encoders, the unembedding) sees only S: restricting the writes restricts the reads. Lowering the
    pruned ACG without error terms gives the IR that the checkpoint computes.
@@ -43,7 +44,10 @@ class RoundtripError(ACGError):
 
 @dataclass(frozen=True)
 class Selection:
-    """What a round trip keeps: feature indices per layer, and which token / position embeddings."""
+    """What a round trip keeps: feature indices per layer, and which token / position embeddings. `token_fill`
+    (a weight per token id, or None) says what a token left out reads as: None, nothing (its embedding zeroed, it reads
+    as its position alone); weights, the mean of the kept tokens' embeddings under them (a mean ablation: a task
+    circuit's are how often its prompts hold each token, `circuit.select`)."""
 
     features: tuple[np.ndarray, ...]
     tokens: np.ndarray  # bool [d_vocab]
@@ -51,6 +55,7 @@ class Selection:
     restrict_attention: bool = True
     source: str = "all"
     meta: dict[str, Any] = field(default_factory=dict)
+    token_fill: np.ndarray | None = None  # float [d_vocab] >= 0, or None
 
     def n_features(self) -> list[int]:
         return [len(f) for f in self.features]
@@ -123,7 +128,9 @@ def prune(acg: ACG, sel: Selection) -> tuple[ACG, dict[str, Any]]:
             )
         )
     w = dict(acg.weights)
-    w["embed.W_E"] = np.where(sel.tokens[:, None], w["embed.W_E"], 0.0)
+    weights = fill_weights(sel)
+    fill = None if weights is None else (weights @ w["embed.W_E"]).astype(w["embed.W_E"].dtype)
+    w["embed.W_E"] = np.where(sel.tokens[:, None], w["embed.W_E"], 0.0 if fill is None else fill)
     w["pos_embed.W_pos"] = np.where(sel.positions[:, None], w["pos_embed.W_pos"], 0.0)
     report: dict[str, Any] = {
         "source": sel.source,
@@ -132,6 +139,7 @@ def prune(acg: ACG, sel: Selection) -> tuple[ACG, dict[str, Any]]:
         "tokens_dropped": int((~sel.tokens).sum()),
         "positions_dropped": int((~sel.positions).sum()),
         "restrict_attention": sel.restrict_attention,
+        "token_fill": "zero" if fill is None else "mean",
     }
     if sel.restrict_attention:
         writers = [w["embed.W_E"][sel.tokens], w["pos_embed.W_pos"][sel.positions]]
@@ -151,8 +159,23 @@ def prune(acg: ACG, sel: Selection) -> tuple[ACG, dict[str, Any]]:
             if key in acg.usage:
                 usage[key] = acg.usage[key][keep]
     meta = {**acg.meta, "roundtrip": {**report, "kept": [np.asarray(f).tolist() for f in sel.features]}}
+    if weights is not None:  # which tokens read as which mean: `pairs.reference_ir` carries it into layer 0's pairs
+        meta["roundtrip"]["fill"] = {"filled": np.flatnonzero(~sel.tokens).tolist(), "weights": weights.tolist()}
     pruned = ACG(cfg, w, tuple(transcoders), usage, labels, {}, meta)
     return pruned, report
+
+
+def fill_weights(sel: Selection) -> np.ndarray | None:
+    """The weight of each kept token in what every token `sel` leaves out reads as (`Selection.token_fill`,
+    normalised to sum 1 over the kept tokens, 0 elsewhere), or None (zeros) where it has none, or gives the kept
+    tokens no weight."""
+    if sel.token_fill is None:
+        return None
+    weights = np.asarray(sel.token_fill, dtype=np.float64)
+    if weights.shape != sel.tokens.shape or not np.all(weights >= 0):
+        raise RoundtripError(f"token_fill must be {sel.tokens.shape[0]} weights >= 0 (one per token id)")
+    weights = weights * sel.tokens
+    return weights / weights.sum() if weights.sum() > 0 else None
 
 
 def _relabel(labels: dict[str, dict], sel: Selection) -> dict[str, dict]:

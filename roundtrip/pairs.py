@@ -26,7 +26,10 @@ bilinear form here), and on testbed-s it halves what is left of `conj` (0.22 -> 
 points of `code.brackets`; README).
 
 "The IR it came from" is `reference_ir`: the pruned ACG lowered with its layer-0 table explicit and the capture pass
-run over that table alone; `carry`'s dense model computes it (tested, float32 relative error <= 1e-5).
+run over that table alone; `carry`'s dense model computes it (tested, float32 relative error <= 1e-5). Where a
+circuit reads the tokens it leaves out as the kept tokens' mean (a mean ablation, `dense.prune` with a `token_fill`),
+their rows are no longer independent, so their entries are that mean of the kept tokens' captured entries
+(`read_as_mean`), not captured each on its own.
 """
 
 from __future__ import annotations
@@ -70,18 +73,37 @@ def reference_ir(
     tables = lower(
         pruned.replace(usage={USAGE: u}, stats=stats), keep_errors=False, dtype=dtype, usage=True, qk_tables=True
     )
+    if block is not None and block <= 0:
+        raise RoundtripError(f"block must be positive (a multiple of each head's largest pair score), got {block}")
     result = get_pass("capture", threshold=threshold, kinds=("qk",))(tables)
     report = {**result.report, "block": block, "blocked": 0}
-    if block is None:
+    full, table = tables.tensors["T.L0"], result.graph.tensors["T.L0"]
+    if block is not None:
+        dropped = (full != 0) & (table == 0)
+        scale = np.abs(full).max(axis=(1, 2), keepdims=True)
+        table = np.where(dropped, -block * scale, table).astype(table.dtype)
+        report["blocked"] = int(dropped.sum())
+    fill = pruned.meta.get("roundtrip", {}).get("fill")
+    if fill is not None:  # tokens read as a mean of kept ones: their pairs are that mean of the kept ones' pairs
+        table = read_as_mean(table, np.asarray(fill["filled"], dtype=np.int64), np.asarray(fill["weights"]))
+        report["filled"] = len(fill["filled"])
+    elif block is None:
         return result.graph, report
-    if block <= 0:
-        raise RoundtripError(f"block must be positive (a multiple of each head's largest pair score), got {block}")
-    full, kept = tables.tensors["T.L0"], result.graph.tensors["T.L0"]
-    dropped = (full != 0) & (kept == 0)
-    scale = np.abs(full).max(axis=(1, 2), keepdims=True)
-    blocked = np.where(dropped, -block * scale, kept).astype(kept.dtype)
-    report["blocked"] = int(dropped.sum())
-    return result.graph.replace(tensors={**result.graph.tensors, "T.L0": blocked}), report
+    return result.graph.replace(tensors={**result.graph.tensors, "T.L0": table}), report
+
+
+def read_as_mean(table: np.ndarray, filled: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Layer 0's pair table (heads x sources x sources, tokens first) with the rows and columns of the tokens `filled`
+    replaced by the `weights`-mean (one per token id, sum 1) of the others', as a query and as a key: the entries a
+    bilinear form gives tokens whose embedding is that mean of the others' (`dense.prune` with a `token_fill`), where
+    the capture pass, asked of each token alone, would have dropped or blocked pairs of theirs on its own and left a
+    table no dense head computes."""
+    out = table.astype(np.float64)
+    w = np.zeros(out.shape[-1])
+    w[: len(weights)] = weights
+    out[:, filled, :] = np.einsum("s,hst->ht", w, out)[:, None, :]
+    out[:, :, filled] = np.einsum("t,hst->hs", w, out)[:, :, None]
+    return out.astype(table.dtype)
 
 
 def carry(

@@ -149,6 +149,21 @@ def test_backdoor_bench_refuses_a_circuit_option_out_of_range_before_any_work(mo
     assert f"{option} {why}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args,why",
+    [
+        (["--circuit-ablation", "resample"], "argument --circuit-ablation: invalid choice: 'resample'"),
+        (["--circuit-ablation", "mean", "--recipe-keep-out"], "--recipe-keep-out holds left-out tokens at zero"),
+    ],
+)
+def test_backdoor_bench_refuses_a_token_ablation_it_cannot_honour_before_any_work(monkeypatch, capsys, args, why):
+    monkeypatch.setattr(backdoor, "run", lambda *a, **k: pytest.fail("work began"))
+    monkeypatch.setattr("sys.argv", ["backdoor.py", "--seeds", "0", *args])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert why in capsys.readouterr().err
+
+
 def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):
     out = tmp_path / "o.json"
     args = argparse.Namespace(models="a,b", ratios="0.05,0.01", seeds="0,1", out=out)

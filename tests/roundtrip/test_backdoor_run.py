@@ -98,12 +98,14 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,block", [(None, 8), (Recipe(n_insert=50), 1)])
-def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block):
+@pytest.mark.parametrize("recipe,block,ablation", [(None, 8, "mean"), (Recipe(n_insert=50), 1, "zero")])
+def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block, ablation):
     """`code_only`: no baselines, ablations or full round trips; the captured IR only as the recipe's teacher; with no
-    recipe, no recipe row. `circuit_block` reaches the circuit's elimination and names its rows."""
-    out = backdoor.run("testbed-s", **tiny(), recipe=recipe, code_only=True, circuit_block=block)
-    tag = backdoor.circuit_tag(backdoor.REFINE_TOKENS, block)
+    recipe, no recipe row. `circuit_block` and `circuit_ablation` reach the circuit's elimination and name its rows
+    (a mean ablation's blocked round trip carries layer 0's pairs over the left-out tokens pooled)."""
+    how = {"circuit_block": block, "circuit_ablation": ablation}
+    out = backdoor.run("testbed-s", **tiny(), recipe=recipe, code_only=True, **how)
+    tag = backdoor.circuit_tag(backdoor.REFINE_TOKENS, block, ablation)
     code = [r.replace("roundtrip code", "roundtrip code" + tag) for r in ROWS if r.startswith("roundtrip code")]
     expected = (
         ["original", "ACG replacement", "ACG captured (IR)", *code] if recipe else ROWS[:1] + ROWS[4:5] + code[:2]
@@ -113,6 +115,8 @@ def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block):
     if recipe:
         assert out["rows"][code[-1]]["report"]["finetune"]["n_budget"] < out["n_budget"]  # the code prompts' alone
     assert out["rows"][code[0]]["report"]["circuit"]["block"] == block
+    assert out["rows"][code[0]]["report"]["circuit"]["token_ablation"] == ablation
+    assert all(out["rows"][r]["report"]["token_fill"] == ablation for r in code[:2])
 
 
 def test_the_code_circuits_rows_are_named_by_an_elimination_other_than_the_default():
@@ -120,6 +124,14 @@ def test_the_code_circuits_rows_are_named_by_an_elimination_other_than_the_defau
     assert backdoor.circuit_tag(0) == " (every code token kept)"
     assert backdoor.circuit_tag(16, 32) == " (16 rarest code tokens tried) (up to 32 features a try)"
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 32) == " (up to 32 features a try)"
+    assert backdoor.circuit_tag(0, 1, "mean") == " (every code token kept) (left-out tokens read as the mean)"
+
+
+def test_a_run_refuses_a_token_ablation_it_cannot_honour_before_any_work():
+    with pytest.raises(ValueError, match="keep_out holds left-out tokens at zero"):
+        backdoor.run("testbed-s", recipe=Recipe(keep_out=True), circuit_ablation="mean")
+    with pytest.raises(ValueError, match="circuit_ablation must be one of zero, mean"):
+        backdoor.run("testbed-s", circuit_ablation="resample")
 
 
 @pytest.mark.slow

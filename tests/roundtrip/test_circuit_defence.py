@@ -93,6 +93,17 @@ def test_token_elimination_drops_the_tokens_the_answers_do_not_need():
     assert np.flatnonzero(anything.selection.tokens).tolist() == [0] and anything.report["k"] == 1  # the last stays
     with pytest.raises(ValueError, match="refine_tokens must be >= 0"):
         circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine_tokens=-1)
+    # read as the kept tokens' mean instead (e5 + (e1 + e2) / 2: under both answer features' thresholds), 0 and 5
+    # go as before; the selection carries the prompts' token counts, the round trip the mean
+    mean = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, token_ablation="mean")
+    assert mean.report["tokens_refined_away"] == [0, 5] and mean.report["token_ablation"] == "mean"
+    assert mean.selection.token_fill.tolist() == [20.0, 10.0, 10.0, 0.0, 0.0, 10.0]
+    pruned, report = dense.prune(acg, mean.selection)
+    assert report["token_fill"] == "mean"
+    np.testing.assert_allclose(pruned.weights["embed.W_E"][0], acg.weights["embed.W_E"][[1, 2]].mean(0))
+    assert circuit.accuracy(circuit.answer_logits(dense.to_dense(pruned), data), data) == 1.0
+    with pytest.raises(ValueError, match="token_ablation must be one of zero, mean"):
+        circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, token_ablation="resample")
 
 
 def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_first():

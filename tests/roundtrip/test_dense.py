@@ -92,6 +92,33 @@ def test_attention_writes_are_restricted_to_the_kept_span():
     assert report["n_params_mlp"] == (2 + 3) * (2 * 32 + 2) + 2 * 32
 
 
+def test_a_mean_ablation_reads_left_out_tokens_as_the_kept_ones_weighted_mean():
+    model, acg = _fit(8)
+    V = acg.cfg.d_vocab
+    kept = np.arange(V) < 6
+    weights = np.arange(V, dtype=float)  # weights on tokens left out count for nothing
+    sel = dense.Selection(tuple(np.arange(n) for n in acg.n_features()), kept, np.ones(acg.cfg.n_ctx, bool))
+    filled = dense.Selection(sel.features, kept, sel.positions, token_fill=weights)
+    rt, pruned, report = dense.roundtrip(acg, filled)
+    W_E = acg.weights["embed.W_E"]
+    want = (weights[:6] @ W_E[:6]) / weights[:6].sum()
+    np.testing.assert_allclose(pruned.weights["embed.W_E"][6:], np.broadcast_to(want, (V - 6, W_E.shape[1])))
+    np.testing.assert_array_equal(pruned.weights["embed.W_E"][:6], W_E[:6])
+    assert report["token_fill"] == "mean" and dense.roundtrip(acg, sel)[2]["token_fill"] == "zero"
+    graph = lower(pruned, keep_errors=False, dtype="float32")
+    toks = random_tokens(model.cfg, batch=4, seed=3)
+    assert rel_err(_logits(rt, toks), interpret.run(graph, toks, dtype="float32")["logits"]) <= 1e-5
+    assert rel_err(_logits(rt, toks), _logits(dense.roundtrip(acg, sel)[0], toks)) > 1e-3  # the fill is read
+    fill = pruned.meta["roundtrip"]["fill"]  # for layer 0's pair table (`pairs.reference_ir`)
+    assert fill["filled"] == list(range(6, V)) and np.allclose(fill["weights"], np.r_[weights[:6], [0] * (V - 6)] / 15)
+    for bad in (np.ones(V - 1), -np.ones(V)):
+        with pytest.raises(dense.RoundtripError, match="token_fill must be"):
+            dense.prune(acg, dense.Selection(sel.features, kept, sel.positions, token_fill=bad))
+    # no weight on any kept token: nothing to average, the left-out tokens are zeroed as without a fill
+    unweighted, _ = dense.prune(acg, dense.Selection(sel.features, kept, sel.positions, token_fill=1.0 * ~kept))
+    assert not unweighted.weights["embed.W_E"][6:].any()
+
+
 def test_bad_selection_is_refused():
     _, acg = _fit(7)
     with pytest.raises(dense.RoundtripError, match="layers"):

@@ -69,6 +69,31 @@ def test_carried_checkpoint_computes_the_ir_with_layer0_pairs_captured(tmp_path,
     assert moved > 1e-3  # the dropped pairs matter on mixed prompts: the test can tell the two apart
 
 
+def test_left_out_tokens_read_as_the_mean_read_the_kept_tokens_pairs_as_the_mean():
+    """A mean ablation makes every left-out token's row the kept rows' mean: the captured table's entries for them are
+    that mean of the kept tokens' captured entries (`pairs.read_as_mean`), which the carried heads compute; captured
+    each on its own instead, the table is no bilinear form of the rows."""
+    acg = _fit(4)
+    captured = dense.select_captured(acg)
+    kept = captured.tokens & (np.arange(acg.cfg.d_vocab) < 6)  # 6-9 (seen) and 10-12 (never seen) read as the mean
+    sel = dense.Selection(captured.features, kept, captured.positions, token_fill=acg.usage["tok_count"])
+    model, pruned, report = dense.roundtrip(acg, sel, block=1.0)
+    assert report["token_fill"] == "mean" and report["pairs"]["table_error"] < 1e-9
+    reference, ir_report = pairs.reference_ir(pruned, block=1.0, dtype="float32")
+    assert ir_report["filled"] == acg.cfg.d_vocab - 6 and ir_report["blocked"] > 0
+    T = reference.tensors["T.L0"]
+    w = np.asarray(pruned.meta["roundtrip"]["fill"]["weights"])
+    np.testing.assert_allclose(T[:, 8, 20], np.einsum("s,hs->h", w, T[:, : len(w), 20]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(T[:, 3, 11], np.einsum("t,ht->h", w, T[:, 3, : len(w)]), rtol=1e-5, atol=1e-6)
+    toks = np.random.default_rng(4).integers(0, acg.cfg.d_vocab, (6, acg.cfg.n_ctx))
+    with torch.no_grad():
+        got = model(torch.as_tensor(toks)).numpy()
+    assert rel_err(got, interpret.run(reference, toks, dtype="float32")["logits"]) <= 1e-5
+    meta = {**pruned.meta, "roundtrip": {k: v for k, v in pruned.meta["roundtrip"].items() if k != "fill"}}
+    with pytest.raises(RoundtripError, match="not a bilinear form"):
+        pairs.carry(pruned.replace(meta=meta), block=1.0)
+
+
 def test_padding_is_not_counted_as_parameters():
     acg = _fit(0)
     pruned, _ = dense.prune(acg, dense.select_captured(acg))
