@@ -3,6 +3,7 @@ progress and logs go to stderr. acg's own errors print as one paragraph (a trace
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import math
@@ -34,6 +35,11 @@ Block = Annotated[
         min=1,
     ),
 ]
+
+
+class TokenAblation(enum.StrEnum):  # `circuit.TOKEN_ABLATIONS`, as a choice the CLI checks
+    zero = "zero"
+    mean = "mean"
 
 
 @app.callback()
@@ -275,6 +281,13 @@ def roundtrip_cmd(
     ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="circuit: prompts to attribute over")] = 2000,
     block: Block = 1,
+    ablation: Annotated[
+        TokenAblation,
+        typer.Option(
+            help="circuit: what a token it leaves out reads as: its position alone (zero) or the kept tokens' mean "
+            "embedding, weighted by how often the task's prompts hold each (mean)",
+        ),
+    ] = TokenAblation.zero,
     hf: Annotated[Path | None, typer.Option(help="also write a Hugging Face GPT-2 folder (ReLU dictionaries)")] = None,
     ir: Annotated[
         Path | None, typer.Option("--ir", help="an edited circuit (`acg import-code`) to fold into the weights")
@@ -337,6 +350,8 @@ def roundtrip_cmd(
     torch_model, acg = _model_and_acg(model, acg_dir)
     if sum(x is not None for x in (task, data, ir)) + everything > 1:
         raise ACGError("give at most one of --task, --data, --ir and --all")
+    if task is None and data is None and (block != 1 or ablation != TokenAblation.zero):
+        raise ACGError("--block and --ablation shape a task circuit's elimination: give --task or --data with them")
     carry_pairs = carry_pairs or pairs_block is not None
     if carry_pairs and hf is not None:
         raise ACGError(
@@ -361,7 +376,8 @@ def roundtrip_cmd(
         report_extra = {"edits": edits, "ir": str(ir)}
     elif task is not None or data is not None:
         name = f"circuit:{task or data}"
-        circ, *_ = _extract(torch_model, acg, task, data, n_prompts, tolerance, name, pairs=data_pairs, block=block)
+        how = {"pairs": data_pairs, "block": block, "token_ablation": ablation.value}
+        circ, *_ = _extract(torch_model, acg, task, data, n_prompts, tolerance, name, **how)
         sel = circ.selection
         report_extra = {"circuit": circ.report, "curve": circ.curve}
     elif everything:
@@ -517,11 +533,13 @@ def _extract(
     quick: bool = False,
     pairs: list | None = None,
     block: int = 1,
+    token_ablation: str = "zero",
 ):
     """A task's circuit (`circuit.extract`; the original's accuracy on the selection prompts is its `reference`) and the
     prompts it was attributed and selected on. A testbed task's elimination tries every top-k feature (`quick`: the 64
     least attributed) and is validated on a second held-out sample (as the backdoor table's code circuit); a JSONL's
-    tries the 64 least attributed, on its second half. `block`: up to how many features one try leaves out."""
+    tries the 64 least attributed, on its second half. `block`: up to how many features one try leaves out;
+    `token_ablation`: what a token it leaves out reads as (`circuit.extract`)."""
     from acg.roundtrip import circuit as circuit_mod
 
     fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab, pairs)
@@ -537,6 +555,7 @@ def _extract(
         refine=refine,
         validation=validation,
         block=block,
+        token_ablation=token_ablation,
     )
     return circ, fit_examples, eval_examples
 

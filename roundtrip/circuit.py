@@ -35,7 +35,10 @@ prompts the selection never saw (the bench measures on others). Tokens kept are 
 those the same elimination leaves out (run on the top k before its features; the 64 rarest in the task's prompts
 tried, rarest first: a token the task's prompts hold but its answers do not need, such as one a poisoned training
 stream scattered through them, is dropped and reads as its position alone); positions, all those they reach;
-attention writes are restricted to the kept span.
+attention writes are restricted to the kept span. With `token_ablation="mean"` a token left out (and every token the
+task's prompts never hold) reads instead as the kept tokens' mean embedding, weighted by how often the task's prompts
+hold each (a mean ablation): a prompt off the task is then a run of ordinary task tokens, not of bare positions, and
+layer 0's captured pairs reach it (`pairs.read_as_mean`).
 The edges between the kept features are pruned the same way on the unrolled circuit (`roundtrip/edges.py`): a dense
 checkpoint cannot leave out a single edge, an unrolled circuit (IR, code) can.
 """

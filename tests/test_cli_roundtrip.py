@@ -88,11 +88,13 @@ def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path)
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a = 3 ; a", "answer": "3"}\n{"prompt": [1, 5, 6], "answer": 7}\n' * 10)
     args = ["roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "d", "--data", data, "--json"]
-    code, out, err = cli(capsys, *args, "--block", "8")
+    code, out, err = cli(capsys, *args, "--block", "8", "--ablation", "mean")
     assert code == 0, err
-    report = json.loads(out)["circuit"]
+    report = json.loads(out)
+    assert report["token_fill"] == "mean"  # the left-out tokens read as the kept ones' mean
+    report = report["circuit"]
     assert report["k"] >= 1 and set(report["task_acc"]) == {"pairs"}  # the file's name
-    assert report["block"] == 8  # the elimination's tries: up to 8 features each
+    assert report["block"] == 8 and report["token_ablation"] == "mean"  # the elimination's tries: up to 8 each
     tagged = tmp_path / "tagged.jsonl"
     tagged.write_text(
         '{"prompt": "a = 3 ; a", "answer": "3", "task": "vars"}\n{"prompt": [1, 5, 6], "answer": 7, "task": "ids"}\n'
@@ -159,6 +161,11 @@ def test_an_acg_of_another_model_is_refused(capsys, setup, tmp_path):
     args = ["roundtrip", setup[1], "--acg", root / "acg", "-o", tmp_path / "out", "--task", "code", "--block", "0"]
     code, _, err = cli(capsys, *args)
     assert code == 2 and "--block" in err and not (tmp_path / "out").exists()
+    code, _, err = cli(capsys, *args[:-1], "1", "--ablation", "resample")
+    assert code == 2 and "--ablation" in err and not (tmp_path / "out").exists()
+    whole = ["roundtrip", setup[1], "--acg", root / "acg", "-o", tmp_path / "out", "--ablation", "mean"]
+    code, _, err = cli(capsys, *whole)
+    assert code == 2 and "give --task or --data" in " ".join(err.split()) and not (tmp_path / "out").exists()
 
 
 def test_hf_export_of_a_jumprelu_round_trip_is_refused(capsys, setup, tmp_path):
