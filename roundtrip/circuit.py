@@ -203,9 +203,8 @@ def extract(
     the top k the same way, one at a time, rarest first, each left out where the target still holds (its embedding
     zeroed, it reads as its position alone; with `token_ablation` "mean" it reads as the kept tokens' mean embedding
     under how often `fit_examples` hold each, a mean ablation, and so does every token they never hold; the report's
-    `tokens_refined_away`, ids), never the last one. Each
-    decision asks for `task_acc` >= reference - tolerance + margin on the eval prompts; `margin` None: per task,
-    `selection_margin` (the report's `margin`).
+    `tokens_refined_away`, ids), never the last one. Each decision asks for `task_acc` >= reference - tolerance +
+    margin on the eval prompts; `margin` None: per task, `selection_margin` (the report's `margin`).
 
     `validation` (prompts per task, none of them in `eval_examples`): the elimination's path (the circuit after each
     removal it kept, a run of features left out at one try one step) is checked against them, and the smallest
