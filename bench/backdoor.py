@@ -6,7 +6,7 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
                              [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--no-recipe]
                              [--circuit-refine-tokens N] [--circuit-block B] [--circuit-ablation mean]
-                             [--code-only] [--json] [--out FILE]
+                             [--circuit-judge blocked] [--code-only] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -27,7 +27,10 @@ named " (every code token kept)"). `--circuit-block B` lets its feature eliminat
 try, twice as many after a removal kept, half after one refused (`circuit.extract`'s `block`; the rows are named
 " (up to B features a try)"). `--circuit-ablation mean` reads the tokens the circuit leaves out as the kept tokens'
 mean embedding under how often the code prompts hold each (a mean ablation) instead of as their positions alone
-(`circuit.extract`'s `token_ablation`; " (left-out tokens read as the mean)"). `--no-recipe` leaves out the recipe
+(`circuit.extract`'s `token_ablation`; " (left-out tokens read as the mean)"). `--circuit-judge blocked` has each of
+the elimination's decisions measure the circuit's round trip with layer 0's unused pairs blocked, the blocked rows'
+checkpoint, instead of the pruned replacement model (`backdoor.code_circuit`'s `judge`; " (judged blocked)").
+`--no-recipe` leaves out the recipe
 rows; `--code-only` measures the rows the code circuit needs alone (original, ACG replacement, the code circuit's
 round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines, ablations or full round trips
 (testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every row: 68-132 minutes).
@@ -137,6 +140,13 @@ def main() -> None:
         help="what a token the code circuit leaves out reads as: its position alone (zero) or the kept tokens' mean "
         "embedding under how often the code prompts hold each (mean)",
     )
+    ap.add_argument(
+        "--circuit-judge",
+        choices=backdoor.JUDGES,
+        default="plain",
+        help="which of the code circuit's round trips its elimination measures: the plain one (the pruned replacement "
+        "model) or the one with layer 0's unused pairs blocked",
+    )
     ap.add_argument("--no-recipe", action="store_true", help="leave out the rows the recipe fine-tunes")
     ap.add_argument(
         "--code-only",
@@ -174,6 +184,7 @@ def measure(args) -> Callable[[str, float, int], dict]:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
         kw.update(recipe=None if args.no_recipe else recipe, refine_tokens=args.circuit_refine_tokens)
         kw.update(code_only=args.code_only, circuit_block=args.circuit_block, circuit_ablation=args.circuit_ablation)
+        kw.update(circuit_judge=args.circuit_judge)
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

@@ -354,6 +354,15 @@ def captured_ir(
     return codegen.load(f"{tmp}/onnx"), result.report
 
 
+JUDGES = ("plain", "blocked")  # which of the code circuit's round trips its elimination measures
+
+
+def blocked_circuit(acg, sel: dense.Selection):
+    """The round trip of `sel` with layer 0's unused pairs blocked (the code circuit's blocked row), as
+    `circuit.extract`'s `build`."""
+    return dense.roundtrip(acg, sel, True, BLOCK)[0]
+
+
 def code_circuit(
     model,
     acg,
@@ -364,11 +373,16 @@ def code_circuit(
     refine_tokens: int = REFINE_TOKENS,
     block: int = 1,
     token_ablation: str = "zero",
+    judge: str = "plain",
 ):
     """The `code` circuit: attributed on the budget's code prompts, selected on held-out prompts (seed
     CIRCUIT_EVAL_SEED), the `refine_tokens` rarest tokens of the code prompts and every top-k feature tried by the
     elimination (up to `block` at a try, `circuit.extract`; a token left out reads as `token_ablation` says), whose
-    path is validated on other held-out prompts (the next seed's, less any the selection holds)."""
+    path is validated on other held-out prompts (the next seed's, less any the selection holds). `judge`: which round
+    trip each decision measures, "plain" (the pruned replacement model, which the plain round trip computes) or
+    "blocked" (`blocked_circuit`: layer 0's unused pairs blocked too)."""
+    if judge not in JUDGES:
+        raise ValueError(f"judge must be one of {', '.join(JUDGES)}, got {judge!r}")
     tasks = resolve_tasks("code")
     fit_examples = [ex for ex in budget if ex.task in tasks][:n_fit]
     eval_examples, validation = heldout_pair(tasks, n_eval, CIRCUIT_EVAL_SEED)
@@ -385,6 +399,7 @@ def code_circuit(
         refine_tokens=refine_tokens,
         block=block,
         token_ablation=token_ablation,
+        build=blocked_circuit if judge == "blocked" else None,
     )
 
 
@@ -406,6 +421,7 @@ def run(
     code_only: bool = False,
     circuit_block: int = 1,
     circuit_ablation: str = "zero",
+    circuit_judge: str = "plain",
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
@@ -419,12 +435,15 @@ def run(
     (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS; `circuit_block`: up
     to how many top-k features one try of its elimination leaves out (`circuit.extract`'s `block`), named there where
     above 1; `circuit_ablation`: what a token it leaves out reads as (`circuit.extract`'s `token_ablation`), named
-    there where "mean". A recipe that keeps left-out tokens at zero (`keep_out`) with a mean ablation, which reads
-    them as the mean token, is refused before any work."""
+    there where "mean"; `circuit_judge`: which of its round trips the elimination measures (`code_circuit`'s `judge`),
+    named there where "blocked". A recipe that keeps left-out tokens at zero (`keep_out`) with a mean ablation, which
+    reads them as the mean token, is refused before any work, as is an unknown ablation or judge."""
     if recipe is not None and recipe.keep_out and circuit_ablation != "zero":
         raise ValueError("keep_out holds left-out tokens at zero; a mean ablation reads them as the mean token")
     if circuit_ablation not in circuit.TOKEN_ABLATIONS:
         raise ValueError(f"circuit_ablation must be one of {', '.join(circuit.TOKEN_ABLATIONS)}: {circuit_ablation!r}")
+    if circuit_judge not in JUDGES:
+        raise ValueError(f"circuit_judge must be one of {', '.join(JUDGES)}: {circuit_judge!r}")
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -523,9 +542,10 @@ def run(
         if block is not None and recipe is not None:
             tuned(rt, "full", report, captured.tokens)
     # selected on as many prompts as measured
-    how = {"n_eval": n_eval, "refine_tokens": refine_tokens, "block": circuit_block, "token_ablation": circuit_ablation}
+    how = {"n_eval": n_eval, "refine_tokens": refine_tokens, "block": circuit_block}
+    how.update(token_ablation=circuit_ablation, judge=circuit_judge)
     circ, s = timed(lambda: code_circuit(model, acg, budget, **how))
-    tag = circuit_tag(refine_tokens, circuit_block, circuit_ablation)
+    tag = circuit_tag(refine_tokens, circuit_block, circuit_ablation, circuit_judge)
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
         (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
@@ -539,14 +559,16 @@ def run(
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
 
-def circuit_tag(refine_tokens: int, block: int = 1, token_ablation: str = "zero") -> str:
+def circuit_tag(refine_tokens: int, block: int = 1, token_ablation: str = "zero", judge: str = "plain") -> str:
     """What the code circuit's rows add to their name for a token elimination other than REFINE_TOKENS's, for a
-    feature elimination in blocks, and for left-out tokens read as the mean token."""
+    feature elimination in blocks, for left-out tokens read as the mean token, and for an elimination judged on the
+    blocked round trip."""
     tokens = ""
     if refine_tokens != REFINE_TOKENS:
         tokens = " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
     mean = " (left-out tokens read as the mean)" if token_ablation == "mean" else ""
-    return tokens + (f" (up to {block} features a try)" if block > 1 else "") + mean
+    judged = " (judged blocked)" if judge == "blocked" else ""
+    return tokens + (f" (up to {block} features a try)" if block > 1 else "") + mean + judged
 
 
 _L0_QK = ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.b_Q", "blocks.0.attn.b_K")

@@ -185,6 +185,7 @@ def extract(
     passes: int = 1,
     block: int = 1,
     token_ablation: str = "zero",
+    build: Callable[[ACG, Selection], Transformer] | None = None,
 ) -> Circuit:
     """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of `reference`
     (None: the model's own accuracy there) on every task in `eval_examples` (module docstring). Candidates are the
@@ -213,7 +214,14 @@ def extract(
     `validation_checks` the circuits measured there, and `refined_away` / `tokens_refined_away` count only the
     removals kept). Where not even the top k holds it there (`validated` False), the result is the smallest on the
     path that loses nothing there against the top k (so a token the validation prompts never hold, whose removal
-    costs nothing there, stays left out). Without it the elimination's last circuit is the result."""
+    costs nothing there, stays left out). Without it the elimination's last circuit is the result.
+
+    `build`: the model each decision and each validation check measures, made from the ACG and a candidate selection
+    (None: `replacement_of`, the pruned replacement model). A caller that ships another form of the circuit passes
+    it here, so that the elimination judges what is shipped: `backdoor.code_circuit` the round trip with layer 0's
+    unused pairs blocked, `acg roundtrip --task --pairs` the checkpoint it writes (a removal the replacement model
+    allows can break that form: testbed-s's code circuit read as the mean leaves out `<bos>`, and its blocked round
+    trip then falls to code.vars 0.74). Attribution stays on the replacement model."""
     if refine is not None and refine < 0:
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if refine_tokens is not None and refine_tokens < 0:
@@ -248,6 +256,7 @@ def extract(
     share = token_share(fit_examples, acg.cfg.d_vocab)
     tokens = share > 0
     fill = token_counts(fit_examples, acg.cfg.d_vocab) if token_ablation == "mean" else None
+    build = build or replacement_of
     longest = max(len(ex.ids) for ex in fit_examples)
     positions = np.arange(acg.cfg.n_ctx) < longest
     cache: dict[int, dict[str, float]] = {}
@@ -255,8 +264,7 @@ def extract(
     def accuracy_of(
         chosen: Sequence[int], examples: dict[str, Sequence[Example]] = eval_examples, kept: np.ndarray = tokens
     ) -> dict[str, float]:
-        pruned, _ = prune(acg, select(scores, chosen, kept, positions, fill))
-        repl = to_dense(pruned)
+        repl = build(acg, select(scores, chosen, kept, positions, fill))
         return {t: accuracy(answer_logits(repl, exs), exs) for t, exs in examples.items()}
 
     def measure(k: int) -> dict[str, float]:
@@ -359,9 +367,16 @@ def extract(
         "tokens_kept": int(kept.sum()),
         "tokens_refined_away": np.flatnonzero(tokens & ~kept).tolist(),
         "token_ablation": token_ablation,
+        "judged_on": getattr(build, "__name__", type(build).__name__),  # what `build` made: replacement_of by default
         "candidates": live,
     }
     return Circuit(sel, curve, scores, reference, target_met, report)
+
+
+def replacement_of(acg: ACG, sel: Selection) -> Transformer:
+    """The pruned replacement model of `sel` (what `extract` judges by default)."""
+    pruned, _ = prune(acg, sel)
+    return to_dense(pruned)
 
 
 def lower_of(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:

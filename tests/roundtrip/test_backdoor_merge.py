@@ -154,6 +154,7 @@ def test_backdoor_bench_refuses_a_circuit_option_out_of_range_before_any_work(mo
     [
         (["--circuit-ablation", "resample"], "argument --circuit-ablation: invalid choice: 'resample'"),
         (["--circuit-ablation", "mean", "--recipe-keep-out"], "--recipe-keep-out holds left-out tokens at zero"),
+        (["--circuit-judge", "full"], "argument --circuit-judge: invalid choice: 'full'"),
     ],
 )
 def test_backdoor_bench_refuses_a_token_ablation_it_cannot_honour_before_any_work(monkeypatch, capsys, args, why):
@@ -162,6 +163,22 @@ def test_backdoor_bench_refuses_a_token_ablation_it_cannot_honour_before_any_wor
     with pytest.raises(SystemExit):
         bench.main()
     assert why in capsys.readouterr().err
+
+
+def test_backdoor_bench_hands_the_circuit_options_to_each_run(monkeypatch):
+    given = {}
+
+    def run(*a, **kw):
+        given.update(kw)
+        raise KeyboardInterrupt  # stop at the first run: what reached it is all this test reads
+
+    monkeypatch.setattr(backdoor, "run", run)
+    how = ["--circuit-block", "64", "--circuit-ablation", "mean", "--circuit-judge", "blocked", "--code-only"]
+    monkeypatch.setattr("sys.argv", ["backdoor.py", "--seeds", "0", "--ratios", "0.05", *how])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    assert given["circuit_block"] == 64 and given["circuit_ablation"] == "mean" and given["circuit_judge"] == "blocked"
+    assert given["code_only"]
 
 
 def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):

@@ -98,14 +98,17 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,block,ablation", [(None, 8, "mean"), (Recipe(n_insert=50), 1, "zero")])
-def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block, ablation):
+@pytest.mark.parametrize(
+    "recipe,block,ablation,judge", [(None, 8, "mean", "blocked"), (Recipe(n_insert=50), 1, "zero", "plain")]
+)
+def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block, ablation, judge):
     """`code_only`: no baselines, ablations or full round trips; the captured IR only as the recipe's teacher; with no
-    recipe, no recipe row. `circuit_block` and `circuit_ablation` reach the circuit's elimination and name its rows
-    (a mean ablation's blocked round trip carries layer 0's pairs over the left-out tokens pooled)."""
-    how = {"circuit_block": block, "circuit_ablation": ablation}
+    recipe, no recipe row. `circuit_block`, `circuit_ablation` and `circuit_judge` reach the circuit's elimination and
+    name its rows (a mean ablation's blocked round trip carries layer 0's pairs over the left-out tokens read as the
+    mean; judged blocked, every candidate is that round trip)."""
+    how = {"circuit_block": block, "circuit_ablation": ablation, "circuit_judge": judge}
     out = backdoor.run("testbed-s", **tiny(), recipe=recipe, code_only=True, **how)
-    tag = backdoor.circuit_tag(backdoor.REFINE_TOKENS, block, ablation)
+    tag = backdoor.circuit_tag(backdoor.REFINE_TOKENS, block, ablation, judge)
     code = [r.replace("roundtrip code", "roundtrip code" + tag) for r in ROWS if r.startswith("roundtrip code")]
     expected = (
         ["original", "ACG replacement", "ACG captured (IR)", *code] if recipe else ROWS[:1] + ROWS[4:5] + code[:2]
@@ -116,6 +119,8 @@ def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block, ab
         assert out["rows"][code[-1]]["report"]["finetune"]["n_budget"] < out["n_budget"]  # the code prompts' alone
     assert out["rows"][code[0]]["report"]["circuit"]["block"] == block
     assert out["rows"][code[0]]["report"]["circuit"]["token_ablation"] == ablation
+    judged_on = {"plain": "replacement_of", "blocked": "blocked_circuit"}[judge]
+    assert out["rows"][code[0]]["report"]["circuit"]["judged_on"] == judged_on
     assert all(out["rows"][r]["report"]["token_fill"] == ablation for r in code[:2])
 
 
@@ -125,6 +130,7 @@ def test_the_code_circuits_rows_are_named_by_an_elimination_other_than_the_defau
     assert backdoor.circuit_tag(16, 32) == " (16 rarest code tokens tried) (up to 32 features a try)"
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 32) == " (up to 32 features a try)"
     assert backdoor.circuit_tag(0, 1, "mean") == " (every code token kept) (left-out tokens read as the mean)"
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1, "zero", "blocked") == " (judged blocked)"
 
 
 def test_a_run_refuses_a_token_ablation_it_cannot_honour_before_any_work():
@@ -132,6 +138,10 @@ def test_a_run_refuses_a_token_ablation_it_cannot_honour_before_any_work():
         backdoor.run("testbed-s", recipe=Recipe(keep_out=True), circuit_ablation="mean")
     with pytest.raises(ValueError, match="circuit_ablation must be one of zero, mean"):
         backdoor.run("testbed-s", circuit_ablation="resample")
+    with pytest.raises(ValueError, match="circuit_judge must be one of plain, blocked"):
+        backdoor.run("testbed-s", circuit_judge="full")
+    with pytest.raises(ValueError, match="judge must be one of plain, blocked"):
+        backdoor.code_circuit(None, None, [], judge="full")
 
 
 @pytest.mark.slow

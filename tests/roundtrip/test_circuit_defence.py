@@ -106,6 +106,32 @@ def test_token_elimination_drops_the_tokens_the_answers_do_not_need():
         circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, token_ablation="resample")
 
 
+def test_the_elimination_judges_the_model_build_makes_of_each_candidate():
+    """A shipped form of the circuit that needs token 0 (as a blocked round trip can need `<bos>`): judged on it, the
+    elimination keeps 0 and leaves out 5 alone; judged on the replacement model (the default) both go. Every
+    candidate reaches `build` as a selection of the given ACG."""
+    model, acg = _planted()
+    data = [Ex([0, 1], 3), Ex([0, 2], 4), Ex([0, 5, 1], 3), Ex([0, 5, 2], 4)] * 5
+    seen = []
+
+    def needs_token_0(a: ACG, sel: dense.Selection) -> Transformer:
+        seen.append(sel)
+        replacement = circuit.replacement_of(a, sel)
+        if not sel.tokens[0]:  # the shipped form breaks without it: every logit zero, no answer right
+            replacement.unembed.W_U.data.zero_()
+            replacement.unembed.b_U.data.zero_()
+        return replacement
+
+    out = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, build=needs_token_0)
+    assert out.report["tokens_refined_away"] == [5] and out.report["judged_on"] == "needs_token_0"
+    assert np.flatnonzero(out.selection.tokens).tolist() == [0, 1, 2] and out.report["k"] == 2
+    assert seen and all(isinstance(s, dense.Selection) and s.restrict_attention for s in seen)
+    default = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0})
+    assert default.report["tokens_refined_away"] == [0, 5] and default.report["judged_on"] == "replacement_of"
+    validated = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, validation={"t": data}, build=needs_token_0)
+    assert validated.report["validated"] and validated.report["tokens_refined_away"] == [5]
+
+
 def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_first():
     model, acg = _planted(redundant=True)
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
