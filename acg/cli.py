@@ -341,9 +341,10 @@ def roundtrip_cmd(
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
     tokens seen, attention writes restricted to their span), a task circuit (--task / --data), or an edited circuit
     with its edits folded into the dictionaries (--ir); errors dropped. With --pairs, layer 0's heads also score
-    exactly as the captured pair table does (`roundtrip/pairs.py`). With --finetune, the checkpoint is then trained
-    on the defender's clean budget and on prompts of it with tokens inserted, kept where the captured ACG gives the
-    clean answer (the backdoor table's recipe: `--pairs-block 1 --finetune BUDGET.jsonl`)."""
+    exactly as the captured pair table does (`roundtrip/pairs.py`); with a task circuit, each step of its elimination
+    then measures that checkpoint (pairs carried), not the replacement model. With --finetune, the checkpoint is then
+    trained on the defender's clean budget and on prompts of it with tokens inserted, kept where the captured ACG
+    gives the clean answer (the backdoor table's recipe: `--pairs-block 1 --finetune BUDGET.jsonl`)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
 
@@ -377,6 +378,12 @@ def roundtrip_cmd(
     elif task is not None or data is not None:
         name = f"circuit:{task or data}"
         how = {"pairs": data_pairs, "block": block, "token_ablation": ablation.value}
+        if carry_pairs:  # judge each candidate as the checkpoint written: its layer-0 pairs carried (and blocked)
+
+            def written(acg, sel):
+                return dense.roundtrip(acg, sel, True, pairs_block)[0]
+
+            how["build"] = written
         circ, *_ = _extract(torch_model, acg, task, data, n_prompts, tolerance, name, **how)
         sel = circ.selection
         report_extra = {"circuit": circ.report, "curve": circ.curve}
@@ -532,14 +539,13 @@ def _extract(
     name: str,
     quick: bool = False,
     pairs: list | None = None,
-    block: int = 1,
-    token_ablation: str = "zero",
+    **options: Any,
 ):
     """A task's circuit (`circuit.extract`; the original's accuracy on the selection prompts is its `reference`) and the
     prompts it was attributed and selected on. A testbed task's elimination tries every top-k feature (`quick`: the 64
     least attributed) and is validated on a second held-out sample (as the backdoor table's code circuit); a JSONL's
-    tries the 64 least attributed, on its second half. `block`: up to how many features one try leaves out;
-    `token_ablation`: what a token it leaves out reads as (`circuit.extract`)."""
+    tries the 64 least attributed, on its second half. `options` go to `circuit.extract` as they are (`block`,
+    `token_ablation`, `build`)."""
     from acg.roundtrip import circuit as circuit_mod
 
     fit_examples, eval_examples, validation = _circuit_data(task, data, n, torch_model.cfg.d_vocab, pairs)
@@ -554,8 +560,7 @@ def _extract(
         name=name,
         refine=refine,
         validation=validation,
-        block=block,
-        token_ablation=token_ablation,
+        **options,
     )
     return circ, fit_examples, eval_examples
 

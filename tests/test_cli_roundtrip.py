@@ -106,6 +106,14 @@ def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path)
     assert set(json.loads(out)["circuit"]["task_acc"]) == {"vars", "ids"}  # each line's task: a target each
 
 
+def test_the_clis_token_ablations_are_the_libraries():
+    """`acg.cli.TokenAblation` repeats `circuit.TOKEN_ABLATIONS` (the CLI imports torch lazily): they must agree."""
+    from acg.cli import TokenAblation
+    from acg.roundtrip.circuit import TOKEN_ABLATIONS
+
+    assert tuple(a.value for a in TokenAblation) == TOKEN_ABLATIONS
+
+
 def test_compile_a_task_circuit_features_then_edges(capsys, setup, tmp_path):
     from acg import codegen
     from acg.ir import interpret, serialize
@@ -254,6 +262,16 @@ def test_roundtrip_pairs_widens_layer0_heads_and_refuses_what_it_cannot_hold(cap
     assert code == 0, err
     blocked = json.loads(out)["pairs"]
     assert blocked["block"] == 1.0 and blocked["blocked"] == report["pairs"]["pairs"]["dropped"]
+    data = tmp_path / "pairs.jsonl"  # a circuit's elimination judges what is written: its pairs carried and blocked
+    data.write_text('{"prompt": "a = 3 ; a", "answer": "3"}\n{"prompt": "b = 7 ; b", "answer": "7"}\n' * 10)
+    args = ["roundtrip", ckpt, "--acg", tmp_path / "acg", "-o", tmp_path / "c", "--data", data, "--json"]
+    code, out, err = cli(capsys, *args, "--pairs-block", "1")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["circuit"]["judged_on"] == "written" and report["pairs"]["block"] == 1.0
+    code, out, err = cli(capsys, *[a if a != tmp_path / "c" else tmp_path / "p" for a in args])
+    assert code == 0, err
+    assert json.loads(out)["circuit"]["judged_on"] == "replacement_of"  # no pairs: the replacement model, as written
     args = ["roundtrip", ckpt, "--acg", tmp_path / "acg", "-o", tmp_path / "out", "--pairs", "--hf", tmp_path / "hf"]
     code, _, err = cli(capsys, *args)
     assert code == 2 and "GPT-2 cannot hold" in " ".join(err.split()) and not (tmp_path / "out").exists()
