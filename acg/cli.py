@@ -336,6 +336,15 @@ def roundtrip_cmd(
             min=0.0,
         ),
     ] = 0.0,
+    hold: Annotated[
+        int,
+        typer.Option(
+            help="--finetune with --task / --data: also train on this many of the budget's lines outside the "
+            "circuit's tasks with tokens inserted, labelled with the circuit's own answer on the line (0: none; the "
+            "backdoor table's held-off-task recipe: 16000)",
+            min=0,
+        ),
+    ] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
@@ -365,9 +374,13 @@ def roundtrip_cmd(
         data_pairs = load_pairs(data, torch_model.cfg.d_vocab)
     if not math.isfinite(anchor):
         raise ACGError(f"--anchor must be a finite number >= 0, got {anchor}")
-    budget = None
+    if hold and (finetune is None or (task is None and data is None)):
+        raise ACGError("--hold holds a task circuit off its tasks while fine-tuning: give --finetune, --task / --data")
+    budget = outside = None
     if finetune is not None:  # read and checked before any work
-        budget = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task, data, data_pairs)
+        budget, outside = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task, data, data_pairs)
+        if hold and not outside:
+            raise ACGError(f"--hold: {finetune} has no line outside the circuit's tasks to hold")
     report_extra: dict[str, Any] = {}
     if ir is not None:
         from acg.ir import serialize
@@ -398,8 +411,8 @@ def roundtrip_cmd(
     if budget is not None:
         from acg.roundtrip.backdoor import Recipe
 
-        recipe = Recipe(n_insert=n_insert, soft=soft, anchor=anchor)  # each checked above, naming its option
-        rt, report["finetune"] = _finetune(model, acg, rt, budget, recipe, steps, seed)
+        recipe = Recipe(n_insert=n_insert, soft=soft, anchor=anchor, hold=hold)  # each checked above
+        rt, report["finetune"] = _finetune(model, acg, rt, budget, recipe, steps, seed, outside)
         report["finetune"]["data"] = str(finetune)
     report.update({"model": model, "acg": str(acg_dir), "out": str(out)})
     if hf is not None:  # refuse before writing anything
@@ -449,12 +462,13 @@ def _finetune_budget(
     fine-tuned on its own task's lines only (as the backdoor table's code circuit), so that it is not taught the tasks
     it left out: with `task` (a testbed task or group) a budget without a line of it is refused; with `data` (a
     JSONL circuit; `data_pairs` its lines where already read) the budget's lines of the tasks `data` names are taken
-    where it has any, else all of it (said on stderr)."""
+    where it has any, else all of it (said on stderr). Returns the lines taken and the others (those a circuit's
+    `--hold` draws from; none without `task` / `data`)."""
     from acg.roundtrip.data import TaskDataError, load_pairs
 
     if n_insert < 0 or steps < 1:
         raise ACGError(f"--insert must be >= 0 and --steps >= 1, got {n_insert} and {steps}")
-    budget = load_pairs(path, cfg.d_vocab)
+    budget = everything = load_pairs(path, cfg.d_vocab)
     held = sorted({p.task for p in budget})
     if task is not None:
         tasks = _tasks(task)
@@ -477,28 +491,34 @@ def _finetune_budget(
     longest = max(len(p.ids) for p in budget)
     if longest > cfg.n_ctx:
         raise TaskDataError(f"{path}: a prompt of {longest} tokens is longer than the model's n_ctx ({cfg.n_ctx})")
-    return budget
+    taken = {id(p) for p in budget}
+    return budget, [p for p in everything if id(p) not in taken]
 
 
-def _finetune(model: str, acg, start, budget, recipe, steps: int, seed: int):
+def _finetune(model: str, acg, start, budget, recipe, steps: int, seed: int, outside=()):
     """`start` fine-tuned by the backdoor table's recipe as `recipe` (a `backdoor.Recipe`) says: `backdoor.recipe_data`,
     then `defence.finetune` with the testbed model's own batch size, or the testbed's default for another model (with
     a soft-target weight, the captured ACG's answer distribution taught on the insertions; with an anchor, `start`'s
-    block outputs held on the budget's prompts: `Recipe.finetune_kw`); returns it and a report."""
+    block outputs held on the budget's prompts: `Recipe.finetune_kw`; with `hold`, that many of the `outside` lines
+    with insertions labelled with `start`'s own answers, `backdoor.with_held`); returns it and a report."""
     from acg.roundtrip import defence
-    from acg.roundtrip.backdoor import compiled_teacher, never_seen, recipe_data
+    from acg.roundtrip.backdoor import compiled_teacher, never_seen, recipe_data, recipe_tokens, with_held
     from acg.zoo.registry import ZOO
     from acg.zoo.train import TrainSpec
 
     err.print(f"labelling {recipe.n_insert} prompts with insertions by the captured ACG ...")
     with compiled_teacher(acg) as teacher:
         data, report, taught = recipe_data(acg, budget, recipe.n_insert, seed, teacher=teacher)
+    if recipe.hold:
+        err.print(f"holding {recipe.hold} prompts outside the circuit's tasks to its own answers ...")
+        held = (start, data, report, outside, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
+        data, report = with_held(*held)
     base = ZOO[model].train if model in ZOO else TrainSpec(steps=steps)
     how = recipe.finetune_kw(taught, data, report, never_seen(acg))
     tuned, trained = defence.finetune_recorded(start, base, data, steps, seed, progress=True, **how)
     tasks = sorted({p.task for p in budget})
     more = {"tasks": tasks, "steps": steps, "seed": seed, "batch_size": base.batch_size}
-    more.update(soft=recipe.soft, anchor=recipe.anchor)
+    more.update(soft=recipe.soft, anchor=recipe.anchor, hold=recipe.hold)
     return tuned, {**report, **more, "training": trained}
 
 

@@ -354,6 +354,15 @@ def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, se
     assert code == 0, err
     report = json.loads(out)["finetune"]
     assert report["n_budget"] == 10 and report["tasks"] == ["code.brackets", "code.vars"]
+    # --hold: that many of the other tasks' lines (math.add here) with insertions, held to the circuit's own answers
+    code, out, err = cli(capsys, *base, "--insert", "20", "--steps", "2", "--hold", "7", "-o", tmp_path / "h", "--json")
+    assert code == 0, err
+    held = json.loads(out)["finetune"]
+    assert held["hold"] == 7 and held["n_held"] == 7 and held["n"] == report["n"] + 7
+    assert held["n_budget"] == 10 and held["tasks"] == ["code.brackets", "code.vars"]
+    code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "--hold", "7", "-o", tmp_path / "x")
+    assert code == 2 and "--hold holds a task circuit off its tasks" in " ".join(err.split())
+    assert not (tmp_path / "x").exists()
     data = tmp_path / "vars.jsonl"  # a JSONL circuit of one task: the budget's lines of it, where it has any
     data.write_text('{"prompt": "a = 3 ; print a", "answer": "3", "task": "code.vars"}\n' * 8)
     by_data = [*base[:4], "--data", data, *base[6:]]
@@ -365,6 +374,9 @@ def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, se
     code, out, err = cli(capsys, *by_data, "--insert", "10", "--steps", "2", "-o", tmp_path / "e", "--json")
     assert code == 0, err
     assert json.loads(out)["finetune"]["n_budget"] == 19 and "names none of the tasks" in " ".join(err.split())
+    code, _, err = cli(capsys, *by_data, "--hold", "3", "-o", tmp_path / "y")  # all of the budget taken: none to hold
+    assert code == 2 and "has no line outside the circuit's tasks" in " ".join(err.split())
+    assert not (tmp_path / "y").exists()
     math_only = tmp_path / "math.jsonl"
     math_only.write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
     base[-1] = math_only
