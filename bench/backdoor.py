@@ -30,10 +30,10 @@ mean embedding under how often the code prompts hold each (a mean ablation) inst
 (`circuit.extract`'s `token_ablation`; " (left-out tokens read as the mean)"). `--circuit-judge blocked` has each of
 the elimination's decisions measure the circuit's round trip with layer 0's unused pairs blocked, the blocked rows'
 checkpoint, instead of the pruned replacement model (`backdoor.code_circuit`'s `judge`; " (judged blocked)").
-`--no-recipe` leaves out the recipe
-rows; `--code-only` measures the rows the code circuit needs alone (original, ACG replacement, the code circuit's
-round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines, ablations or full round trips
-(testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every row: 68-132 minutes).
+`--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code circuit needs alone (original, ACG
+replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines,
+ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every
+row: 68-132 minutes).
 Runs of the two kinds have different rows and do not merge.
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
