@@ -354,13 +354,14 @@ def captured_ir(
     return codegen.load(f"{tmp}/onnx"), result.report
 
 
-JUDGES = ("plain", "blocked")  # which of the code circuit's round trips its elimination measures
-
-
 def blocked_circuit(acg, sel: dense.Selection):
     """The round trip of `sel` with layer 0's unused pairs blocked (the code circuit's blocked row), as
     `circuit.extract`'s `build`."""
     return dense.roundtrip(acg, sel, True, BLOCK)[0]
+
+
+# which of the code circuit's round trips its elimination measures: the `build` each name gives `circuit.extract`
+JUDGES = {"plain": None, "blocked": blocked_circuit}
 
 
 def code_circuit(
@@ -399,7 +400,7 @@ def code_circuit(
         refine_tokens=refine_tokens,
         block=block,
         token_ablation=token_ablation,
-        build=blocked_circuit if judge == "blocked" else None,
+        build=JUDGES[judge],
     )
 
 
