@@ -5,8 +5,8 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
                              [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--no-recipe]
-                             [--circuit-refine-tokens N] [--circuit-block B] [--circuit-ablation mean]
-                             [--circuit-judge blocked] [--code-only] [--json] [--out FILE]
+                             [--circuit-refine-tokens N] [--circuit-block B] [--circuit-ablation zero|mean]
+                             [--circuit-judge plain|blocked] [--code-only] [--json] [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -18,18 +18,23 @@ keeps U of W on the insertions that hold a token the fit never saw (" (U on neve
 the others (" (S on seen)"); `--recipe-anchor A` holds the round trip's own block outputs on the budget's clean
 prompts at weight A (`backdoor.anchor_kw`; ", anchor A"); `--recipe-hold N` adds to the code circuit's recipe N
 prompts of the other tasks with insertions, labelled with the circuit's own answer on the prompt each was made from
-(`backdoor.with_held`; ", N held off-task"), and with `--recipe-flat` teaches them an even answer distribution
-instead, at full weight (`backdoor.flat_held`; " flat"); `--recipe-keep-out` keeps the embeddings of the tokens each
-round trip left out at zero through the fine-tuning (`backdoor.keep_out_kw`; ", left-out tokens kept out").
-`--circuit-refine-tokens N` has the code circuit's elimination try leaving out the N rarest tokens of the code
-prompts (default 64, `backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December; the rows are
-named " (every code token kept)"). `--circuit-block B` lets its feature elimination leave out up to B features at one
-try, twice as many after a removal kept, half after one refused (`circuit.extract`'s `block`; the rows are named
-" (up to B features a try)"). `--circuit-ablation mean` reads the tokens the circuit leaves out as the kept tokens'
-mean embedding under how often the code prompts hold each (a mean ablation) instead of as their positions alone
-(`circuit.extract`'s `token_ablation`; " (left-out tokens read as the mean)"). `--circuit-judge blocked` has each of
-the elimination's decisions measure the circuit's round trip with layer 0's unused pairs blocked, the blocked rows'
-checkpoint, instead of the pruned replacement model (`backdoor.code_circuit`'s `judge`; " (judged blocked)").
+(`backdoor.with_held`; ", N held off-task"; default 16,000, `backdoor.CODE_HOLD`; 0: none, as in the README's earlier
+tables), and with `--recipe-flat` teaches them an even answer distribution instead, at full weight
+(`backdoor.flat_held`; " flat"); `--recipe-keep-out` keeps the embeddings of the tokens each round trip left out at
+zero through the fine-tuning (`backdoor.keep_out_kw`; ", left-out tokens kept out"; with `--circuit-ablation zero`).
+The code circuit's options, each named in its rows' names where it is not the default (`backdoor.circuit_tag`):
+`--circuit-refine-tokens N` has its elimination try leaving out the N rarest tokens of the code prompts (default 64,
+`backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December: " (every code token kept)").
+`--circuit-block B` lets its feature elimination leave out up to B features at one try, twice as many after a removal
+kept, half after one refused (`circuit.extract`'s `block`; default 64, `backdoor.CIRCUIT_BLOCK`; 1: one at a time, as
+in the earlier tables: " (one feature a try)"). `--circuit-ablation` says what a token the circuit leaves out reads
+as: the kept tokens' mean embedding under how often the code prompts hold each (mean, the default) or its position
+alone (zero, as in the earlier tables: " (left-out tokens zeroed)"; `circuit.extract`'s `token_ablation`).
+`--circuit-judge` says which round trip each of the elimination's decisions measures: the circuit's with layer 0's
+unused pairs blocked, the blocked rows' checkpoint (blocked, the default), or the pruned replacement model (plain, as
+in the earlier tables: " (judged plain)"; `backdoor.code_circuit`'s `judge`). The README's tables before "The code
+circuit's defaults" measured its code rows with `--circuit-block 1 --circuit-ablation zero --circuit-judge plain
+--recipe-hold 0` unless they say.
 `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code circuit needs alone (original, ACG
 replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines,
 ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every
@@ -106,9 +111,9 @@ def main() -> None:
     ap.add_argument(
         "--recipe-hold",
         type=int,
-        default=0,
+        default=backdoor.CODE_HOLD,
         help="the code circuit's recipe also trains on this many of the other tasks' prompts with insertions, labelled "
-        "with the circuit's own answer without them (0: none)",
+        "with the circuit's own answer without them (0: none; default %(default)s)",
     )
     ap.add_argument(
         "--recipe-flat",
@@ -129,23 +134,23 @@ def main() -> None:
     ap.add_argument(
         "--circuit-block",
         type=int,
-        default=1,
+        default=backdoor.CIRCUIT_BLOCK,
         help="the code circuit's feature elimination leaves out up to this many at one try, twice as many after a "
-        "removal kept, half after one refused (1: one at a time)",
+        "removal kept, half after one refused (1: one at a time; default %(default)s)",
     )
     ap.add_argument(
         "--circuit-ablation",
         choices=circuit.TOKEN_ABLATIONS,
-        default="zero",
+        default=backdoor.CIRCUIT_ABLATION,
         help="what a token the code circuit leaves out reads as: its position alone (zero) or the kept tokens' mean "
-        "embedding under how often the code prompts hold each (mean)",
+        "embedding under how often the code prompts hold each (mean; the default)",
     )
     ap.add_argument(
         "--circuit-judge",
         choices=backdoor.JUDGES,
-        default="plain",
+        default=backdoor.CIRCUIT_JUDGE,
         help="which of the code circuit's round trips its elimination measures: the plain one (the pruned replacement "
-        "model) or the one with layer 0's unused pairs blocked",
+        "model) or the one with layer 0's unused pairs blocked (the default)",
     )
     ap.add_argument("--no-recipe", action="store_true", help="leave out the rows the recipe fine-tunes")
     ap.add_argument(
@@ -159,7 +164,10 @@ def main() -> None:
     if args.circuit_block < 1:
         ap.error(f"--circuit-block must be >= 1 (features tried together), got {args.circuit_block}")
     if args.recipe_keep_out and args.circuit_ablation != "zero" and not args.no_recipe:
-        ap.error("--recipe-keep-out holds left-out tokens at zero; --circuit-ablation mean reads them as the mean")
+        ap.error(
+            "--recipe-keep-out holds left-out tokens at zero: give --circuit-ablation zero with it (the default, "
+            "mean, reads them as the mean)"
+        )
     runs_io.bench_main(args, NAME, Path(__file__), lambda: measure(args), print_tables)
 
 

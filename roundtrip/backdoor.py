@@ -59,6 +59,13 @@ N_INSERT = 16_000  # prompts with insertions drawn for the recipe's fine-tuning 
 BLOCK = 1.0  # a blocked pair scores minus its head's largest |pair score| (README: saturated, float32-exact)
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
 REFINE_TOKENS = 64  # the code circuit's elimination tries leaving out the 64 rarest tokens of the code prompts
+# The code circuit's defaults, each the one that met the issue's targets (README, "Judged on what ships, held off the
+# task"): up to 64 features left out at a try, a left-out token read as the kept tokens' mean, each decision judged
+# on the blocked round trip, and its recipe holding 16,000 prompts outside its task to the circuit's own answers.
+CIRCUIT_BLOCK = 64
+CIRCUIT_ABLATION = "mean"
+CIRCUIT_JUDGE = "blocked"
+CODE_HOLD = 16_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,9 +379,9 @@ def code_circuit(
     n_eval: int = 1000,
     tolerance: float = 0.01,
     refine_tokens: int = REFINE_TOKENS,
-    block: int = 1,
-    token_ablation: str = "zero",
-    judge: str = "plain",
+    block: int = CIRCUIT_BLOCK,
+    token_ablation: str = CIRCUIT_ABLATION,
+    judge: str = CIRCUIT_JUDGE,
 ):
     """The `code` circuit: attributed on the budget's code prompts, selected on held-out prompts (seed
     CIRCUIT_EVAL_SEED), the `refine_tokens` rarest tokens of the code prompts and every top-k feature tried by the
@@ -417,12 +424,12 @@ def run(
     device: str = "cpu",
     threads: int = 2,
     resume: Path | None = None,
-    recipe: Recipe | None = Recipe(),
+    recipe: Recipe | None = Recipe(hold=CODE_HOLD),
     refine_tokens: int = REFINE_TOKENS,
     code_only: bool = False,
-    circuit_block: int = 1,
-    circuit_ablation: str = "zero",
-    circuit_judge: str = "plain",
+    circuit_block: int = CIRCUIT_BLOCK,
+    circuit_ablation: str = CIRCUIT_ABLATION,
+    circuit_judge: str = CIRCUIT_JUDGE,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
@@ -433,12 +440,13 @@ def run(
     circuit's round trips, and with a recipe `ACG captured (IR)`, its teacher): no baselines, no ablations, no full
     round trips (testbed-m seed 0 without a recipe: 41 minutes here, 29 of them the circuit's extraction).
     `refine_tokens`: how many of the code prompts' rarest tokens the code circuit's elimination tries leaving out
-    (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS; `circuit_block`: up
-    to how many top-k features one try of its elimination leaves out (`circuit.extract`'s `block`), named there where
-    above 1; `circuit_ablation`: what a token it leaves out reads as (`circuit.extract`'s `token_ablation`), named
-    there where "mean"; `circuit_judge`: which of its round trips the elimination measures (`code_circuit`'s `judge`),
-    named there where "blocked". A recipe that keeps left-out tokens at zero (`keep_out`) with a mean ablation, which
-    reads them as the mean token, is refused before any work, as is an unknown ablation or judge."""
+    (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS; `circuit_block`: up to
+    how many top-k features one try of its elimination leaves out (`circuit.extract`'s `block`); `circuit_ablation`:
+    what a token it leaves out reads as (`circuit.extract`'s `token_ablation`); `circuit_judge`: which of its round
+    trips the elimination measures (`code_circuit`'s `judge`); each named there where it is not the default
+    (CIRCUIT_BLOCK, CIRCUIT_ABLATION, CIRCUIT_JUDGE; the default recipe holds CODE_HOLD prompts off the code task,
+    and says so in the recipe row's name). A recipe that keeps left-out tokens at zero (`keep_out`) with a mean
+    ablation, which reads them as the mean token, is refused before any work, as is an unknown ablation or judge."""
     if recipe is not None and recipe.keep_out and circuit_ablation != "zero":
         raise ValueError("keep_out holds left-out tokens at zero; a mean ablation reads them as the mean token")
     if circuit_ablation not in circuit.TOKEN_ABLATIONS:
@@ -560,16 +568,27 @@ def run(
     return {"model": name, "ratio": ratio, "seed": seed, "rows": rows, **extra}
 
 
-def circuit_tag(refine_tokens: int, block: int = 1, token_ablation: str = "zero", judge: str = "plain") -> str:
-    """What the code circuit's rows add to their name for a token elimination other than REFINE_TOKENS's, for a
-    feature elimination in blocks, for left-out tokens read as the mean token, and for an elimination judged on the
-    blocked round trip."""
+def circuit_tag(
+    refine_tokens: int,
+    block: int = CIRCUIT_BLOCK,
+    token_ablation: str = CIRCUIT_ABLATION,
+    judge: str = CIRCUIT_JUDGE,
+) -> str:
+    """What the code circuit's rows add to their name for each choice other than the defaults: a token elimination
+    other than REFINE_TOKENS's, another block of features a try, left-out tokens zeroed (or read as the mean, where
+    that is not the default), an elimination judged on another round trip."""
     tokens = ""
     if refine_tokens != REFINE_TOKENS:
         tokens = " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
-    mean = " (left-out tokens read as the mean)" if token_ablation == "mean" else ""
-    judged = " (judged blocked)" if judge == "blocked" else ""
-    return tokens + (f" (up to {block} features a try)" if block > 1 else "") + mean + judged
+    if block != CIRCUIT_BLOCK:
+        tokens += " (one feature a try)" if block == 1 else f" (up to {block} features a try)"
+    if token_ablation != CIRCUIT_ABLATION:
+        tokens += (
+            " (left-out tokens zeroed)"
+            if token_ablation == "zero"
+            else f" (left-out tokens read as the {token_ablation})"
+        )
+    return tokens + (f" (judged {judge})" if judge != CIRCUIT_JUDGE else "")
 
 
 _L0_QK = ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.b_Q", "blocks.0.attn.b_K")

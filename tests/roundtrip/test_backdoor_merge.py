@@ -124,8 +124,11 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         (["--recipe-hold", "-5"], "^--recipe-hold: the number of prompts held outside the task must be >= 0"),
         (["--recipe-unseen", "2"], r"^--recipe-unseen: the share of the soft weight .* must be in \[0, 1\]"),
         (["--recipe-unseen", "0"], "^--recipe-unseen: a share of the soft weight \\(0\\) needs a soft weight"),
-        (["--recipe-flat"], "^--recipe-flat: a flat answer distribution is taught on held prompts"),
-        (["--recipe-flat", "--recipe-unseen", "0"], "^--recipe-unseen: a share"),
+        (
+            ["--recipe-flat", "--recipe-hold", "0"],
+            "^--recipe-flat: a flat answer distribution is taught on held prompts",
+        ),
+        (["--recipe-flat", "--recipe-hold", "0", "--recipe-unseen", "0"], "^--recipe-unseen: a share"),
         (["--recipe-seen", "0"], "^--recipe-seen: a share of the soft weight \\(0\\) needs a soft weight"),
         (["--recipe-seen", "1.5"], r"^--recipe-seen: the share of the soft weight on seen insertions must be in"),
     ],
@@ -154,6 +157,7 @@ def test_backdoor_bench_refuses_a_circuit_option_out_of_range_before_any_work(mo
     [
         (["--circuit-ablation", "resample"], "argument --circuit-ablation: invalid choice: 'resample'"),
         (["--circuit-ablation", "mean", "--recipe-keep-out"], "--recipe-keep-out holds left-out tokens at zero"),
+        (["--recipe-keep-out"], "give --circuit-ablation zero with it"),  # the default reads them as the mean
         (["--circuit-judge", "full"], "argument --circuit-judge: invalid choice: 'full'"),
     ],
 )
@@ -165,7 +169,8 @@ def test_backdoor_bench_refuses_a_token_ablation_it_cannot_honour_before_any_wor
     assert why in capsys.readouterr().err
 
 
-def test_backdoor_bench_hands_the_circuit_options_to_each_run(monkeypatch):
+def given_to_run(monkeypatch, *args: str) -> dict:
+    """The keywords the bench hands its first `backdoor.run` when called with `args`."""
     given = {}
 
     def run(*a, **kw):
@@ -173,12 +178,26 @@ def test_backdoor_bench_hands_the_circuit_options_to_each_run(monkeypatch):
         raise KeyboardInterrupt  # stop at the first run: what reached it is all this test reads
 
     monkeypatch.setattr(backdoor, "run", run)
-    how = ["--circuit-block", "64", "--circuit-ablation", "mean", "--circuit-judge", "blocked", "--code-only"]
-    monkeypatch.setattr("sys.argv", ["backdoor.py", "--seeds", "0", "--ratios", "0.05", *how])
+    monkeypatch.setattr("sys.argv", ["backdoor.py", "--seeds", "0", "--ratios", "0.05", *args])
     with pytest.raises(KeyboardInterrupt):
         bench.main()
-    assert given["circuit_block"] == 64 and given["circuit_ablation"] == "mean" and given["circuit_judge"] == "blocked"
-    assert given["code_only"]
+    return given
+
+
+def test_backdoor_bench_hands_the_circuit_options_to_each_run(monkeypatch):
+    how = ["--circuit-block", "1", "--circuit-ablation", "zero", "--circuit-judge", "plain", "--recipe-hold", "0"]
+    given = given_to_run(monkeypatch, *how, "--code-only")
+    assert given["circuit_block"] == 1 and given["circuit_ablation"] == "zero" and given["circuit_judge"] == "plain"
+    assert given["code_only"] and given["recipe"].hold == 0
+
+
+def test_backdoor_bench_defaults_are_the_code_circuit_that_met_the_targets(monkeypatch):
+    """Without options the table's code circuit is the one the README's targets were met with: up to 64 features a
+    try, left-out tokens read as the mean, judged on the blocked round trip, 16,000 prompts held off its task."""
+    given = given_to_run(monkeypatch)
+    assert (given["circuit_block"], given["circuit_ablation"], given["circuit_judge"]) == (64, "mean", "blocked")
+    assert given["recipe"].hold == backdoor.CODE_HOLD == 16_000 and not given["code_only"]
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS) == ""  # its rows carry no tag
 
 
 def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):

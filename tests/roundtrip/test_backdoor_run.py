@@ -56,13 +56,19 @@ def tiny() -> dict:
 @pytest.mark.parametrize("soft,anchor,hold,refine_tokens", [(0.0, 0.0, 0, 64), (0.5, 2.0, 30, 0)])
 def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_tokens):
     recipe = backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor, hold=hold, flat=bool(hold), keep_out=bool(hold))
-    out = backdoor.run("testbed-s", **tiny(), recipe=recipe, refine_tokens=refine_tokens)
+    ablation = (
+        "zero" if hold else backdoor.CIRCUIT_ABLATION
+    )  # tokens kept out of the recipe read as zero in the circuit
+    how = {"recipe": recipe, "refine_tokens": refine_tokens, "circuit_ablation": ablation}
+    out = backdoor.run("testbed-s", **tiny(), **how)
     rows = out["rows"]
     named = ", soft 0.5, anchor 2" if soft else ""
     kept_out = ", left-out tokens kept out" if hold else ""
     held = ", 30 held off-task flat" if hold else ""  # the code circuit's alone: the full round trip has no other task
-    tag = backdoor.circuit_tag(refine_tokens)
-    assert tag == ("" if refine_tokens == backdoor.REFINE_TOKENS else " (every code token kept)")
+    tag = backdoor.circuit_tag(refine_tokens, token_ablation=ablation)
+    assert tag == (
+        "" if refine_tokens == backdoor.REFINE_TOKENS else " (every code token kept) (left-out tokens zeroed)"
+    )
     expected = [
         f"{r}{named}{held if 'code' in r else ''}{kept_out}" if r.endswith(backdoor.RECIPE) else r for r in ROWS
     ]
@@ -129,13 +135,18 @@ def test_the_code_circuits_rows_are_named_by_an_elimination_other_than_the_defau
     assert backdoor.circuit_tag(0) == " (every code token kept)"
     assert backdoor.circuit_tag(16, 32) == " (16 rarest code tokens tried) (up to 32 features a try)"
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 32) == " (up to 32 features a try)"
-    assert backdoor.circuit_tag(0, 1, "mean") == " (every code token kept) (left-out tokens read as the mean)"
-    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1, "zero", "blocked") == " (judged blocked)"
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1) == " (one feature a try)"
+    assert backdoor.circuit_tag(0, 64, "zero") == " (every code token kept) (left-out tokens zeroed)"
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, judge="plain") == " (judged plain)"
+    before = " (one feature a try) (left-out tokens zeroed) (judged plain)"  # the README's earlier tables' circuit
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1, "zero", "plain") == before
 
 
 def test_a_run_refuses_a_token_ablation_it_cannot_honour_before_any_work():
     with pytest.raises(ValueError, match="keep_out holds left-out tokens at zero"):
         backdoor.run("testbed-s", recipe=Recipe(keep_out=True), circuit_ablation="mean")
+    with pytest.raises(ValueError, match="keep_out holds left-out tokens at zero"):
+        backdoor.run("testbed-s", recipe=Recipe(keep_out=True))  # the default ablation is the mean
     with pytest.raises(ValueError, match="circuit_ablation must be one of zero, mean"):
         backdoor.run("testbed-s", circuit_ablation="resample")
     with pytest.raises(ValueError, match="circuit_judge must be one of plain, blocked"):
