@@ -280,14 +280,21 @@ def roundtrip_cmd(
         ),
     ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="circuit: prompts to attribute over")] = 2000,
-    block: Block = 1,
+    block: Annotated[
+        int | None,
+        typer.Option(
+            help="task circuits: the elimination leaves out up to this many features at one try, twice as many after "
+            "a removal kept, half after one refused (1: one at a time; default 64, the backdoor table's)",
+            min=1,
+        ),
+    ] = None,
     ablation: Annotated[
-        TokenAblation,
+        TokenAblation | None,
         typer.Option(
             help="circuit: what a token it leaves out reads as: its position alone (zero) or the kept tokens' mean "
-            "embedding, weighted by how often the task's prompts hold each (mean)",
+            "embedding, weighted by how often the task's prompts hold each (mean, the default: the backdoor table's)",
         ),
-    ] = TokenAblation.zero,
+    ] = None,
     hf: Annotated[Path | None, typer.Option(help="also write a Hugging Face GPT-2 folder (ReLU dictionaries)")] = None,
     ir: Annotated[
         Path | None, typer.Option("--ir", help="an edited circuit (`acg import-code`) to fold into the weights")
@@ -337,14 +344,14 @@ def roundtrip_cmd(
         ),
     ] = 0.0,
     hold: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="--finetune with --task / --data: also train on this many of the budget's lines outside the "
-            "circuit's tasks with tokens inserted, labelled with the circuit's own answer on the line (0: none; the "
-            "backdoor table's held-off-task recipe: 16000)",
+            "circuit's tasks with tokens inserted, labelled with the circuit's own answer on the line (0: none; "
+            "default 16000, the backdoor table's, where the budget has such lines)",
             min=0,
         ),
-    ] = 0,
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Round-trip an ACG to an ordinary dense checkpoint: what the fitting corpus captured (features that fired,
@@ -353,15 +360,22 @@ def roundtrip_cmd(
     exactly as the captured pair table does (`roundtrip/pairs.py`); with a task circuit, each step of its elimination
     then measures that checkpoint (pairs carried), not the replacement model. With --finetune, the checkpoint is then
     trained on the defender's clean budget and on prompts of it with tokens inserted, kept where the captured ACG
-    gives the clean answer (the backdoor table's recipe: `--pairs-block 1 --finetune BUDGET.jsonl`)."""
+    gives the clean answer (the backdoor table's recipe: `--pairs-block 1 --finetune BUDGET.jsonl`). A task circuit
+    is the backdoor table's by default: its elimination leaves out up to 64 features a try and reads a token it
+    leaves out as the kept tokens' mean; fine-tuned, it also holds 16,000 of the budget's other lines to its own
+    answers (`--block 1 --ablation zero --hold 0`: the circuits of the README's earlier tables)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
+    from acg.roundtrip.backdoor import CIRCUIT_ABLATION, CIRCUIT_BLOCK, CODE_HOLD, Recipe
 
     torch_model, acg = _model_and_acg(model, acg_dir)
     if sum(x is not None for x in (task, data, ir)) + everything > 1:
         raise ACGError("give at most one of --task, --data, --ir and --all")
-    if task is None and data is None and (block != 1 or ablation != TokenAblation.zero):
+    circuit_given = task is not None or data is not None
+    if not circuit_given and (block is not None or ablation is not None):
         raise ACGError("--block and --ablation shape a task circuit's elimination: give --task or --data with them")
+    block = CIRCUIT_BLOCK if block is None else block
+    ablation = TokenAblation(CIRCUIT_ABLATION) if ablation is None else ablation
     carry_pairs = carry_pairs or pairs_block is not None
     if carry_pairs and hf is not None:
         raise ACGError(
@@ -374,13 +388,17 @@ def roundtrip_cmd(
         data_pairs = load_pairs(data, torch_model.cfg.d_vocab)
     if not math.isfinite(anchor):
         raise ACGError(f"--anchor must be a finite number >= 0, got {anchor}")
-    if hold and (finetune is None or (task is None and data is None)):
+    if hold and (finetune is None or not circuit_given):
         raise ACGError("--hold holds a task circuit off its tasks while fine-tuning: give --finetune, --task / --data")
     budget = outside = None
     if finetune is not None:  # read and checked before any work
         budget, outside = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task, data, data_pairs)
         if hold and not outside:
             raise ACGError(f"--hold: {finetune} has no line outside the circuit's tasks to hold")
+        if hold is None and circuit_given and not outside:
+            err.print(f"--finetune: {finetune} has no line outside the circuit's tasks: holding none off them")
+    if hold is None:  # the backdoor table's: a task circuit fine-tuned holds its default off its tasks, where it can
+        hold = CODE_HOLD if finetune is not None and circuit_given and outside else 0
     report_extra: dict[str, Any] = {}
     if ir is not None:
         from acg.ir import serialize
@@ -388,7 +406,7 @@ def roundtrip_cmd(
 
         acg, sel, edits = fold(acg, serialize.load(ir))
         report_extra = {"edits": edits, "ir": str(ir)}
-    elif task is not None or data is not None:
+    elif circuit_given:
         name = f"circuit:{task or data}"
         how = {"pairs": data_pairs, "block": block, "token_ablation": ablation.value}
         if carry_pairs:  # judge each candidate as the checkpoint written: its layer-0 pairs carried (and blocked)
@@ -409,8 +427,6 @@ def roundtrip_cmd(
     if task is not None or data is not None:
         report["n_edges"] = circuit_mod.n_edges(pruned)
     if budget is not None:
-        from acg.roundtrip.backdoor import Recipe
-
         recipe = Recipe(n_insert=n_insert, soft=soft, anchor=anchor, hold=hold)  # each checked above
         rt, report["finetune"] = _finetune(model, acg, rt, budget, recipe, steps, seed, outside)
         report["finetune"]["data"] = str(finetune)

@@ -672,11 +672,16 @@ def freeze_run(
 
 def add_der(rows: dict[str, dict[str, Any]]) -> None:
     """Each row's DER per family against `rows["original"]` (clean accuracy: the mean task_acc)."""
-    orig = rows["original"]
-    clean0 = defence.clean_accuracy(orig["task_acc"])
     for row in rows.values():
-        clean = defence.clean_accuracy(row["task_acc"])
-        row["der"] = {f: defence.der(orig["asr"][f], row["asr"][f], clean0, clean) for f in BACKDOORS}
+        row["der"] = der_on(row, rows["original"])
+
+
+def der_on(row: dict[str, Any], orig: dict[str, Any], tasks: Sequence[str] | None = None) -> dict[str, float]:
+    """`row`'s DER per family against `orig`, with the clean accuracy the mean task_acc over `tasks` (all of them
+    where None): over a task circuit's own tasks, what a defender who needs those alone keeps and loses."""
+    pick = (lambda acc: acc) if tasks is None else (lambda acc: {t: acc[t] for t in tasks})
+    clean0, clean = (defence.clean_accuracy(pick(r["task_acc"])) for r in (orig, row))
+    return {f: defence.der(orig["asr"][f], row["asr"][f], clean0, clean) for f in BACKDOORS}
 
 
 def mean_sd(values: Any) -> dict[str, float]:
@@ -686,7 +691,9 @@ def mean_sd(values: Any) -> dict[str, float]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method, `mean_sd` over runs of every task_acc, asr and der, and the mean n_params."""
+    """Per method, `mean_sd` over runs of every task_acc, asr and der, of `der_code` (DER with the clean accuracy
+    over the code tasks alone: `der_on`), and the mean n_params."""
+    code = resolve_tasks("code")
     out: dict[str, dict[str, Any]] = {}
     for method in runs[0]["rows"]:
         rows = [r["rows"][method] for r in runs]
@@ -694,18 +701,28 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for group in ("task_acc", "asr", "der"):
             values = {k: [r[group][k] for r in rows] for k in rows[0][group]}
             entry[group] = {k: mean_sd(v) for k, v in values.items()}
+        on_code = [der_on(r["rows"][method], r["rows"]["original"], code) for r in runs]
+        entry["der_code"] = {f: mean_sd([d[f] for d in on_code]) for f in BACKDOORS}
         params = [r["n_params"] for r in rows if r["n_params"] is not None]
         entry["n_params"] = float(np.mean(params)) if params else None
         out[method] = entry
     return out
 
 
-def columns() -> list[str]:
-    """The table's columns: method, task_acc per task, asr per family, DER per family, n_params."""
+def columns(on_code: bool = False) -> list[str]:
+    """The table's columns: method, task_acc per task, asr per family, DER per family, n_params; `on_code`: method,
+    the code tasks' task_acc, asr and DER on the code tasks (`der_code`) per family."""
+    if on_code:
+        return [
+            "method",
+            *resolve_tasks("code"),
+            *(f"asr {f}" for f in BACKDOORS),
+            *(f"DER {f} on code" for f in BACKDOORS),
+        ]
     return ["method", *TASKS, *(f"asr {f}" for f in BACKDOORS), *(f"DER {f}" for f in BACKDOORS), "n_params"]
 
 
-def cells(runs: list[dict[str, Any]]) -> list[list[str]]:
+def cells(runs: list[dict[str, Any]], on_code: bool = False) -> list[list[str]]:
     """One row of text per method (`columns`): mean, and +- the standard deviation over the runs where it shows at
     three decimals."""
 
@@ -715,30 +732,33 @@ def cells(runs: list[dict[str, Any]]) -> list[list[str]]:
 
     out = []
     for method, row in summarise(runs).items():
-        line = [method, *(cell(row["task_acc"][k]) for k in TASKS)]
-        line += [cell(row["asr"][f]) for f in BACKDOORS] + [cell(row["der"][f]) for f in BACKDOORS]
-        line.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
+        line = [method, *(cell(row["task_acc"][k]) for k in (resolve_tasks("code") if on_code else TASKS))]
+        line += [cell(row["asr"][f]) for f in BACKDOORS]
+        line += [cell(row["der_code" if on_code else "der"][f]) for f in BACKDOORS]
+        if not on_code:
+            line.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
         out.append(line)
     return out
 
 
-def table(title: str, runs: list[dict[str, Any]]):
-    """The runs' summary as a rich table: task_acc per task, asr and DER per family (mean +- sd), n_params."""
+def table(title: str, runs: list[dict[str, Any]], on_code: bool = False):
+    """The runs' summary as a rich table: task_acc per task, asr and DER per family (mean +- sd), n_params; with
+    `on_code` the code tasks alone and DER over them (`der_code`)."""
     from rich.table import Table
 
     t = Table(title=title)
-    for i, name in enumerate(columns()):
+    for i, name in enumerate(columns(on_code)):
         t.add_column(name, justify="left" if i == 0 else "right")
-    for line in cells(runs):
+    for line in cells(runs, on_code):
         t.add_row(*line)
     return t
 
 
-def markdown(runs: list[dict[str, Any]]) -> str:
+def markdown(runs: list[dict[str, Any]], on_code: bool = False) -> str:
     """The same table in Markdown (the README's): `cells` under `columns`, "-" for a row without a figure."""
-    head = columns()
+    head = columns(on_code)
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    lines += ["| " + " | ".join(line) + " |" for line in cells(runs)]
+    lines += ["| " + " | ".join(line) + " |" for line in cells(runs, on_code)]
     return "\n".join(lines)
 
 

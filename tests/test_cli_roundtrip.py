@@ -84,17 +84,19 @@ def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path)
     assert code == 0, err
     report = json.loads(out)
     assert set(report["circuit"]["task_acc"]) == {"code.vars", "code.brackets"} and report["curve"]
+    defaults = (report["circuit"]["block"], report["circuit"]["token_ablation"], report["token_fill"])
+    assert defaults == (64, "mean", "mean")  # the backdoor table's circuit unless told otherwise
     assert sum(report["n_edges"].values()) > 0
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a = 3 ; a", "answer": "3"}\n{"prompt": [1, 5, 6], "answer": 7}\n' * 10)
     args = ["roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "d", "--data", data, "--json"]
-    code, out, err = cli(capsys, *args, "--block", "8", "--ablation", "mean")
+    code, out, err = cli(capsys, *args, "--block", "8", "--ablation", "zero")
     assert code == 0, err
     report = json.loads(out)
-    assert report["token_fill"] == "mean"  # the left-out tokens read as the kept ones' mean
+    assert report["token_fill"] == "zero"  # the left-out tokens read as their positions alone
     report = report["circuit"]
     assert report["k"] >= 1 and set(report["task_acc"]) == {"pairs"}  # the file's name
-    assert report["block"] == 8 and report["token_ablation"] == "mean"  # the elimination's tries: up to 8 each
+    assert report["block"] == 8 and report["token_ablation"] == "zero"  # the elimination's tries: up to 8 each
     tagged = tmp_path / "tagged.jsonl"
     tagged.write_text(
         '{"prompt": "a = 3 ; a", "answer": "3", "task": "vars"}\n{"prompt": [1, 5, 6], "answer": 7, "task": "ids"}\n'
@@ -350,16 +352,21 @@ def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, se
     budget = tmp_path / "budget.jsonl"
     budget.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = ["roundtrip", ckpt, "--acg", root / "acg", "--task", "code", "--n-prompts", "120", "--finetune", budget]
-    code, out, err = cli(capsys, *base, "--insert", "20", "--steps", "2", "-o", tmp_path / "c", "--json")
+    code, out, err = cli(capsys, *base, "--insert", "20", "--steps", "2", "--hold", "0", "-o", tmp_path / "c", "--json")
     assert code == 0, err
     report = json.loads(out)["finetune"]
     assert report["n_budget"] == 10 and report["tasks"] == ["code.brackets", "code.vars"]
+    assert report["hold"] == 0 and "n_held" not in report
     # --hold: that many of the other tasks' lines (math.add here) with insertions, held to the circuit's own answers
     code, out, err = cli(capsys, *base, "--insert", "20", "--steps", "2", "--hold", "7", "-o", tmp_path / "h", "--json")
     assert code == 0, err
     held = json.loads(out)["finetune"]
     assert held["hold"] == 7 and held["n_held"] == 7 and held["n"] == report["n"] + 7
     assert held["n_budget"] == 10 and held["tasks"] == ["code.brackets", "code.vars"]
+    code, out, err = cli(capsys, *base, "--insert", "20", "--steps", "2", "-o", tmp_path / "df", "--json")
+    assert code == 0, err  # by default the backdoor table's: 16,000 held, drawn from the 9 math lines
+    held = json.loads(out)["finetune"]
+    assert held["hold"] == held["n_held"] == 16_000 and held["n"] == report["n"] + 16_000
     code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "--hold", "7", "-o", tmp_path / "x")
     assert code == 2 and "--hold holds a task circuit off its tasks" in " ".join(err.split())
     assert not (tmp_path / "x").exists()
@@ -374,6 +381,7 @@ def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, se
     code, out, err = cli(capsys, *by_data, "--insert", "10", "--steps", "2", "-o", tmp_path / "e", "--json")
     assert code == 0, err
     assert json.loads(out)["finetune"]["n_budget"] == 19 and "names none of the tasks" in " ".join(err.split())
+    assert json.loads(out)["finetune"]["hold"] == 0 and "holding none off them" in " ".join(err.split())
     code, _, err = cli(capsys, *by_data, "--hold", "3", "-o", tmp_path / "y")  # all of the budget taken: none to hold
     assert code == 2 and "has no line outside the circuit's tasks" in " ".join(err.split())
     assert not (tmp_path / "y").exists()

@@ -130,3 +130,24 @@ def test_markdown_table_holds_every_method_with_its_mean_and_spread():
     assert lines[2] == "| original | " + " | ".join(["1.000"] * 4 + ["1.000"] * 3 + ["0.000"] * 3) + " | 1,000 |"
     captured = lines[3].split(" | ")
     assert captured[1] == "0.850 ±0.050" and captured[5] == "0.200 ±0.100" and lines[3].endswith("| - |")
+
+
+def test_der_on_the_code_tasks_counts_the_code_tasks_alone():
+    """A circuit that keeps the code tasks and drops the others, with every trigger gone: its DER pays for the lost
+    tasks (half the clean accuracy: (1 - 0.5 + 1) / 2), its DER on the code tasks does not (1.0); the table says so."""
+    code = backdoor.resolve_tasks("code")
+
+    def row(on_code: float, elsewhere: float, asr: float) -> dict:
+        acc = {t: on_code if t in code else elsewhere for t in backdoor.TASKS}
+        return {"task_acc": acc, "asr": {f: asr for f in backdoor.BACKDOORS}, "n_params": None}
+
+    rows = {"original": row(1.0, 1.0, 1.0), "circuit": row(1.0, 0.0, 0.0), "lossy": row(0.9, 1.0, 0.5)}
+    backdoor.add_der(rows)
+    assert rows["circuit"]["der"] == {f: 0.75 for f in backdoor.BACKDOORS}
+    assert backdoor.der_on(rows["circuit"], rows["original"], code) == {f: 1.0 for f in backdoor.BACKDOORS}
+    assert backdoor.der_on(rows["lossy"], rows["original"], code)["conj"] == pytest.approx((0.5 - 0.1 + 1) / 2)
+    summary = backdoor.summarise([{"rows": rows}])
+    assert summary["circuit"]["der_code"]["token"] == {"mean": 1.0, "sd": 0.0}
+    lines = backdoor.markdown([{"rows": rows}], on_code=True).splitlines()
+    assert lines[0] == "| " + " | ".join(backdoor.columns(on_code=True)) + " |" and "DER conj on code" in lines[0]
+    assert lines[3] == "| circuit | " + " | ".join(["1.000"] * 2 + ["0.000"] * 3 + ["1.000"] * 3) + " |"
