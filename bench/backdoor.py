@@ -32,9 +32,9 @@ as: the kept tokens' mean embedding under how often the code prompts hold each (
 alone (zero, as in the earlier tables: " (left-out tokens zeroed)"; `circuit.extract`'s `token_ablation`).
 `--circuit-judge` says which round trip each of the elimination's decisions measures: the circuit's with layer 0's
 unused pairs blocked, the blocked rows' checkpoint (blocked, the default), or the pruned replacement model (plain, as
-in the earlier tables: " (judged plain)"; `backdoor.code_circuit`'s `judge`). The README's tables before "The code
-circuit's defaults" measured its code rows with `--circuit-block 1 --circuit-ablation zero --circuit-judge plain
---recipe-hold 0` unless they say.
+in the earlier tables: " (judged plain)"; `backdoor.code_circuit`'s `judge`). The README's tables under "The earlier
+tables" measured its code rows with `--circuit-block 1 --circuit-ablation zero --circuit-judge plain --recipe-hold 0`
+unless they say.
 `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code circuit needs alone (original, ACG
 replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines,
 ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every
@@ -42,7 +42,9 @@ row: 68-132 minutes).
 Runs of the two kinds have different rows and do not merge.
 
 Columns: task_acc per task, asr per backdoor family, DER per family (mean over seeds, +- the standard deviation),
-n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on.
+n_params. Every method sees the same budget: `ratio` x the clean examples the model was trained on. A second table
+gives the code tasks' task_acc, asr and DER with the clean accuracy over the code tasks alone (`der_code` in the
+summary: a code circuit drops math and text by design, which the first DER charges it for).
 """
 
 from __future__ import annotations
