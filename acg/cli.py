@@ -395,10 +395,10 @@ def roundtrip_cmd(
         budget, outside = _finetune_budget(finetune, torch_model.cfg, n_insert, steps, task, data, data_pairs)
         if hold and not outside:
             raise ACGError(f"--hold: {finetune} has no line outside the circuit's tasks to hold")
-        if hold is None and circuit_given and not outside:
-            err.print(f"--finetune: {finetune} has no line outside the circuit's tasks: holding none off them")
     if hold is None:  # the backdoor table's: a task circuit fine-tuned holds its default off its tasks, where it can
         hold = CODE_HOLD if finetune is not None and circuit_given and outside else 0
+        if finetune is not None and circuit_given and not outside:
+            err.print(f"--finetune: {finetune} has no line outside the circuit's tasks: holding none off them")
     report_extra: dict[str, Any] = {}
     if ir is not None:
         from acg.ir import serialize

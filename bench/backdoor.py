@@ -69,8 +69,9 @@ def table(model: str, ratio: float, runs: list[dict]) -> Table:
 
 
 def print_tables(console: Console, model: str, ratio: float, runs: list[dict], as_markdown: bool = False) -> None:
-    """The table, then the code circuit's asr split by the task of the triggered prompts (where measured); with
-    `as_markdown` the table alone, in Markdown, where the console writes (stderr under --json) and never wrapped."""
+    """The table, the same with DER over the code tasks alone, then the code circuit's asr split by the task of the
+    triggered prompts (where measured); with `as_markdown` the first two alone, in Markdown, where the console writes
+    (stderr under --json) and never wrapped."""
     on_code = f"{model}, {ratio:.0%}: DER with the clean accuracy over the code tasks alone (a code-only defender's)"
     if as_markdown:
         print(f"{model}, {ratio:.0%} ({len(runs)} seed(s)):\n\n{backdoor.markdown(runs)}\n", file=console.file)

@@ -577,18 +577,15 @@ def circuit_tag(
     """What the code circuit's rows add to their name for each choice other than the defaults: a token elimination
     other than REFINE_TOKENS's, another block of features a try, left-out tokens zeroed (or read as the mean, where
     that is not the default), an elimination judged on another round trip."""
-    tokens = ""
+    tag = ""
     if refine_tokens != REFINE_TOKENS:
-        tokens = " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
+        tag = " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
     if block != CIRCUIT_BLOCK:
-        tokens += " (one feature a try)" if block == 1 else f" (up to {block} features a try)"
+        tag += " (one feature a try)" if block == 1 else f" (up to {block} features a try)"
     if token_ablation != CIRCUIT_ABLATION:
-        tokens += (
-            " (left-out tokens zeroed)"
-            if token_ablation == "zero"
-            else f" (left-out tokens read as the {token_ablation})"
-        )
-    return tokens + (f" (judged {judge})" if judge != CIRCUIT_JUDGE else "")
+        read = "zeroed" if token_ablation == "zero" else f"read as the {token_ablation}"
+        tag += f" (left-out tokens {read})"
+    return tag + (f" (judged {judge})" if judge != CIRCUIT_JUDGE else "")
 
 
 _L0_QK = ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.b_Q", "blocks.0.attn.b_K")
@@ -730,11 +727,11 @@ def cells(runs: list[dict[str, Any]], on_code: bool = False) -> list[list[str]]:
         sd = f"{v['sd']:.3f}"
         return f"{v['mean']:.3f}" + (f" ±{sd}" if sd != "0.000" else "")
 
+    tasks, der = (resolve_tasks("code"), "der_code") if on_code else (TASKS, "der")
     out = []
     for method, row in summarise(runs).items():
-        line = [method, *(cell(row["task_acc"][k]) for k in (resolve_tasks("code") if on_code else TASKS))]
-        line += [cell(row["asr"][f]) for f in BACKDOORS]
-        line += [cell(row["der_code" if on_code else "der"][f]) for f in BACKDOORS]
+        line = [method, *(cell(row["task_acc"][k]) for k in tasks)]
+        line += [cell(row["asr"][f]) for f in BACKDOORS] + [cell(row[der][f]) for f in BACKDOORS]
         if not on_code:
             line.append("-" if row["n_params"] is None else f"{row['n_params']:,.0f}")
         out.append(line)
