@@ -336,13 +336,14 @@ def roundtrip_cmd(
         ),
     ] = 0.0,
     anchor: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="--finetune: weight >= 0 holding the checkpoint's own block outputs on the budget's clean prompts, "
-            "so that fine-tuning changes what the insertions need and little else (0: none, the table's recipe)",
+            "so that fine-tuning changes what the insertions need and little else (0: none; default the table's "
+            "recipe: 0.3 for a task circuit, none for the rest)",
             min=0.0,
         ),
-    ] = 0.0,
+    ] = None,
     hold: Annotated[
         int | None,
         typer.Option(
@@ -363,10 +364,11 @@ def roundtrip_cmd(
     gives the clean answer (the backdoor table's recipe: `--pairs-block 1 --finetune BUDGET.jsonl`). A task circuit
     is the backdoor table's by default: its elimination leaves out up to 64 features a try and reads a token it
     leaves out as the kept tokens' mean; fine-tuned, it also holds 16,000 of the budget's other lines to its own
-    answers (`--block 1 --ablation zero --hold 0`: the circuits of the README's earlier tables)."""
+    answers and its own block outputs on the budget's prompts of its tasks at weight 0.3 (`--block 1 --ablation zero
+    --hold 0 --anchor 0`: the circuits of the README's earlier tables)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
-    from acg.roundtrip.backdoor import CIRCUIT_ABLATION, CIRCUIT_BLOCK, CODE_HOLD, Recipe
+    from acg.roundtrip.backdoor import CIRCUIT_ABLATION, CIRCUIT_BLOCK, CODE_ANCHOR, CODE_HOLD, Recipe
 
     torch_model, acg = _model_and_acg(model, acg_dir)
     if sum(x is not None for x in (task, data, ir)) + everything > 1:
@@ -386,6 +388,8 @@ def roundtrip_cmd(
         from acg.roundtrip.data import load_pairs
 
         data_pairs = load_pairs(data, torch_model.cfg.d_vocab)
+    if anchor is None:  # the backdoor table's: a task circuit holds its own computation on its tasks' lines
+        anchor = CODE_ANCHOR if circuit_given else 0.0
     if not math.isfinite(anchor):
         raise ACGError(f"--anchor must be a finite number >= 0, got {anchor}")
     if hold and (finetune is None or not circuit_given):

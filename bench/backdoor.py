@@ -3,7 +3,7 @@ round-tripped full ACG and the round-tripped `code` circuit (plain, with layer 0
 fine-tuned on the insertions the captured IR confirms plus the budget), on one defender's clean budget per seed.
 
     python bench/backdoor.py [--models testbed-s] [--ratios 0.05,0.01] [--seeds 0,1,2] [--recipe-soft W]
-                             [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A]
+                             [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A] [--recipe-code-anchor A]
                              [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--no-recipe]
                              [--circuit-refine-tokens N] [--circuit-block B] [--circuit-ablation zero|mean]
                              [--circuit-judge plain|blocked] [--code-only] [--json] [--out FILE]
@@ -16,12 +16,14 @@ as they are measured; the same command run again after a crash takes them from t
 on the prompts with insertions (`backdoor.recipe_targets`; the rows are named ", soft W"), and `--recipe-unseen U`
 keeps U of W on the insertions that hold a token the fit never saw (" (U on never-seen)"), `--recipe-seen S` S of W on
 the others (" (S on seen)"); `--recipe-anchor A` holds the round trip's own block outputs on the budget's clean
-prompts at weight A (`backdoor.anchor_kw`; ", anchor A"); `--recipe-hold N` adds to the code circuit's recipe N
-prompts of the other tasks with insertions, labelled with the circuit's own answer on the prompt each was made from
-(`backdoor.with_held`; ", N held off-task"; default 16,000, `backdoor.CODE_HOLD`; 0: none, as in the README's earlier
-tables), and with `--recipe-flat` teaches them an even answer distribution instead, at full weight
-(`backdoor.flat_held`; " flat"); `--recipe-keep-out` keeps the embeddings of the tokens each round trip left out at
-zero through the fine-tuning (`backdoor.keep_out_kw`; ", left-out tokens kept out"; with `--circuit-ablation zero`).
+prompts at weight A (`backdoor.anchor_kw`; ", anchor A"), and `--recipe-code-anchor A` the code circuit's on the
+budget's code prompts (default 0.3, `backdoor.CODE_ANCHOR`; 0: none; the full round trip's stays `--recipe-anchor`'s,
+where the anchor costs `phrase`); `--recipe-hold N` adds to the code circuit's recipe N prompts of the other tasks with
+insertions, labelled with the circuit's own answer on the prompt each was made from (`backdoor.with_held`; ", N held
+off-task"; default 16,000, `backdoor.CODE_HOLD`; 0: none, as in the README's earlier tables), and with `--recipe-flat`
+teaches them an even answer distribution instead, at full weight (`backdoor.flat_held`; " flat"); `--recipe-keep-out`
+keeps the embeddings of the tokens each round trip left out at zero through the fine-tuning (`backdoor.keep_out_kw`;
+", left-out tokens kept out"; with `--circuit-ablation zero`).
 The code circuit's options, each named in its rows' names where it is not the default (`backdoor.circuit_tag`):
 `--circuit-refine-tokens N` has its elimination try leaving out the N rarest tokens of the code prompts (default 64,
 `backdoor.REFINE_TOKENS`; 0: every token they hold kept, as before 4 December: " (every code token kept)").
@@ -33,8 +35,9 @@ alone (zero, as in the earlier tables: " (left-out tokens zeroed)"; `circuit.ext
 `--circuit-judge` says which round trip each of the elimination's decisions measures: the circuit's with layer 0's
 unused pairs blocked, the blocked rows' checkpoint (blocked, the default), or the pruned replacement model (plain, as
 in the earlier tables: " (judged plain)"; `backdoor.code_circuit`'s `judge`). The README's tables under "The earlier
-tables" measured its code rows with `--circuit-block 1 --circuit-ablation zero --circuit-judge plain --recipe-hold 0`
-unless they say.
+tables" measured its code rows with `--circuit-block 1 --circuit-ablation zero --circuit-judge plain --recipe-hold 0
+--recipe-code-anchor A`, A the run's `--recipe-anchor` (0 without one), unless they say; the tables measured on the
+defaults before 5 December, with `--recipe-code-anchor 0`.
 `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code circuit needs alone (original, ACG
 replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines,
 ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every
@@ -115,6 +118,13 @@ def main() -> None:
         help="weight >= 0 holding the round trip's own block outputs on the budget's clean prompts (0: none)",
     )
     ap.add_argument(
+        "--recipe-code-anchor",
+        type=float,
+        default=backdoor.CODE_ANCHOR,
+        help="weight >= 0 holding the code circuit's round trip's own block outputs on the budget's code prompts "
+        "while its recipe trains (0: none; default %(default)s)",
+    )
+    ap.add_argument(
         "--recipe-hold",
         type=int,
         default=backdoor.CODE_HOLD,
@@ -183,11 +193,12 @@ def measure(args) -> Callable[[str, float, int], dict]:
 
     given = dict(soft=args.recipe_soft, unseen=args.recipe_unseen, seen=args.recipe_seen, anchor=args.recipe_anchor)
     given.update(hold=args.recipe_hold, flat=args.recipe_flat, keep_out=args.recipe_keep_out)
+    given.update(code_anchor=args.recipe_code_anchor)
     for field, value in given.items():  # each checked alone, so that the message names the option at fault
         try:  # beside what the others need: a share scales a soft weight, a flat target goes on held prompts
             backdoor.Recipe(**{"soft": 1.0, "hold": 1, field: value})
         except ValueError as e:
-            sys.exit(f"--recipe-{field}: {e}")
+            sys.exit(f"--recipe-{field.replace('_', '-')}: {e}")
     try:
         recipe = backdoor.Recipe(**given)
     except ValueError as e:  # an option without the one it needs: a share without a soft weight, flat without held

@@ -61,11 +61,14 @@ CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the 
 REFINE_TOKENS = 64  # the code circuit's elimination tries leaving out the 64 rarest tokens of the code prompts
 # The code circuit's defaults, each the one that met the issue's targets (README, "Judged on what ships, held off the
 # task"): up to 64 features left out at a try, a left-out token read as the kept tokens' mean, each decision judged
-# on the blocked round trip, and its recipe holding 16,000 prompts outside its task to the circuit's own answers.
+# on the blocked round trip, and its recipe holding 16,000 prompts outside its task to the circuit's own answers and
+# its own block outputs on the budget's code prompts at weight 0.3 (README, "The table"; the anchor brought 1%'s
+# code.brackets within a point, and kept 5%'s).
 CIRCUIT_BLOCK = 64
 CIRCUIT_ABLATION = "mean"
 CIRCUIT_JUDGE = "blocked"
 CODE_HOLD = 16_000
+CODE_ANCHOR = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,8 @@ class Recipe:
     `anchor` the weight that holds the start's own block outputs on the budget's clean prompts (`anchor_kw`; 0:
     none). A task circuit's recipe also trains on `hold` prompts outside its task with insertions, labelled with
     the circuit's own answer without them (`with_held`; 0: none), or with `flat` taught an even answer distribution
-    there instead, at full weight (`flat_held`: no answer at all where the circuit is meant to have lost the task).
+    there instead, at full weight (`flat_held`: no answer at all where the circuit is meant to have lost the task),
+    and anchors at `code_anchor` where given (None: at `anchor`, as the full round trip; `scoped`).
     `keep_out`: the embeddings of the tokens the round trip left out stay zero through the fine-tuning (`keep_out_kw`:
     they read as their position alone, as in the round trip; otherwise the insertions train them). The defaults are
     the RECIPE's; a value out of range, or one that needs another (a share without a soft weight, `flat` without
@@ -94,6 +98,7 @@ class Recipe:
     flat: bool = False
     seen: float = 1.0
     keep_out: bool = False
+    code_anchor: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_insert < 0:
@@ -107,12 +112,21 @@ class Recipe:
                 raise ValueError(f"the share of the soft weight on {where} insertions must be in [0, 1], got {share}")
             if share != 1 and not self.soft:
                 raise ValueError(f"a share of the soft weight ({share:g}) needs a soft weight: the labels have none")
-        if not 0 <= self.anchor < float("inf"):
-            raise ValueError(f"the anchor weight must be a finite number >= 0, got {self.anchor}")
+        for weight in (self.anchor, self.code_anchor):
+            if weight is not None and not 0 <= weight < float("inf"):
+                raise ValueError(f"the anchor weight must be a finite number >= 0, got {weight}")
         if self.hold < 0:
             raise ValueError(f"the number of prompts held outside the task must be >= 0, got {self.hold}")
         if self.flat and not self.hold:
             raise ValueError("a flat answer distribution is taught on held prompts: it needs some (hold > 0)")
+
+    def scoped(self, scope: str) -> Recipe:
+        """The recipe one scope's rows train by: a task circuit's ("code") with `code_anchor` as its anchor where
+        given; the full round trip's without the held prompts (it has no task to hold them off)."""
+        if scope == "code":
+            anchor = self.anchor if self.code_anchor is None else self.code_anchor
+            return dataclasses.replace(self, anchor=anchor, code_anchor=None)
+        return dataclasses.replace(self, hold=0, flat=False, code_anchor=None)
 
     @property
     def shares(self) -> tuple[tuple[float, str], ...]:
@@ -424,7 +438,7 @@ def run(
     device: str = "cpu",
     threads: int = 2,
     resume: Path | None = None,
-    recipe: Recipe | None = Recipe(hold=CODE_HOLD),
+    recipe: Recipe | None = Recipe(hold=CODE_HOLD, code_anchor=CODE_ANCHOR),
     refine_tokens: int = REFINE_TOKENS,
     code_only: bool = False,
     circuit_block: int = CIRCUIT_BLOCK,
@@ -444,9 +458,10 @@ def run(
     how many top-k features one try of its elimination leaves out (`circuit.extract`'s `block`); `circuit_ablation`:
     what a token it leaves out reads as (`circuit.extract`'s `token_ablation`); `circuit_judge`: which of its round
     trips the elimination measures (`code_circuit`'s `judge`); each named there where it is not the default
-    (CIRCUIT_BLOCK, CIRCUIT_ABLATION, CIRCUIT_JUDGE; the default recipe holds CODE_HOLD prompts off the code task,
-    and says so in the recipe row's name). A recipe that keeps left-out tokens at zero (`keep_out`) with a mean
-    ablation, which reads them as the mean token, is refused before any work, as is an unknown ablation or judge."""
+    (CIRCUIT_BLOCK, CIRCUIT_ABLATION, CIRCUIT_JUDGE; the default recipe holds CODE_HOLD prompts off the code task
+    and anchors the code circuit at CODE_ANCHOR, each said in the recipe row's name: `Recipe.scoped`). A recipe that
+    keeps left-out tokens at zero (`keep_out`) with a mean ablation, which reads them as the mean token, is refused
+    before any work, as is an unknown ablation or judge."""
     if recipe is not None and recipe.keep_out and circuit_ablation != "zero":
         raise ValueError("keep_out holds left-out tokens at zero; a mean ablation reads them as the mean token")
     if circuit_ablation not in circuit.TOKEN_ABLATIONS:
@@ -536,7 +551,7 @@ def run(
             hold = (start, data, data_report, off_code, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
             (data, data_report), s_held = timed(lambda: with_held(*hold))
             s += s_held  # the row's seconds count the start's labelling of them too
-        named = recipe if scope == "code" else dataclasses.replace(recipe, hold=0, flat=False)  # the full: nothing held
+        named = recipe.scoped(scope)  # the full: nothing held; the code circuit: its own anchor
         how = named.finetune_kw(taught, data, data_report, never_seen(acg), kept)
         (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
         method = f"roundtrip {scope}{tag}{BLOCKED}{RECIPE}{named.name}"
@@ -622,12 +637,15 @@ def freeze_run(
     recipe must train to take a pathway out, and which training costs a task, is what the rows tell apart; the rate, how
     far the fine-tuning may move what it trains; the soft targets, whether the IR's whole answer distribution keeps the
     tasks its argmax costs; the anchor, whether holding the clean prompts' computation keeps them while the insertions
-    take the pathway out. Recipes that do not share `n_insert`, or share a name, or hold prompts outside a task (the
-    full round trip has none), are refused before any work."""
+    take the pathway out. Recipes that do not share `n_insert`, or share a name, or hold prompts outside a task or
+    anchor a task circuit (the full round trip has neither), are refused before any work."""
     if len({r.n_insert for r in recipes}) != 1 or len({r.name for r in recipes}) != len(recipes):
         raise ValueError(f"the recipes must share n_insert (one data set) and differ in name: {list(recipes)}")
-    if any(r.hold for r in recipes):
-        raise ValueError("the full round trip has no prompts outside its task to hold: a recipe's hold must be 0 here")
+    if any(r.hold or r.code_anchor is not None for r in recipes):
+        raise ValueError(
+            "the full round trip has no prompts outside its task to hold and no task circuit to anchor: a recipe's "
+            "hold must be 0 and its code_anchor None here"
+        )
     zoo, model = get(name), load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
     steps = steps or spec.steps + spec.e2e_steps

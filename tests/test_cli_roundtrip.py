@@ -357,6 +357,7 @@ def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, se
     report = json.loads(out)["finetune"]
     assert report["n_budget"] == 10 and report["tasks"] == ["code.brackets", "code.vars"]
     assert report["hold"] == 0 and "n_held" not in report
+    assert report["anchor"] == 0.3 and report["training"]["anchor_drift"] is not None  # the table's, on its lines
     # --hold: that many of the other tasks' lines (math.add here) with insertions, held to the circuit's own answers
     code, out, err = cli(capsys, *base, "--insert", "20", "--steps", "2", "--hold", "7", "-o", tmp_path / "h", "--json")
     assert code == 0, err
@@ -367,6 +368,12 @@ def test_a_task_circuit_is_finetuned_on_its_tasks_lines_of_the_budget(capsys, se
     assert code == 0, err  # by default the backdoor table's: 16,000 held, drawn from the 9 math lines
     held = json.loads(out)["finetune"]
     assert held["hold"] == held["n_held"] == 16_000 and held["n"] == report["n"] + 16_000
+    code, out, err = cli(
+        capsys, *base, "--insert", "20", "--steps", "2", "--anchor", "0", "-o", tmp_path / "a", "--json"
+    )
+    assert code == 0, err  # no anchor, as in the earlier tables
+    unanchored = json.loads(out)["finetune"]
+    assert unanchored["anchor"] == 0.0 and unanchored["training"]["anchor_drift"] is None
     code, _, err = cli(capsys, "roundtrip", ckpt, "--acg", root / "acg", "--hold", "7", "-o", tmp_path / "x")
     assert code == 2 and "--hold holds a task circuit off its tasks" in " ".join(err.split())
     assert not (tmp_path / "x").exists()

@@ -121,6 +121,7 @@ def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp
         (["--recipe-soft", "1.5"], r"^--recipe-soft: the soft-target weight must be in \[0, 1\]"),
         (["--recipe-anchor", "-1"], "^--recipe-anchor: the anchor weight must be a finite number >= 0"),
         (["--recipe-anchor", "inf"], "^--recipe-anchor: the anchor weight must be a finite number >= 0"),
+        (["--recipe-code-anchor", "-1"], "^--recipe-code-anchor: the anchor weight must be a finite number >= 0"),
         (["--recipe-hold", "-5"], "^--recipe-hold: the number of prompts held outside the task must be >= 0"),
         (["--recipe-unseen", "2"], r"^--recipe-unseen: the share of the soft weight .* must be in \[0, 1\]"),
         (["--recipe-unseen", "0"], "^--recipe-unseen: a share of the soft weight \\(0\\) needs a soft weight"),
@@ -198,6 +199,13 @@ def test_backdoor_bench_defaults_are_the_code_circuit_that_met_the_targets(monke
     assert (given["circuit_block"], given["circuit_ablation"], given["circuit_judge"]) == (64, "mean", "blocked")
     assert given["recipe"].hold == backdoor.CODE_HOLD == 16_000 and not given["code_only"]
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS) == ""  # its rows carry no tag
+    # anchored at 0.3 on the code circuit's recipe alone: the full round trip's recipe stays the labels'
+    assert given["recipe"].code_anchor == backdoor.CODE_ANCHOR == 0.3 and given["recipe"].anchor == 0.0
+    assert given["recipe"].scoped("code").name == ", anchor 0.3, 16000 held off-task"
+    assert given["recipe"].scoped("full").name == ""
+    given = given_to_run(monkeypatch, "--recipe-code-anchor", "0", "--recipe-anchor", "1")
+    assert given["recipe"].scoped("code").name == ", 16000 held off-task"
+    assert given["recipe"].scoped("full").name == ", anchor 1"
 
 
 def test_measured_runs_every_model_ratio_and_seed_and_writes_after_each_seed(tmp_path):

@@ -4,6 +4,7 @@ filled in against the original, and the code circuit's report says whether it ad
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,9 +54,12 @@ def tiny() -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("soft,anchor,hold,refine_tokens", [(0.0, 0.0, 0, 64), (0.5, 2.0, 30, 0)])
-def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_tokens):
+@pytest.mark.parametrize(
+    "soft,anchor,hold,refine_tokens,code_anchor", [(0.0, 0.0, 0, 64, 0.3), (0.5, 2.0, 30, 0, None)]
+)
+def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_tokens, code_anchor):
     recipe = backdoor.Recipe(n_insert=50, soft=soft, anchor=anchor, hold=hold, flat=bool(hold), keep_out=bool(hold))
+    recipe = dataclasses.replace(recipe, code_anchor=code_anchor)  # the code circuit's own anchor, where given
     ablation = (
         "zero" if hold else backdoor.CIRCUIT_ABLATION
     )  # tokens kept out of the recipe read as zero in the circuit
@@ -63,6 +67,7 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
     out = backdoor.run("testbed-s", **tiny(), **how)
     rows = out["rows"]
     named = ", soft 0.5, anchor 2" if soft else ""
+    code_named = named if code_anchor is None else f", anchor {code_anchor:g}"
     kept_out = ", left-out tokens kept out" if hold else ""
     held = ", 30 held off-task flat" if hold else ""  # the code circuit's alone: the full round trip has no other task
     tag = backdoor.circuit_tag(refine_tokens, token_ablation=ablation)
@@ -70,7 +75,10 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
         "" if refine_tokens == backdoor.REFINE_TOKENS else " (every code token kept) (left-out tokens zeroed)"
     )
     expected = [
-        f"{r}{named}{held if 'code' in r else ''}{kept_out}" if r.endswith(backdoor.RECIPE) else r for r in ROWS
+        (f"{r}{code_named}{held}{kept_out}" if "code" in r else f"{r}{named}{kept_out}")
+        if r.endswith(backdoor.RECIPE)
+        else r
+        for r in ROWS
     ]
     expected = [r.replace("roundtrip code", "roundtrip code" + tag) for r in expected]
     assert list(rows) == expected
@@ -92,7 +100,7 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
     assert sum(code["report"]["n_features"]) == code["report"]["circuit"]["k"]  # the checkpoint is the circuit's
     for scope, budget in (("full", out["n_budget"]), ("code", None)):
         label = f"{scope}{tag if scope == 'code' else ''}{backdoor.BLOCKED}{backdoor.RECIPE}"
-        tuned = rows[f"roundtrip {label}{named}{held if scope == 'code' else ''}{kept_out}"]
+        tuned = rows[f"roundtrip {label}{code_named + held if scope == 'code' else named}{kept_out}"]
         tuned = tuned["report"]["finetune"]
         n_held = hold if scope == "code" else 0
         assert tuned.get("n_held", 0) == n_held  # the other tasks' prompts, held to the circuit's own answers
@@ -100,7 +108,8 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
         assert budget is None or tuned["n_budget"] == budget
         trained = tuned["training"]  # what the fine-tuning recorded: the anchor's drift where there is one
         assert set(trained) == set(defence.TRAINING) and trained["final_train_loss"] > 0
-        assert (trained["anchor_drift"] is None) == (anchor == 0)
+        weight = code_anchor if scope == "code" and code_anchor is not None else anchor
+        assert (trained["anchor_drift"] is None) == (weight == 0)  # the code circuit at its own anchor
 
 
 @pytest.mark.slow
@@ -375,6 +384,7 @@ def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes
         ({"anchor": -1.0}, "anchor weight must be a finite number >= 0"),
         ({"anchor": float("inf")}, "anchor weight must be a finite number >= 0"),
         ({"anchor": float("nan")}, "anchor weight must be a finite number >= 0"),
+        ({"code_anchor": -0.5}, "anchor weight must be a finite number >= 0, got -0.5"),
         ({"lr": 0.0}, "learning rate must be a finite number > 0"),
         ({"lr": float("nan")}, "learning rate must be a finite number > 0"),
         ({"n_insert": -1}, "prompts with insertions must be >= 0"),
@@ -399,8 +409,20 @@ def test_a_recipe_out_of_range_is_refused_when_made_and_named_by_what_it_changes
     for recipes in ([Recipe(), Recipe(n_insert=5, soft=1.0)], [Recipe(soft=0.5), Recipe(soft=0.5)]):
         with pytest.raises(ValueError, match="share n_insert"):
             backdoor.freeze_run("testbed-s", recipes=recipes)
-    with pytest.raises(ValueError, match="no prompts outside its task"):
-        backdoor.freeze_run("testbed-s", recipes=[Recipe(hold=10)])
+    for recipe in (Recipe(hold=10), Recipe(code_anchor=0.0)):
+        with pytest.raises(ValueError, match="no prompts outside its task to hold and no task circuit to anchor"):
+            backdoor.freeze_run("testbed-s", recipes=[recipe])
+
+
+def test_each_scope_trains_by_its_own_share_of_the_recipe():
+    """The full round trip holds nothing off a task (it has none) and anchors at `anchor`; a task circuit anchors at
+    `code_anchor` where given, else at `anchor`."""
+    both = Recipe(soft=0.5, anchor=1.0, hold=800, flat=True, code_anchor=0.3)
+    assert both.scoped("full") == Recipe(soft=0.5, anchor=1.0)
+    assert both.scoped("code") == Recipe(soft=0.5, anchor=0.3, hold=800, flat=True)
+    assert both.scoped("code").name == ", soft 0.5, anchor 0.3, 800 held off-task flat"
+    assert Recipe(anchor=2.0, hold=5).scoped("code") == Recipe(anchor=2.0, hold=5)  # none of its own: the full's
+    assert Recipe(anchor=2.0, code_anchor=0.0).scoped("code").name == ""  # 0: none on the circuit
 
 
 def test_the_recipe_anchor_holds_the_budget_and_frees_the_insertions():
