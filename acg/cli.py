@@ -28,10 +28,10 @@ _state = {"debug": False}
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 Block = Annotated[
-    int,
+    int | None,
     typer.Option(
         help="task circuits: the elimination leaves out up to this many features at one try, twice as many after a "
-        "removal kept, half after one refused (1: one at a time; larger is faster where most of the top k can go)",
+        "removal kept, half after one refused (1: one at a time; default 64, the backdoor table's)",
         min=1,
     ),
 ]
@@ -666,13 +666,15 @@ def compile_cmd(
         ),
     ] = 0.01,
     n_prompts: Annotated[int, typer.Option(help="task circuits: prompts to attribute over")] = 2000,
-    block: Block = 1,
+    block: Block = None,
     save_ir: Annotated[Path | None, typer.Option(help="also write the IR folder here")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Compile a model exactly (the dense IR), or its ACG (the replacement model; exact with --keep-errors), or a
     circuit unrolled into one named value per feature (chosen features, or a task's circuit distilled feature by
-    feature and then edge by edge), into a backend's artefact."""
+    feature and then edge by edge), into a backend's artefact. A task circuit's feature elimination leaves out up to
+    64 features a try (`--block`) and reads a token it leaves out as its position alone (the edge pass has no other
+    fill): `acg roundtrip --task T --ablation zero`'s circuit."""
     from acg import codegen
     from acg.compiler.frontend import load
     from acg.ir import serialize
@@ -680,6 +682,8 @@ def compile_cmd(
     start = time.perf_counter()
     circuit_report: dict[str, Any] = {}
     distil = task is not None or data is not None
+    if block is not None and not distil:
+        raise ACGError("--block shapes a task circuit's elimination: give --task or --data with it")
     if acg_dir is None:
         if keep_errors or features is not None or top is not None or max_terms is not None or min_weight or distil:
             raise ACGError(
@@ -696,6 +700,9 @@ def compile_cmd(
             )
         if task is not None and data is not None:
             raise ACGError("give either --task or --data, not both")
+        from acg.roundtrip.backdoor import CIRCUIT_BLOCK
+
+        block = CIRCUIT_BLOCK if block is None else block
         graph, circuit_report = _task_circuit(model, acg_dir, dtype, task, data, tolerance, n_prompts, block)
         what = "acg-task-circuit"
     else:
@@ -734,7 +741,7 @@ def compile_cmd(
         )
 
 
-def _task_circuit(model: str, acg_dir: Path, dtype: str, task, data, tolerance: float, n_prompts: int, block: int = 1):
+def _task_circuit(model: str, acg_dir: Path, dtype: str, task, data, tolerance: float, n_prompts: int, block: int):
     """(the unrolled IR of a task's circuit: features by attribution, then edges by attribution; a report)."""
     import numpy as np
 

@@ -127,7 +127,8 @@ def test_compile_a_task_circuit_features_then_edges(capsys, setup, tmp_path):
     result = json.loads(out)
     edges = result["edges"]
     assert result["graph"] == "acg-task-circuit" and result["curve"] and result["edge_curve"]
-    assert result["circuit"]["block"] == 1  # one feature a try unless --block says otherwise
+    assert result["circuit"]["block"] == 64  # the backdoor table's: up to 64 features a try
+    assert result["circuit"]["token_ablation"] == "zero"  # the edge pass reads a left-out token as its position
     assert 0 < edges["n_edges"] <= edges["n_edges_of"]
     assert sum(edges["n_edges_per_layer"].values()) == edges["n_edges"]
     assert edges["n_features"] == {str(k): v for k, v in enumerate(result["circuit"]["n_features"])}
@@ -141,6 +142,8 @@ def test_compile_a_task_circuit_features_then_edges(capsys, setup, tmp_path):
         capsys, "compile", ckpt, "--acg", root / "acg", "--task", "code", "--top", "3", "-o", tmp_path / "x"
     )
     assert code == 2 and "drop --keep-errors" in err and not (tmp_path / "x").exists()
+    code, _, err = cli(capsys, "compile", ckpt, "--acg", root / "acg", "--block", "8", "-o", tmp_path / "x")
+    assert code == 2 and "give --task or --data" in " ".join(err.split()) and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize(
