@@ -365,7 +365,7 @@ def roundtrip_cmd(
     is the backdoor table's by default: its elimination leaves out up to 64 features a try and reads a token it
     leaves out as the kept tokens' mean; fine-tuned, it also holds 16,000 of the budget's other lines to its own
     answers and its own block outputs on the budget's prompts of its tasks at weight 0.3 (`--block 1 --ablation zero
-    --hold 0 --anchor 0`: the circuits of the README's earlier tables)."""
+    --hold 0 --anchor 0`: the circuits of the earlier tables, docs/backdoor-record.md)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
     from acg.roundtrip.backdoor import CIRCUIT_ABLATION, CIRCUIT_BLOCK, CODE_ANCHOR, CODE_HOLD, Recipe
@@ -1495,12 +1495,21 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     return {"rows": rows, "circuit": circ.report, "report": str(path)}
 
 
+def _saved_bench(name: str, results: Path = Path("bench/results")) -> dict[str, Any] | None:
+    """The 5% backdoor table's rows for model `name` (`report.load_bench`): the README's table
+    (`backdoor-NAME-5pct-table.json`) where there is one, else the model's earlier 5% run; None without either."""
+    from acg.roundtrip import report
+
+    saved = (report.load_bench(results / f"backdoor-{name}-5pct{kind}.json", name) for kind in ("-table", ""))
+    return next((b for b in saved if b is not None), None)
+
+
 def _write_report(torch_model, acg, path: Path, candidates=None, circuit=None, rows=None, name: str = "") -> Path:
     """The demo's report; its monitor profiles the whole fitting corpus (10,000 prompts), as bench/monitor.py's
     second table does."""
     from acg.roundtrip import report
 
-    bench = report.load_bench(Path("bench/results") / f"backdoor-{name}-5pct.json", name)
+    bench = _saved_bench(name)
     data = report.collect(
         name, torch_model, acg, path.parent, candidates, circuit, rows, bench, 10_000, log=lambda s: err.print(s)
     )

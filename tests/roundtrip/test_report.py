@@ -3,6 +3,7 @@ and rendered by headless Chromium (figures and the circuit drawing visible in th
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -165,3 +166,23 @@ def test_report_renders_in_headless_chromium(page_data, tmp_path):
     assert count((255, 127, 14)) > 1000, "matplotlib's orange bars did not render"
     node = tuple(int(report.NODE_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
     assert count(node) > 500, "the circuit drawing's nodes did not render"
+
+
+def test_the_demo_reads_the_readmes_table_where_there_is_one(tmp_path):
+    """The demo's report takes the baselines from the README's 5% table (`-table`) before the model's earlier run, and
+    goes without where neither holds the model at 5%."""
+    from acg.cli import _saved_bench
+
+    def saved(path, asr: float, model: str = "testbed-s", ratio: float = 0.05) -> None:
+        summary = {"FT": {"asr": {"token": {"mean": asr, "sd": 0.0}}}}
+        entry = {"model": model, "ratio": ratio, "runs": [{}], "summary": summary}
+        path.write_text(json.dumps({"results": [entry]}))
+
+    assert _saved_bench("testbed-s", tmp_path) is None
+    saved(tmp_path / "backdoor-testbed-s-5pct.json", 0.5)
+    assert _saved_bench("testbed-s", tmp_path)["rows"]["FT"]["token"] == 0.5
+    saved(tmp_path / "backdoor-testbed-s-5pct-table.json", 0.25, ratio=0.01)  # not the 5% budget: the earlier run
+    assert _saved_bench("testbed-s", tmp_path)["rows"]["FT"]["token"] == 0.5
+    saved(tmp_path / "backdoor-testbed-s-5pct-table.json", 0.25)
+    assert _saved_bench("testbed-s", tmp_path)["rows"]["FT"]["token"] == 0.25
+    assert _saved_bench("testbed-m", tmp_path) is None
