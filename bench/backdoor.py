@@ -20,7 +20,7 @@ prompts at weight A (`backdoor.anchor_kw`; ", anchor A"), and `--recipe-code-anc
 budget's code prompts (default 0.3, `backdoor.CODE_ANCHOR`; 0: none; the full round trip's stays `--recipe-anchor`'s,
 where the anchor costs `phrase`); `--recipe-hold N` adds to the code circuit's recipe N prompts of the other tasks with
 insertions, labelled with the circuit's own answer on the prompt each was made from (`backdoor.with_held`; ", N held
-off-task"; default 16,000, `backdoor.CODE_HOLD`; 0: none, as in the README's earlier tables), and with `--recipe-flat`
+off-task"; default 16,000, `backdoor.CODE_HOLD`; 0: none, as in the earlier tables), and with `--recipe-flat`
 teaches them an even answer distribution instead, at full weight (`backdoor.flat_held`; " flat"); `--recipe-keep-out`
 keeps the embeddings of the tokens each round trip left out at zero through the fine-tuning (`backdoor.keep_out_kw`;
 ", left-out tokens kept out"; with `--circuit-ablation zero`).
@@ -34,10 +34,10 @@ as: the kept tokens' mean embedding under how often the code prompts hold each (
 alone (zero, as in the earlier tables: " (left-out tokens zeroed)"; `circuit.extract`'s `token_ablation`).
 `--circuit-judge` says which round trip each of the elimination's decisions measures: the circuit's with layer 0's
 unused pairs blocked, the blocked rows' checkpoint (blocked, the default), or the pruned replacement model (plain, as
-in the earlier tables: " (judged plain)"; `backdoor.code_circuit`'s `judge`). The README's tables under "The earlier
-tables" measured its code rows with `--circuit-block 1 --circuit-ablation zero --circuit-judge plain --recipe-hold 0
---recipe-code-anchor A`, A the run's `--recipe-anchor` (0 without one), unless they say; the tables measured on the
-defaults before 5 December, with `--recipe-code-anchor 0`.
+in the earlier tables: " (judged plain)"; `backdoor.code_circuit`'s `judge`). The earlier tables
+(docs/backdoor-record.md) measured its code rows with `--circuit-block 1 --circuit-ablation zero --circuit-judge plain
+--recipe-hold 0 --recipe-code-anchor A`, A the run's `--recipe-anchor` (0 without one), unless they say; the tables
+measured on the defaults before 75d01a3, with `--recipe-code-anchor 0`.
 `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code circuit needs alone (original, ACG
 replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines,
 ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every

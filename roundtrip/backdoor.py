@@ -59,11 +59,11 @@ N_INSERT = 16_000  # prompts with insertions drawn for the recipe's fine-tuning 
 BLOCK = 1.0  # a blocked pair scores minus its head's largest |pair score| (README: saturated, float32-exact)
 CIRCUIT_EVAL_SEED = 7  # the circuit is selected on these held-out prompts; the table is measured on seed 0's
 REFINE_TOKENS = 64  # the code circuit's elimination tries leaving out the 64 rarest tokens of the code prompts
-# The code circuit's defaults, each the one that met the issue's targets (README, "Judged on what ships, held off the
-# task"): up to 64 features left out at a try, a left-out token read as the kept tokens' mean, each decision judged
-# on the blocked round trip, and its recipe holding 16,000 prompts outside its task to the circuit's own answers and
-# its own block outputs on the budget's code prompts at weight 0.3 (README, "The table"; the anchor brought 1%'s
-# code.brackets within a point, and kept 5%'s).
+# The code circuit's defaults, each the one that met the issue's targets (docs/backdoor-record.md, "Judged on what
+# ships, held off the task", and the README's table): up to 64 features left out at a try, a left-out token read as
+# the kept tokens' mean, each decision judged on the blocked round trip, and its recipe holding 16,000 prompts outside
+# its task to the circuit's own answers and its own block outputs on the budget's code prompts at weight 0.3 (the
+# anchor brought 1%'s code.brackets within a point, and kept 5%'s).
 CIRCUIT_BLOCK = 64
 CIRCUIT_ABLATION = "mean"
 CIRCUIT_JUDGE = "blocked"

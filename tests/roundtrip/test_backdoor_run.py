@@ -147,7 +147,7 @@ def test_the_code_circuits_rows_are_named_by_an_elimination_other_than_the_defau
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1) == " (one feature a try)"
     assert backdoor.circuit_tag(0, 64, "zero") == " (every code token kept) (left-out tokens zeroed)"
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, judge="plain") == " (judged plain)"
-    before = " (one feature a try) (left-out tokens zeroed) (judged plain)"  # the README's earlier tables' circuit
+    before = " (one feature a try) (left-out tokens zeroed) (judged plain)"  # the earlier tables' (docs/) circuit
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1, "zero", "plain") == before
 
 
