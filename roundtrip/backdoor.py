@@ -62,8 +62,9 @@ REFINE_TOKENS = 64  # the code circuit's elimination tries leaving out the 64 ra
 # The code circuit's defaults, each the one that met the issue's targets (docs/backdoor-record.md, "Judged on what
 # ships, held off the task", and the README's table): up to 64 features left out at a try, a left-out token read as
 # the kept tokens' mean, each decision judged on the blocked round trip, and its recipe holding 16,000 prompts outside
-# its task to the circuit's own answers and its own block outputs on the budget's code prompts at weight 0.3 (the
-# anchor brought 1%'s code.brackets within a point, and kept 5%'s).
+# its task to the circuit's own answers and its own block outputs on the budget's code prompts at weight 0.3 (on the
+# Intel machine's fits the anchor brought 1%'s code.brackets within a point on every seed and kept 5%'s; on the AMD
+# machine's it narrowed the 1% gap without closing it on every seed: README).
 CIRCUIT_BLOCK = 64
 CIRCUIT_ABLATION = "mean"
 CIRCUIT_JUDGE = "blocked"
