@@ -548,11 +548,11 @@ def run(
 
     def tuned(start, scope: str, report: dict[str, Any], kept: np.ndarray, tag: str = "") -> None:
         data, data_report, taught, s = made_for[scope]
-        if scope == "code":  # the other tasks' prompts with insertions, held to the circuit's own answers
-            hold = (start, data, data_report, off_code, recipe_tokens(acg), recipe.hold, seed, acg.cfg.n_ctx)
+        named = recipe.scoped(scope)  # the full: nothing held; the code circuit: its own anchor
+        if named.hold:  # the other tasks' prompts with insertions, held to the circuit's own answers
+            hold = (start, data, data_report, off_code, recipe_tokens(acg), named.hold, seed, acg.cfg.n_ctx)
             (data, data_report), s_held = timed(lambda: with_held(*hold))
             s += s_held  # the row's seconds count the start's labelling of them too
-        named = recipe.scoped(scope)  # the full: nothing held; the code circuit: its own anchor
         how = named.finetune_kw(taught, data, data_report, never_seen(acg), kept)
         (ft, trained), s2 = timed(lambda: defence.finetune_recorded(start, base, data, steps, seed, **kw, **how))
         method = f"roundtrip {scope}{tag}{BLOCKED}{RECIPE}{named.name}"
