@@ -295,6 +295,17 @@ def roundtrip_cmd(
             "embedding, weighted by how often the task's prompts hold each (mean, the default: the backdoor table's)",
         ),
     ] = None,
+    max_mlp: Annotated[
+        float | None,
+        typer.Option(
+            help="task circuits: keep at most this share of the original's MLP parameters, leaving out the features "
+            "whose removal costs the task least (measured) where the elimination keeps more, whether or not the "
+            "target still holds (0: no bound; default 0.25, the backdoor table's)",
+            min=0.0,
+            max=1.0,
+            metavar="SHARE",
+        ),
+    ] = None,
     hf: Annotated[Path | None, typer.Option(help="also write a Hugging Face GPT-2 folder (ReLU dictionaries)")] = None,
     ir: Annotated[
         Path | None, typer.Option("--ir", help="an edited circuit (`acg import-code`) to fold into the weights")
@@ -363,20 +374,24 @@ def roundtrip_cmd(
     trained on the defender's clean budget and on prompts of it with tokens inserted, kept where the captured ACG
     gives the clean answer (the backdoor table's recipe: `--pairs-block 1 --finetune BUDGET.jsonl`). A task circuit
     is the backdoor table's by default: its elimination leaves out up to 64 features a try and reads a token it
-    leaves out as the kept tokens' mean; fine-tuned, it also holds 16,000 of the budget's other lines to its own
-    answers and its own block outputs on the budget's prompts of its tasks at weight 0.3 (`--block 1 --ablation zero
-    --hold 0 --anchor 0`: the circuits of the earlier tables, docs/backdoor-record.md)."""
+    leaves out as the kept tokens' mean, and it keeps at most 25% of the original's MLP parameters (cut to fit by
+    measured cost where the elimination keeps more); fine-tuned, it also holds 16,000 of the budget's other lines to
+    its own answers and its own block outputs on the budget's prompts of its tasks at weight 0.3 (`--block 1
+    --ablation zero --hold 0 --anchor 0 --max-mlp 0`: the circuits of the earlier tables, docs/backdoor-record.md)."""
     from acg.roundtrip import circuit as circuit_mod
     from acg.roundtrip import dense
-    from acg.roundtrip.backdoor import CIRCUIT_ABLATION, CIRCUIT_BLOCK, CODE_ANCHOR, CODE_HOLD, Recipe
+    from acg.roundtrip.backdoor import CIRCUIT_ABLATION, CIRCUIT_BLOCK, CIRCUIT_MAX_MLP, CODE_ANCHOR, CODE_HOLD, Recipe
 
     torch_model, acg = _model_and_acg(model, acg_dir)
     if sum(x is not None for x in (task, data, ir)) + everything > 1:
         raise ACGError("give at most one of --task, --data, --ir and --all")
     circuit_given = task is not None or data is not None
-    if not circuit_given and (block is not None or ablation is not None):
-        raise ACGError("--block and --ablation shape a task circuit's elimination: give --task or --data with them")
+    if not circuit_given and (block is not None or ablation is not None or max_mlp is not None):
+        raise ACGError(
+            "--block, --ablation and --max-mlp shape a task circuit's elimination: give --task or --data with them"
+        )
     block = CIRCUIT_BLOCK if block is None else block
+    max_mlp = CIRCUIT_MAX_MLP if max_mlp is None else max_mlp or None  # 0: no bound
     ablation = TokenAblation(CIRCUIT_ABLATION) if ablation is None else ablation
     carry_pairs = carry_pairs or pairs_block is not None
     if carry_pairs and hf is not None:
@@ -413,6 +428,8 @@ def roundtrip_cmd(
     elif circuit_given:
         name = f"circuit:{task or data}"
         how = {"pairs": data_pairs, "block": block, "token_ablation": ablation.value}
+        if max_mlp is not None:
+            how["max_features"] = dense.mlp_feature_budget(torch_model, acg, max_mlp)
         if carry_pairs:  # judge each candidate as the checkpoint written: its layer-0 pairs carried (and blocked)
 
             def written(acg, sel):
@@ -467,6 +484,19 @@ def roundtrip_cmd(
             + ", ".join(f"{t} {v:.3f} (orig {c['reference'][t]:.3f})" for t, v in c["task_acc"].items())
             + ("" if c["target_met"] else f" - the target (within {tolerance} of the original) was NOT met")
         )
+        bound = c.get("budget")
+        if bound and bound["cut"]:
+            err.print(
+                f"cut from {bound['k_before']} to {c['k']} features to keep MLP parameters within {max_mlp:.0%} of the "
+                "original's: the target "
+                + ("still holds" if bound["met"] else "NOT met")
+                + " on the selection prompts"
+                + (
+                    ""
+                    if bound["validated"] is None
+                    else f", {'' if bound['validated'] else 'NOT '}on the validation ones"
+                )
+            )
 
 
 def _finetune_budget(

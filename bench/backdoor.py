@@ -6,7 +6,8 @@ fine-tuned on the insertions the captured IR confirms plus the budget), on one d
                              [--recipe-unseen U] [--recipe-seen S] [--recipe-anchor A] [--recipe-code-anchor A]
                              [--recipe-hold N [--recipe-flat]] [--recipe-keep-out] [--no-recipe]
                              [--circuit-refine-tokens N] [--circuit-block B] [--circuit-ablation zero|mean]
-                             [--circuit-judge plain|blocked] [--code-only] [--json] [--out FILE]
+                             [--circuit-judge plain|blocked] [--circuit-max-mlp F] [--code-only] [--json]
+                             [--out FILE]
     python bench/backdoor.py --merge A.json B.json ... [--out FILE]   # one table from runs made apart (seed by seed)
     python bench/backdoor.py --merge A.json --markdown                 # the README's table of a saved run
 
@@ -36,8 +37,13 @@ alone (zero, as in the earlier tables: " (left-out tokens zeroed)"; `circuit.ext
 unused pairs blocked, the blocked rows' checkpoint (blocked, the default), or the pruned replacement model (plain, as
 in the earlier tables: " (judged plain)"; `backdoor.code_circuit`'s `judge`). The earlier tables
 (docs/backdoor-record.md) measured its code rows with `--circuit-block 1 --circuit-ablation zero --circuit-judge plain
---recipe-hold 0 --recipe-code-anchor A`, A the run's `--recipe-anchor` (0 without one), unless they say; the tables
-measured on the defaults before 75d01a3, with `--recipe-code-anchor 0`.
+--recipe-hold 0 --recipe-code-anchor A --circuit-max-mlp 0`, A the run's `--recipe-anchor` (0 without one), unless
+they say; the tables measured on the defaults before 75d01a3, with `--recipe-code-anchor 0 --circuit-max-mlp 0`, and
+those between 75d01a3 and the MLP bound with `--circuit-max-mlp 0`.
+`--circuit-max-mlp F` bounds the code circuit's MLP parameters at F of the original's (the issue's target: default
+0.25, `backdoor.CIRCUIT_MAX_MLP`): a circuit its elimination leaves larger loses the features whose removal costs its
+task least, measured (`circuit.cut_to_budget`), until it fits, met or not (its report's `budget` says); 0: no bound,
+as in the earlier tables (" (no MLP bound)"; where the elimination's circuit fits, the bound changes nothing).
 `--no-recipe` leaves out the recipe rows; `--code-only` measures the rows the code circuit needs alone (original, ACG
 replacement, the code circuit's round trips; with a recipe, `ACG captured (IR)` as its teacher): no baselines,
 ablations or full round trips (testbed-m seed 0 with --no-recipe: 41 minutes here, 29 of them the extraction; every
@@ -168,6 +174,13 @@ def main() -> None:
         help="which of the code circuit's round trips its elimination measures: the plain one (the pruned replacement "
         "model) or the one with layer 0's unused pairs blocked (the default)",
     )
+    ap.add_argument(
+        "--circuit-max-mlp",
+        type=float,
+        default=backdoor.CIRCUIT_MAX_MLP,
+        help="the code circuit keeps at most this share of the original's MLP parameters, cut to fit where its "
+        "elimination leaves more (0: no bound; default %(default)s)",
+    )
     ap.add_argument("--no-recipe", action="store_true", help="leave out the rows the recipe fine-tunes")
     ap.add_argument(
         "--code-only",
@@ -179,6 +192,10 @@ def main() -> None:
         ap.error(f"--circuit-refine-tokens must be >= 0 (tokens to try leaving out), got {args.circuit_refine_tokens}")
     if args.circuit_block < 1:
         ap.error(f"--circuit-block must be >= 1 (features tried together), got {args.circuit_block}")
+    if not 0 <= args.circuit_max_mlp <= 1:
+        ap.error(
+            f"--circuit-max-mlp must be a share in [0, 1] of the original's MLP parameters, got {args.circuit_max_mlp}"
+        )
     if args.recipe_keep_out and args.circuit_ablation != "zero" and not args.no_recipe:
         ap.error(
             "--recipe-keep-out holds left-out tokens at zero: give --circuit-ablation zero with it (the default, "
@@ -209,7 +226,7 @@ def measure(args) -> Callable[[str, float, int], dict]:
         kw = {"steps": args.steps, "log": runs_io.log, "device": args.device, "threads": args.threads}
         kw.update(recipe=None if args.no_recipe else recipe, refine_tokens=args.circuit_refine_tokens)
         kw.update(code_only=args.code_only, circuit_block=args.circuit_block, circuit_ablation=args.circuit_ablation)
-        kw.update(circuit_judge=args.circuit_judge)
+        kw.update(circuit_judge=args.circuit_judge, circuit_max_mlp=args.circuit_max_mlp or None)
         if args.out:
             kw["resume"] = args.out.with_name(f"{args.out.stem}.{model}-{ratio}-{seed}.partial.json")
         return backdoor.run(model, ratio, seed, args.n_eval, args.n_trig, **kw)

@@ -70,6 +70,9 @@ CIRCUIT_ABLATION = "mean"
 CIRCUIT_JUDGE = "blocked"
 CODE_HOLD = 16_000
 CODE_ANCHOR = 0.3
+# The issue's bound on the code circuit's MLP parameters, as a share of the original's: a circuit the elimination
+# leaves larger is cut to fit (`circuit.cut_to_budget`), whether or not its target still holds (its report says).
+CIRCUIT_MAX_MLP = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,13 +400,15 @@ def code_circuit(
     block: int = CIRCUIT_BLOCK,
     token_ablation: str = CIRCUIT_ABLATION,
     judge: str = CIRCUIT_JUDGE,
+    max_mlp: float | None = CIRCUIT_MAX_MLP,
 ):
     """The `code` circuit: attributed on the budget's code prompts, selected on held-out prompts (seed
     CIRCUIT_EVAL_SEED), the `refine_tokens` rarest tokens of the code prompts and every top-k feature tried by the
     elimination (up to `block` at a try, `circuit.extract`; a token left out reads as `token_ablation` says), whose
     path is validated on other held-out prompts (the next seed's, less any the selection holds). `judge`: which round
     trip each decision measures, "plain" (the pruned replacement model, which the plain round trip computes) or
-    "blocked" (`blocked_circuit`: layer 0's unused pairs blocked too)."""
+    "blocked" (`blocked_circuit`: layer 0's unused pairs blocked too). `max_mlp`: the most MLP parameters it may keep,
+    as a share of the original's (`dense.mlp_feature_budget`; None: no bound)."""
     if judge not in JUDGES:
         raise ValueError(f"judge must be one of {', '.join(JUDGES)}, got {judge!r}")
     tasks = resolve_tasks("code")
@@ -423,6 +428,7 @@ def code_circuit(
         block=block,
         token_ablation=token_ablation,
         build=JUDGES[judge],
+        max_features=None if max_mlp is None else dense.mlp_feature_budget(model, acg, max_mlp),
     )
 
 
@@ -445,6 +451,7 @@ def run(
     circuit_block: int = CIRCUIT_BLOCK,
     circuit_ablation: str = CIRCUIT_ABLATION,
     circuit_judge: str = CIRCUIT_JUDGE,
+    circuit_max_mlp: float | None = CIRCUIT_MAX_MLP,
 ) -> dict[str, Any]:
     """One budget, every method; `rows[method]` holds task_acc, asr, der, n_params, seconds. `device` trains the
     baselines there (the ACG fit runs on the CPU with `threads`). With `resume`, each baseline's row (original, FT,
@@ -458,17 +465,22 @@ def run(
     (`code_circuit`), named in its rows (`circuit_tag`) where it differs from REFINE_TOKENS; `circuit_block`: up to
     how many top-k features one try of its elimination leaves out (`circuit.extract`'s `block`); `circuit_ablation`:
     what a token it leaves out reads as (`circuit.extract`'s `token_ablation`); `circuit_judge`: which of its round
-    trips the elimination measures (`code_circuit`'s `judge`); each named there where it is not the default
-    (CIRCUIT_BLOCK, CIRCUIT_ABLATION, CIRCUIT_JUDGE; the default recipe holds CODE_HOLD prompts off the code task
-    and anchors the code circuit at CODE_ANCHOR, each said in the recipe row's name: `Recipe.scoped`). A recipe that
-    keeps left-out tokens at zero (`keep_out`) with a mean ablation, which reads them as the mean token, is refused
-    before any work, as is an unknown ablation or judge."""
+    trips the elimination measures (`code_circuit`'s `judge`); `circuit_max_mlp`: the share of the original's MLP
+    parameters it may keep (`code_circuit`'s `max_mlp`); each named there where it is not the default
+    (CIRCUIT_BLOCK, CIRCUIT_ABLATION, CIRCUIT_JUDGE, CIRCUIT_MAX_MLP; the default recipe holds CODE_HOLD prompts off
+    the code task and anchors the code circuit at CODE_ANCHOR, each said in the recipe row's name: `Recipe.scoped`).
+    A recipe that keeps left-out tokens at zero (`keep_out`) with a mean ablation, which reads them as the mean token,
+    is refused before any work, as is an unknown ablation or judge, or an MLP share outside (0, 1]."""
     if recipe is not None and recipe.keep_out and circuit_ablation != "zero":
         raise ValueError("keep_out holds left-out tokens at zero; a mean ablation reads them as the mean token")
     if circuit_ablation not in circuit.TOKEN_ABLATIONS:
         raise ValueError(f"circuit_ablation must be one of {', '.join(circuit.TOKEN_ABLATIONS)}: {circuit_ablation!r}")
     if circuit_judge not in JUDGES:
         raise ValueError(f"circuit_judge must be one of {', '.join(JUDGES)}: {circuit_judge!r}")
+    if circuit_max_mlp is not None and not 0 < circuit_max_mlp <= 1:
+        raise ValueError(
+            f"circuit_max_mlp must be a share in (0, 1] of the original's MLP parameters or None: {circuit_max_mlp}"
+        )
     zoo = get(name)
     model = load(name)
     spec = fit_spec or FitSpec(seed=seed, threads=threads)
@@ -568,9 +580,9 @@ def run(
             tuned(rt, "full", report, captured.tokens)
     # selected on as many prompts as measured
     how = {"n_eval": n_eval, "refine_tokens": refine_tokens, "block": circuit_block}
-    how.update(token_ablation=circuit_ablation, judge=circuit_judge)
+    how.update(token_ablation=circuit_ablation, judge=circuit_judge, max_mlp=circuit_max_mlp)
     circ, s = timed(lambda: code_circuit(model, acg, budget, **how))
-    tag = circuit_tag(refine_tokens, circuit_block, circuit_ablation, circuit_judge)
+    tag = circuit_tag(refine_tokens, circuit_block, circuit_ablation, circuit_judge, circuit_max_mlp)
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
         (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
@@ -589,10 +601,11 @@ def circuit_tag(
     block: int = CIRCUIT_BLOCK,
     token_ablation: str = CIRCUIT_ABLATION,
     judge: str = CIRCUIT_JUDGE,
+    max_mlp: float | None = CIRCUIT_MAX_MLP,
 ) -> str:
     """What the code circuit's rows add to their name for each choice other than the defaults: a token elimination
     other than REFINE_TOKENS's, another block of features a try, left-out tokens zeroed (or read as the mean, where
-    that is not the default), an elimination judged on another round trip."""
+    that is not the default), an elimination judged on another round trip, another bound on its MLP (or none)."""
     tag = ""
     if refine_tokens != REFINE_TOKENS:
         tag = " (every code token kept)" if refine_tokens == 0 else f" ({refine_tokens} rarest code tokens tried)"
@@ -601,7 +614,10 @@ def circuit_tag(
     if token_ablation != CIRCUIT_ABLATION:
         read = "zeroed" if token_ablation == "zero" else f"read as the {token_ablation}"
         tag += f" (left-out tokens {read})"
-    return tag + (f" (judged {judge})" if judge != CIRCUIT_JUDGE else "")
+    tag += f" (judged {judge})" if judge != CIRCUIT_JUDGE else ""
+    if max_mlp != CIRCUIT_MAX_MLP:
+        tag += " (no MLP bound)" if max_mlp is None else f" (MLP <= {max_mlp * 100:g}%)"
+    return tag
 
 
 _L0_QK = ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.b_Q", "blocks.0.attn.b_K")

@@ -39,6 +39,10 @@ attention writes are restricted to the kept span. With `token_ablation="mean"` a
 task's prompts never hold) reads instead as the kept tokens' mean embedding, weighted by how often the task's prompts
 hold each (a mean ablation): a prompt off the task is then a run of ordinary task tokens, not of bare positions, and
 layer 0's captured pairs reach it (`pairs.read_as_mean`).
+A bound on the features (`max_features`; the backdoor table's code circuit: 25% of the original's MLP parameters) is
+not part of the elimination's objective: the elimination stops where the target stops it, and a circuit it leaves
+larger is then cut to fit by measured cost (`cut_to_budget`), the report's `budget` saying whether the target still
+holds (testbed-s's code circuit at 5%, seed 1, on the AMD machine's fit: 302 features, 29.7%, before the bound).
 The edges between the kept features are pruned the same way on the unrolled circuit (`roundtrip/edges.py`): a dense
 checkpoint cannot leave out a single edge, an unrolled circuit (IR, code) can.
 """
@@ -186,6 +190,7 @@ def extract(
     block: int = 1,
     token_ablation: str = "zero",
     build: Callable[[ACG, Selection], Transformer] | None = None,
+    max_features: int | None = None,
 ) -> Circuit:
     """The smallest top-k feature set whose pruned replacement model keeps `task_acc` within `tolerance` of `reference`
     (None: the model's own accuracy there) on every task in `eval_examples` (module docstring). Candidates are the
@@ -221,7 +226,15 @@ def extract(
     it here, so that the elimination judges what is shipped: `backdoor.code_circuit` the round trip with layer 0's
     unused pairs blocked, `acg roundtrip --task --pairs` the checkpoint it writes (a removal the replacement model
     allows can break that form: testbed-s's code circuit read as the mean leaves out `<bos>`, and its blocked round
-    trip then falls to code.vars 0.74). Attribution stays on the replacement model."""
+    trip then falls to code.vars 0.74). Attribution stays on the replacement model.
+
+    `max_features`: a bound on the circuit's features (all layers together; `dense.mlp_feature_budget` turns a share
+    of the original's MLP parameters into one). The elimination stops where the target stops it, whatever the size;
+    a circuit still over the bound then loses features by `cut_to_budget` (each round leaves out those whose removal
+    leaves the most slack over the target on the eval prompts) until it fits, whether or not the target still holds.
+    The report's `budget` (None without a bound) says the bound, how many features the cut left out (`cut`; 0 where
+    the circuit fitted), the circuits it measured (`trials`), whether the result still meets the target on the eval
+    prompts (`met`) and on the validation prompts (`validated`, None without them), and `k_before`."""
     if refine is not None and refine < 0:
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if refine_tokens is not None and refine_tokens < 0:
@@ -234,6 +247,8 @@ def extract(
         raise ValueError(f"margin must be in [0, tolerance = {tolerance}], got {margin}")
     if token_ablation not in TOKEN_ABLATIONS:
         raise ValueError(f"token_ablation must be one of {', '.join(TOKEN_ABLATIONS)}, got {token_ablation!r}")
+    if max_features is not None and max_features < 1:
+        raise ValueError(f"max_features must be >= 1 (the most features the circuit may keep), got {max_features}")
 
     def own_accuracy(examples: dict[str, Sequence[Example]]) -> dict[str, float]:
         return {t: accuracy(answer_logits(model, exs), exs) for t, exs in examples.items()}
@@ -272,8 +287,12 @@ def extract(
             cache[k] = accuracy_of(order[:k])
         return cache[k]
 
+    def slack(acc: dict[str, float], reference: dict[str, float], margins: dict[str, float]) -> float:
+        """The worst task's accuracy over what the target asks of it (>= 0: met)."""
+        return min(acc[t] - (reference[t] - tolerance + margins[t]) for t in margins)
+
     def meets(acc: dict[str, float], reference: dict[str, float], margins: dict[str, float]) -> bool:
-        return all(acc[t] >= reference[t] - tolerance + margins[t] for t in margins)
+        return slack(acc, reference, margins) >= 0
 
     target = reference  # what each decision holds the circuit to (rebased where the candidates miss it)
 
@@ -326,6 +345,7 @@ def extract(
             break
     chosen, kept, acc = path[-1]
     validated, checks = None, 0  # the circuits on the path measured on the validation prompts
+    v_reference = v_margins = None
     if validation is not None:
         v_reference = own_accuracy(validation)
         if held_to is not None:
@@ -346,12 +366,26 @@ def extract(
             step = last_passing(len(path), lambda i: all(on_validation(i)[t] >= top[t] for t in top), scan)
         chosen, kept, acc = path[step]
         checks = len(v_cache)
+    eliminated = len(chosen)
+    budget = None
+    if max_features is not None:
+        budget = {"max_features": max_features, "k_before": eliminated, "cut": 0, "trials": 0}
+        if eliminated > max_features:
+            chosen, budget["trials"] = cut_to_budget(
+                chosen, max_features, lambda c: slack(accuracy_of(c, kept=kept), target, margins)
+            )
+            acc, budget["cut"] = accuracy_of(chosen, kept=kept), eliminated - len(chosen)
+        budget["met"] = faithful(acc)
+        if validation is not None:
+            budget["validated"] = meets(accuracy_of(chosen, validation, kept), v_reference, v_margins)
+        else:
+            budget["validated"] = None
     sel = select(scores, chosen, kept, positions, fill)
     sel = dataclasses.replace(sel, source=name, meta={"k": len(chosen), "tolerance": tolerance})
     report = {
         "k": len(chosen),
         "k_top": good,
-        "refined_away": good - len(chosen),
+        "refined_away": good - eliminated,
         "passes": n_passes,
         "block": block,
         "trials": trials,
@@ -369,8 +403,28 @@ def extract(
         "token_ablation": token_ablation,
         "judged_on": getattr(build, "__name__", type(build).__name__),  # what `build` made: replacement_of by default
         "candidates": live,
+        "budget": budget,
     }
     return Circuit(sel, curve, scores, reference, target_met, report)
+
+
+def cut_to_budget(
+    chosen: Sequence[int], max_features: int, slack: Callable[[list[int]], float]
+) -> tuple[list[int], int]:
+    """(`chosen` cut to `max_features` features, the circuits measured). Each round measures `slack` (the worst task's
+    accuracy over its target, higher is better) of the circuit without each feature still kept, and leaves out the
+    half of the excess (rounded up) whose removals leave the most, ties to the later in `chosen` (the least
+    attributed): a removal's cost is measured, not estimated, and measured again after each round, as removals
+    interact; halving the excess keeps the rounds to about log2 of it."""
+    chosen = list(chosen)
+    trials = 0
+    while len(chosen) > max_features:
+        n = -(-(len(chosen) - max_features) // 2)
+        left = [slack([g for g in chosen if g != f]) for f in chosen[::-1]]  # least attributed first
+        trials += len(chosen)
+        drop = {chosen[::-1][i] for i in np.argsort(-np.asarray(left), kind="stable")[:n]}
+        chosen = [f for f in chosen if f not in drop]
+    return chosen, trials
 
 
 def replacement_of(acg: ACG, sel: Selection) -> Transformer:

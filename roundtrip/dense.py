@@ -238,6 +238,24 @@ def n_params(model_or_acg: Transformer | ACG) -> dict[str, int]:
     return {"n_params": mlp + other, "n_params_mlp": mlp}
 
 
+def mlp_feature_budget(original: Transformer, acg: ACG, fraction: float) -> int:
+    """The most features a round trip of `acg` may keep with its MLP parameters (as `n_params` counts them: each kept
+    feature's encoder column, bias, decoder row and, for JumpReLU, threshold; each layer's output bias) at most
+    `fraction` of `original`'s."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the MLP share must be in (0, 1], got {fraction}")
+    acts = {tc.act for tc in acg.transcoders}
+    d = acg.cfg.d_model
+    per = 2 * d + 1 + (1 if acts == {"jumprelu"} else 0)
+    room = fraction * n_params(original)["n_params_mlp"] - len(acg.transcoders) * d
+    if room < per:
+        raise RoundtripError(
+            f"{fraction:.1%} of the original's MLP parameters ({n_params(original)['n_params_mlp']:,}) holds no "
+            f"feature ({per} parameters each, {d} per layer for the output bias)"
+        )
+    return int(room // per)
+
+
 def roundtrip(
     acg: ACG, sel: Selection | None = None, pairs: bool = False, block: float | None = None
 ) -> tuple[Transformer, ACG, dict[str, Any]]:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import random_model
+from helpers import planted_task_model, random_model
 
 from acg.cli import main
 from acg.compiler.transformer import load_checkpoint, save_checkpoint
+from acg.roundtrip.dense import n_params
 from acg.zoo import vocab
 
 
@@ -87,6 +88,9 @@ def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path)
     defaults = (report["circuit"]["block"], report["circuit"]["token_ablation"], report["token_fill"])
     assert defaults == (64, "mean", "mean")  # the backdoor table's circuit unless told otherwise
     assert sum(report["n_edges"].values()) > 0
+    original_mlp = n_params(load_checkpoint(ckpt))["n_params_mlp"]
+    assert report["circuit"]["budget"]["max_features"] >= report["circuit"]["k"]  # the table's bound: 25% of the MLP
+    assert report["n_params_mlp"] <= 0.25 * original_mlp
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a = 3 ; a", "answer": "3"}\n{"prompt": [1, 5, 6], "answer": 7}\n' * 10)
     args = ["roundtrip", ckpt, "--acg", root / "acg", "-o", tmp_path / "d", "--data", data, "--json"]
@@ -97,6 +101,16 @@ def test_roundtrip_a_circuit_from_a_task_and_from_jsonl(capsys, setup, tmp_path)
     report = report["circuit"]
     assert report["k"] >= 1 and set(report["task_acc"]) == {"pairs"}  # the file's name
     assert report["block"] == 8 and report["token_ablation"] == "zero"  # the elimination's tries: up to 8 each
+    code, out, err = cli(capsys, *args[:-1], "--max-mlp", "0.1")  # 214 of 2,144 MLP parameters: 5 features of 34
+    assert code == 0, err
+    report = json.loads((tmp_path / "d" / "meta.json").read_text())["roundtrip"]
+    if report["circuit"]["budget"]["cut"]:  # said where it cut, and whether the target still held
+        assert "to keep MLP parameters within 10% of the original's" in " ".join(err.split())
+    assert report["circuit"]["budget"]["max_features"] == 5 and report["circuit"]["k"] <= 5
+    assert report["n_params_mlp"] <= 0.1 * original_mlp
+    code, out, err = cli(capsys, *args, "--max-mlp", "0")
+    assert code == 0, err
+    assert json.loads(out)["circuit"]["budget"] is None  # no bound
     tagged = tmp_path / "tagged.jsonl"
     tagged.write_text(
         '{"prompt": "a = 3 ; a", "answer": "3", "task": "vars"}\n{"prompt": [1, 5, 6], "answer": 7, "task": "ids"}\n'
@@ -163,6 +177,31 @@ def test_bad_task_data_is_refused_and_writes_nothing(capsys, setup, tmp_path, li
     assert code == 2 and message in " ".join(err.split()) and not (tmp_path / "out").exists()
 
 
+def test_a_task_circuit_over_its_mlp_bound_is_cut_and_says_so(capsys, tmp_path):
+    """The planted model's circuit for "1 -> 3, 2 -> 4" is feature 1 and one of the redundant 0 / 2; 15% of its 178
+    MLP parameters hold one feature of 17: the circuit is cut to it, and the target no longer holds."""
+    from acg.compiler import acg as acg_io
+
+    model, acg = planted_task_model(redundant=True)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    acg_io.save(acg, tmp_path / "acg")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": [0, 1], "answer": 3}\n{"prompt": [0, 2], "answer": 4}\n' * 10)
+    args = ["roundtrip", ckpt, "--acg", tmp_path / "acg", "--data", data, "--block", "1", "--ablation", "zero"]
+    code, _, err = cli(capsys, *args, "-o", tmp_path / "two")
+    assert code == 0, err
+    two = json.loads((tmp_path / "two" / "meta.json").read_text())["roundtrip"]["circuit"]
+    assert two["k"] == 2 and two["task_acc"] == {"pairs": 1.0} and two["budget"]["cut"] == 0  # 25%: 2 features fit
+    code, _, err = cli(capsys, *args, "--max-mlp", "0.15", "-o", tmp_path / "one")
+    assert code == 0, err
+    one = json.loads((tmp_path / "one" / "meta.json").read_text())["roundtrip"]["circuit"]
+    assert one["k"] == 1 and one["budget"] == {
+        "max_features": 1, "k_before": 2, "cut": 1, "trials": 2, "met": False, "validated": None
+    }  # fmt: skip
+    said = " ".join(err.split())
+    assert "cut from 2 to 1 features to keep MLP parameters within 15% of the original's: the target NOT met" in said
+
+
 def test_an_acg_of_another_model_is_refused(capsys, setup, tmp_path):
     root, _ = setup
     other = random_model(seed=82, d_vocab=vocab.D_VOCAB, n_ctx=32, d_model=16, d_mlp=32, act_fn="relu")
@@ -179,6 +218,10 @@ def test_an_acg_of_another_model_is_refused(capsys, setup, tmp_path):
     whole = ["roundtrip", setup[1], "--acg", root / "acg", "-o", tmp_path / "out", "--ablation", "mean"]
     code, _, err = cli(capsys, *whole)
     assert code == 2 and "give --task or --data" in " ".join(err.split()) and not (tmp_path / "out").exists()
+    code, _, err = cli(capsys, *whole[:-2], "--max-mlp", "0.5")
+    assert code == 2 and "give --task or --data" in " ".join(err.split()) and not (tmp_path / "out").exists()
+    code, _, err = cli(capsys, *args[:-1], "1", "--max-mlp", "1.5")
+    assert code == 2 and "--max-mlp" in err and not (tmp_path / "out").exists()
 
 
 def test_hf_export_of_a_jumprelu_round_trip_is_refused(capsys, setup, tmp_path):

@@ -190,6 +190,10 @@ def test_backdoor_bench_hands_the_circuit_options_to_each_run(monkeypatch):
     given = given_to_run(monkeypatch, *how, "--code-only")
     assert given["circuit_block"] == 1 and given["circuit_ablation"] == "zero" and given["circuit_judge"] == "plain"
     assert given["code_only"] and given["recipe"].hold == 0
+    assert given_to_run(monkeypatch, "--circuit-max-mlp", "0")["circuit_max_mlp"] is None  # no bound
+    assert given_to_run(monkeypatch, "--circuit-max-mlp", "0.3")["circuit_max_mlp"] == 0.3
+    with pytest.raises(SystemExit):
+        given_to_run(monkeypatch, "--circuit-max-mlp", "1.5")
 
 
 def test_backdoor_bench_defaults_are_the_code_circuit_that_met_the_targets(monkeypatch):
@@ -197,6 +201,7 @@ def test_backdoor_bench_defaults_are_the_code_circuit_that_met_the_targets(monke
     try, left-out tokens read as the mean, judged on the blocked round trip, 16,000 prompts held off its task."""
     given = given_to_run(monkeypatch)
     assert (given["circuit_block"], given["circuit_ablation"], given["circuit_judge"]) == (64, "mean", "blocked")
+    assert given["circuit_max_mlp"] == backdoor.CIRCUIT_MAX_MLP == 0.25  # the issue's bound on its MLP
     assert given["recipe"].hold == backdoor.CODE_HOLD == 16_000 and not given["code_only"]
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS) == ""  # its rows carry no tag
     # anchored at 0.3 on the code circuit's recipe alone: the full round trip's recipe stays the labels'

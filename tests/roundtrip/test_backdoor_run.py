@@ -114,16 +114,18 @@ def test_a_tiny_backdoor_run_measures_every_row(soft, anchor, hold, refine_token
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "recipe,block,ablation,judge", [(None, 8, "mean", "blocked"), (Recipe(n_insert=50), 1, "zero", "plain")]
+    "recipe,block,ablation,judge,max_mlp",
+    [(None, 8, "mean", "blocked", 0.01), (Recipe(n_insert=50), 1, "zero", "plain", backdoor.CIRCUIT_MAX_MLP)],
 )
-def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block, ablation, judge):
+def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block, ablation, judge, max_mlp):
     """`code_only`: no baselines, ablations or full round trips; the captured IR only as the recipe's teacher; with no
     recipe, no recipe row. `circuit_block`, `circuit_ablation` and `circuit_judge` reach the circuit's elimination and
     name its rows (a mean ablation's blocked round trip carries layer 0's pairs over the left-out tokens read as the
-    mean; judged blocked, every candidate is that round trip)."""
-    how = {"circuit_block": block, "circuit_ablation": ablation, "circuit_judge": judge}
+    mean; judged blocked, every candidate is that round trip). `circuit_max_mlp` bounds it: 1% of testbed-s's MLP
+    parameters holds 9 features of 258 parameters, so the tiny run's circuit is cut to them."""
+    how = {"circuit_block": block, "circuit_ablation": ablation, "circuit_judge": judge, "circuit_max_mlp": max_mlp}
     out = backdoor.run("testbed-s", **tiny(), recipe=recipe, code_only=True, **how)
-    tag = backdoor.circuit_tag(backdoor.REFINE_TOKENS, block, ablation, judge)
+    tag = backdoor.circuit_tag(backdoor.REFINE_TOKENS, block, ablation, judge, max_mlp)
     code = [r.replace("roundtrip code", "roundtrip code" + tag) for r in ROWS if r.startswith("roundtrip code")]
     expected = (
         ["original", "ACG replacement", "ACG captured (IR)", *code] if recipe else ROWS[:1] + ROWS[4:5] + code[:2]
@@ -137,6 +139,13 @@ def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block, ab
     judged_on = {"plain": "replacement_of", "blocked": "blocked_circuit"}[judge]
     assert out["rows"][code[0]]["report"]["circuit"]["judged_on"] == judged_on
     assert all(out["rows"][r]["report"]["token_fill"] == ablation for r in code[:2])
+    bound = out["rows"][code[0]]["report"]["circuit"]["budget"]
+    assert bound["max_features"] == (9 if max_mlp == 0.01 else 254)  # (share x 263,424 - 2 x 128) // 258
+    report = out["rows"][code[0]]["report"]
+    assert report["circuit"]["k"] <= bound["max_features"] and report["circuit"]["k"] == sum(report["n_features"])
+    assert report["n_params_mlp"] <= max_mlp * 263_424
+    if max_mlp == 0.01:
+        assert bound["cut"] > 0 and bound["trials"] > 0 and bound["k_before"] == report["circuit"]["k"] + bound["cut"]
 
 
 def test_the_code_circuits_rows_are_named_by_an_elimination_other_than_the_default():
@@ -147,8 +156,10 @@ def test_the_code_circuits_rows_are_named_by_an_elimination_other_than_the_defau
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1) == " (one feature a try)"
     assert backdoor.circuit_tag(0, 64, "zero") == " (every code token kept) (left-out tokens zeroed)"
     assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, judge="plain") == " (judged plain)"
-    before = " (one feature a try) (left-out tokens zeroed) (judged plain)"  # the earlier tables' (docs/) circuit
-    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1, "zero", "plain") == before
+    before = " (one feature a try) (left-out tokens zeroed) (judged plain) (no MLP bound)"  # the earlier tables'
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, 1, "zero", "plain", None) == before
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, max_mlp=0.3) == " (MLP <= 30%)"
+    assert backdoor.circuit_tag(backdoor.REFINE_TOKENS, max_mlp=0.125) == " (MLP <= 12.5%)"
 
 
 def test_a_run_refuses_a_token_ablation_it_cannot_honour_before_any_work():
@@ -162,6 +173,9 @@ def test_a_run_refuses_a_token_ablation_it_cannot_honour_before_any_work():
         backdoor.run("testbed-s", circuit_judge="full")
     with pytest.raises(ValueError, match="judge must be one of plain, blocked"):
         backdoor.code_circuit(None, None, [], judge="full")
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"circuit_max_mlp must be a share in \(0, 1\]"):
+            backdoor.run("testbed-s", circuit_max_mlp=share)
 
 
 @pytest.mark.slow

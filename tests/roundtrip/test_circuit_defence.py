@@ -3,15 +3,17 @@ in the features; the defender's budget, Fine-Pruning and DER behave as documente
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-from helpers import planted_one_layer, random_model
+from helpers import planted_one_layer, planted_task_model, random_model
 
 from acg.compiler.acg import ACG
 from acg.compiler.fit import FitSpec, fit
+from acg.compiler.transcoder import Transcoder
 from acg.compiler.transformer import Transformer, TransformerConfig
 from acg.roundtrip import circuit, defence, dense
 from acg.zoo.tasks import is_clean
@@ -28,38 +30,8 @@ class Ex:
         return tuple(self.ids)
 
 
-def _planted(redundant: bool = False) -> tuple[Transformer, ACG]:
-    """One layer, no layer norm, attention writing nothing. Token 1 drives feature 0, which writes answer 3's logit;
-    token 2 drives feature 1 -> answer 4; features 2..9 fire on every token and write where the unembedding does not
-    read. The true circuit for "1 -> 3, 2 -> 4" is features {0, 1}.
-
-    `redundant`: token 1 drives feature 2 too, which also writes answer 3 on its own (either of 0 and 2 is enough),
-    and feature 1 writes answer 4 less strongly, so that it scores below both: the top 2 by attribution are 0 and 2,
-    which answer half the prompts; the smallest faithful circuit is {1} and one of {0, 2}."""
-    d, V, n = 8, 6, 10
-    cfg = TransformerConfig(
-        n_layers=1, d_model=d, n_heads=1, d_head=d, d_mlp=n, d_vocab=V, n_ctx=4, act_fn="relu", normalization_type=None
-    )
-    e = np.eye(d)
-    first = 3 if redundant else 2  # the first feature firing on every token
-    W_E = np.stack([e[5] + (e[k] if k < 5 else 0) for k in range(V)])
-    W_enc = np.zeros((d, n))
-    W_enc[1, 0] = W_enc[2, 1] = 1.0
-    W_enc[5, first:] = 1.0
-    b_enc = np.zeros(n)
-    b_enc[:first] = -0.5
-    W_dec = np.zeros((n, d))
-    W_dec[0, 3], W_dec[1, 4] = 2.0, 2.0
-    W_dec[first:, 6] = 1.0
-    if redundant:
-        W_enc[1, 2], W_dec[2, 3], W_dec[1, 4] = 1.0, 2.0, 1.5
-    W_U = np.zeros((d, V))
-    W_U[3, 3] = W_U[4, 4] = 1.0
-    return planted_one_layer(cfg, W_E, W_U, W_enc, b_enc, W_dec)
-
-
 def test_extraction_finds_the_planted_circuit():
-    model, acg = _planted()
+    model, acg = planted_task_model()
     data = [Ex([0, 1], 3), Ex([0, 2], 4), Ex([0, 5, 1], 3), Ex([0, 5, 2], 4)] * 5
     ref = {"t": 1.0}
     out = circuit.extract(model, acg, data, {"t": data}, ref, tolerance=0.01)
@@ -76,7 +48,7 @@ def test_extraction_finds_the_planted_circuit():
 def test_token_elimination_drops_the_tokens_the_answers_do_not_need():
     """Tokens 1 and 2 carry the answers; 0 (every prompt's first) and the distractor 5 drive only features that write
     where the unembedding does not read: the circuit keeps 1 and 2 and reads 0 and 5 as their positions alone."""
-    model, acg = _planted()
+    model, acg = planted_task_model()
     data = [Ex([0, 1], 3), Ex([0, 2], 4), Ex([0, 5, 1], 3), Ex([0, 5, 2], 4)] * 5
     assert circuit.token_share(data, 6).tolist() == [1.0, 0.5, 0.5, 0.0, 0.0, 0.5]
     out = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0})
@@ -110,7 +82,7 @@ def test_the_elimination_judges_the_model_build_makes_of_each_candidate():
     """A shipped form of the circuit that needs token 0 (as a blocked round trip can need `<bos>`): judged on it, the
     elimination keeps 0 and leaves out 5 alone; judged on the replacement model (the default) both go. Every
     candidate reaches `build` as a selection of the given ACG."""
-    model, acg = _planted()
+    model, acg = planted_task_model()
     data = [Ex([0, 1], 3), Ex([0, 2], 4), Ex([0, 5, 1], 3), Ex([0, 5, 2], 4)] * 5
     seen = []
 
@@ -133,7 +105,7 @@ def test_the_elimination_judges_the_model_build_makes_of_each_candidate():
 
 
 def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_first():
-    model, acg = _planted(redundant=True)
+    model, acg = planted_task_model(redundant=True)
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
     plain = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=0)
     assert plain.report["k"] == plain.report["k_top"] == 3 and plain.report["refined_away"] == 0
@@ -145,6 +117,69 @@ def test_backward_elimination_leaves_out_a_redundant_feature_the_ranking_puts_fi
     assert out.report["task_acc"] == {"t": 1.0} and out.selection.meta["k"] == 2
     with pytest.raises(ValueError, match="refine must be >= 0"):
         circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=-1)
+
+
+def test_a_circuit_over_its_feature_bound_is_cut_by_measured_cost_not_by_attribution():
+    """The top 3 without elimination: 0 and 2 (redundant, the most attributed) and 1 (needed, the least). Cut to 2,
+    the measured costs keep 1 and one of 0 / 2 and the target holds; cut to 1 it cannot, and the report says so."""
+    model, acg = planted_task_model(redundant=True)
+    data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
+    free = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=0)
+    assert free.report["k"] == 3 and free.report["budget"] is None
+    two = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=0, max_features=2, validation={"t": data})
+    kept = two.selection.features[0].tolist()
+    assert 1 in kept and len(kept) == 2 and two.report["task_acc"] == {"t": 1.0} and two.report["k"] == 2
+    assert two.report["budget"] == {
+        "max_features": 2, "k_before": 3, "cut": 1, "trials": 3, "met": True, "validated": True
+    }  # fmt: skip
+    assert two.report["refined_away"] == 0 and two.report["k_top"] == 3
+    one = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=0, max_features=1)
+    assert one.report["k"] == 1 and one.report["task_acc"] == {"t": 0.5}
+    assert one.report["budget"]["met"] is False and one.report["budget"]["validated"] is None
+    assert one.report["budget"]["cut"] == 2 and one.report["budget"]["trials"] == 3 + 2  # two rounds of one each
+    roomy = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, max_features=5)  # the elimination fits it
+    assert roomy.report["k"] == 2 and roomy.report["budget"]["cut"] == 0 and roomy.report["budget"]["trials"] == 0
+    assert roomy.report["budget"]["met"] is True
+    with pytest.raises(ValueError, match="max_features must be >= 1"):
+        circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, max_features=0)
+
+
+def test_cut_to_budget_halves_the_excess_each_round_and_keeps_the_cheapest_removals():
+    costs = {0: 0.0, 1: -0.5, 2: 0.0, 3: -0.1, 4: 0.0, 5: -0.2}  # what removing each feature alone costs
+
+    def slack(chosen: list[int]) -> float:
+        return sum(costs[f] for f in range(6) if f not in chosen)
+
+    cut, trials = circuit.cut_to_budget([0, 1, 2, 3, 4, 5], 2, slack)  # excess 4: 2, then 1, then 1
+    assert sorted(cut) == [1, 5] and trials == 6 + 4 + 3
+    same, none = circuit.cut_to_budget([3, 1], 2, slack)
+    assert same == [3, 1] and none == 0
+
+
+@pytest.mark.parametrize("act", ["relu", "jumprelu"])
+def test_mlp_feature_budget_is_the_most_features_whose_round_trip_fits_the_share(act):
+    """The bound is checked against `n_params` of real round trips: k features fit, k + 1 do not."""
+    model, acg = planted_task_model()  # 10 live neurons of 2 * 8 + 1 parameters, and 8 for the output bias: 178
+    if act == "jumprelu":
+        tc = acg.transcoders[0]
+        jump = Transcoder(tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec, "jumprelu", np.full(tc.n_features, 0.01))
+        acg = dataclasses.replace(acg, transcoders=(jump,))
+    original = dense.n_params(model)["n_params_mlp"]
+    assert original == 178
+    for share in (0.3, 0.5, 1.0):
+        k = dense.mlp_feature_budget(model, acg, share)
+
+        def mlp_of(n: int) -> int:
+            sel = dense.Selection((np.arange(n),), np.ones(6, bool), np.ones(4, bool))
+            return dense.roundtrip(acg, sel)[2]["n_params_mlp"]
+
+        assert mlp_of(k) <= share * original
+        assert k == acg.transcoders[0].n_features or share * original < mlp_of(k + 1)
+    assert dense.mlp_feature_budget(model, acg, 1.0) == (10 if act == "relu" else 9)  # (178 - 8) // 17, // 18
+    with pytest.raises(dense.RoundtripError, match="holds no feature"):
+        dense.mlp_feature_budget(model, acg, 0.1)  # 17.8 - 8 < 17
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        dense.mlp_feature_budget(model, acg, 0.0)
 
 
 def _outweighed() -> tuple[Transformer, ACG]:
@@ -232,7 +267,7 @@ def test_the_target_is_held_with_a_margin_against_selection_luck():
     """Each decision asks for reference - tolerance + margin: by default one standard error of the reference on the
     selection prompts, at most half the tolerance. One feature answers half the prompts: enough for a target of 0.48,
     not for 0.53."""
-    model, acg = _planted()
+    model, acg = planted_task_model()
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 10
     loose = circuit.extract(model, acg, data, {"t": data}, {"t": 0.58}, tolerance=0.1, margin=0.0)
     assert loose.report["k"] == 1 and loose.report["margin"] == {"t": 0.0}
@@ -248,7 +283,7 @@ def test_the_target_is_held_with_a_margin_against_selection_luck():
 def test_validation_prompts_undo_removals_that_only_the_selection_prompts_allow():
     """The selection prompts ask only "1 -> 3", so the elimination drops feature 1 (which the attribution prompts,
     mostly "2 -> 4", ranked first); validation prompts that also ask "2 -> 4" take the step back."""
-    model, acg = _planted()
+    model, acg = planted_task_model()
     fit_examples = [Ex([0, 2], 4)] * 15 + [Ex([0, 1], 3)] * 5
     selection = {"t": [Ex([0, 1], 3), Ex([0, 5, 1], 3)] * 5}
     plain = circuit.extract(model, acg, fit_examples, selection, {"t": 1.0})
@@ -269,7 +304,7 @@ def test_where_not_even_the_top_k_validates_each_removal_is_held_to_lose_nothing
     """The attribution and selection prompts ask only "1 -> 3": feature 1 never fires on them, so the circuit is
     feature 0, which the validation prompts' "2 -> 4" half shows short of the target. Left out all the same: the
     tokens the validation prompts never hold (0 also drives nothing the answers read), which lose nothing there."""
-    model, acg = _planted()
+    model, acg = planted_task_model()
     only_ones = [Ex([0, 1], 3), Ex([0, 5, 1], 3)] * 5
     both = {"t": [Ex([0, 1], 3), Ex([0, 2], 4)] * 5}
     out = circuit.extract(model, acg, only_ones, {"t": only_ones}, {"t": 1.0}, validation=both)
@@ -308,7 +343,7 @@ def test_last_passing_scans_back_where_the_run_is_not_monotone():
 
 
 def test_a_missed_target_holds_the_circuit_to_what_the_candidates_reach_not_the_whole_dictionary():
-    model, acg = _planted()
+    model, acg = planted_task_model()
     data = [Ex([0, 1], 3), Ex([0, 2], 4)] * 5
     out = circuit.extract(model, acg, data, {"t": data}, {"t": 2.0})  # accuracy 2.0: unreachable
     assert not out.target_met and out.report["k"] == out.report["candidates"] == 2
@@ -318,7 +353,7 @@ def test_a_missed_target_holds_the_circuit_to_what_the_candidates_reach_not_the_
     met = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0})
     assert met.target_met and met.report["held_to"] is None
     # three candidates, two of them redundant: the smallest circuit as faithful as all three, not all three
-    model, acg = _planted(redundant=True)
+    model, acg = planted_task_model(redundant=True)
     out = circuit.extract(model, acg, data, {"t": data}, {"t": 2.0}, validation={"t": data})
     assert not out.target_met and out.report["candidates"] == 3 and out.report["held_to"] == {"t": 1.0}
     assert out.report["k"] == 2 and out.report["task_acc"] == {"t": 1.0} and out.report["validated"] is True
@@ -351,7 +386,7 @@ def test_attribution_equals_ablation_where_the_logit_is_linear_in_the_features()
 
 
 def test_edges_count_virtual_weights_between_kept_nodes():
-    model, acg = _planted()
+    model, acg = planted_task_model()
     counts = circuit.n_edges(acg)
     assert counts["L0.enc"] == 2 + 8 * 6  # token 1 -> f0, token 2 -> f1, e5 (every token) -> f2..f9
     assert counts["logits"] == 4  # f0 -> answer 3, f1 -> answer 4, and tokens 3 and 4 straight to their logits
