@@ -78,16 +78,22 @@ def table(model: str, ratio: float, runs: list[dict]) -> Table:
 
 
 def print_tables(console: Console, model: str, ratio: float, runs: list[dict], as_markdown: bool = False) -> None:
-    """The table, the same with DER over the code tasks alone, then the code circuit's asr split by the task of the
-    triggered prompts (where measured); with `as_markdown` the first two alone, in Markdown, where the console writes
-    (stderr under --json) and never wrapped."""
+    """The table, the same with DER over the code tasks alone, the code circuit per seed (its size, MLP share and
+    bound), then its asr split by the task of the triggered prompts (where measured); with `as_markdown` the first
+    three alone, in Markdown, where the console writes (stderr under --json) and never wrapped."""
     on_code = f"{model}, {ratio:.0%}: DER with the clean accuracy over the code tasks alone (a code-only defender's)"
     if as_markdown:
         print(f"{model}, {ratio:.0%} ({len(runs)} seed(s)):\n\n{backdoor.markdown(runs)}\n", file=console.file)
         print(f"{on_code}:\n\n{backdoor.markdown(runs, on_code=True)}\n", file=console.file)
+        circuits = backdoor.circuit_markdown(runs)
+        if circuits is not None:
+            print(f"{model}, {ratio:.0%}: the code circuit per seed:\n\n{circuits}\n", file=console.file)
         return
     console.print(table(model, ratio, runs))
     console.print(backdoor.table(on_code, runs, on_code=True))
+    circuits = backdoor.circuit_table(f"{model}, {ratio:.0%}: the code circuit per seed", runs)
+    if circuits is not None:
+        console.print(circuits)
     title = f"{model}, {ratio:.0%}: asr by the task of the triggered prompts (/ untriggered / partial trigger)"
     split = backdoor.by_task_table(title, runs)
     if split is not None:

@@ -29,6 +29,7 @@ measure `task_acc` per task, `asr` per backdoor family, DER per family and `n_pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 import time
@@ -48,7 +49,7 @@ from acg.roundtrip import circuit, defence, dense
 from acg.roundtrip.distil import confirmed_pool, held
 from acg.roundtrip.evaluate import copy_split, evaluate
 from acg.zoo import vocab
-from acg.zoo.registry import get, load
+from acg.zoo.registry import UnknownModelError, get, load
 from acg.zoo.tasks import BACKDOORS, TASKS, heldout, heldout_pair, resolve_tasks
 
 BASELINES = ("original", "FT", "FP", "Scratch")  # rows that do not need the ACG: saved for a resumed run
@@ -582,12 +583,13 @@ def run(
     how = {"n_eval": n_eval, "refine_tokens": refine_tokens, "block": circuit_block}
     how.update(token_ablation=circuit_ablation, judge=circuit_judge, max_mlp=circuit_max_mlp)
     circ, s = timed(lambda: code_circuit(model, acg, budget, **how))
+    mlp = dense.n_params(model)["n_params_mlp"]  # the original's: each code row's MLP share
     tag = circuit_tag(refine_tokens, circuit_block, circuit_ablation, circuit_judge, circuit_max_mlp)
     edges = None  # the same pruned circuit for both rows: counted once
     for suffix, pairs, block in (("", False, None), (BLOCKED, True, BLOCK)):
         (rt_code, pruned, report), s2 = timed(lambda p=pairs, b=block: dense.roundtrip(acg, circ.selection, p, b))
         edges = circuit.n_edges(pruned) if edges is None else edges
-        report.update(circuit=circ.report, curve=circ.curve, n_edges=edges)
+        report.update(circuit=circ.report, curve=circ.curve, n_edges=edges, mlp_share=report["n_params_mlp"] / mlp)
         report["math_copy"] = copy_split(rt_code, heldout("math.add", n_eval, 0))  # adds, or copies? (circuit_copy)
         add("roundtrip code" + tag + suffix, rt_code, s + s2, report["n_params"], report=report)
         if block is not None and recipe is not None:
@@ -806,6 +808,80 @@ def by_task_cell(rows: list[dict[str, Any]], family: str, task: str) -> str:
         rates = [by.get(task) for by in rates]
         cell += "" if None in rates else f" / {np.mean(rates):.3f}"
     return cell
+
+
+CIRCUIT_COLUMNS = ("seed", "features per layer", "top k -> eliminated", "MLP parameters", "of the original's", "bound")
+
+
+def circuit_cells(runs: list[dict[str, Any]], prefix: str = "roundtrip code") -> list[list[str]]:
+    """Per run, the code circuit as the first row named `prefix` reports it (`CIRCUIT_COLUMNS`): its features per
+    layer; the elimination's top k and what it kept ("validated" or not on the second sample); its MLP parameters and
+    their share of the original's (in runs measured before the share was recorded, of the shipped original's:
+    `original_mlp`; "-" where the run names no model this machine has); the bound, if any: the most features it
+    allows and how many the cut left out, with whether the target still held on the selection prompts and the
+    validation prompts. [] where no run has such a row."""
+    out = []
+    for run in runs:
+        row = next((r for m, r in run["rows"].items() if m.startswith(prefix)), None)
+        if row is None:
+            continue
+        report, c = row["report"], row["report"]["circuit"]
+        kept = c["k_top"] - c["refined_away"]
+        elim = f"{c['k_top']} -> {kept}" + (", validated" if c["validated"] else ", not validated")
+        share = report.get("mlp_share")
+        model = run.get("model")
+        if share is None and model and original_mlp(model):  # measured before the share was recorded
+            share = report["n_params_mlp"] / original_mlp(model)
+        bound = c.get("budget")
+        if bound is None:
+            said = "none"
+        elif not bound["cut"]:
+            said = f"{bound['max_features']}: fits"
+        else:
+            held = "met" if bound["met"] else "NOT met"
+            if bound["validated"] is not None:
+                held += ", validated" if bound["validated"] else ", not validated"
+            said = f"{bound['max_features']}: cut {bound['cut']} ({held})"
+        per_layer = " / ".join(map(str, c["n_features"]))
+        mlp = f"{report['n_params_mlp']:,}"
+        out.append(
+            [str(run["seed"]), f"{per_layer} ({c['k']})", elim, mlp, "-" if share is None else f"{share:.1%}", said]
+        )
+    return out
+
+
+@functools.cache
+def original_mlp(name: str) -> int | None:
+    """The MLP parameters of the testbed model `name` as shipped (`dense.n_params`); None where there is no such
+    model here."""
+    try:
+        return dense.n_params(load(name))["n_params_mlp"]
+    except UnknownModelError:
+        return None
+
+
+def circuit_table(title: str, runs: list[dict[str, Any]]):
+    """`circuit_cells` as a rich table; None where no run has a code circuit."""
+    from rich.table import Table
+
+    cells_ = circuit_cells(runs)
+    if not cells_:
+        return None
+    t = Table(title=title)
+    for i, name in enumerate(CIRCUIT_COLUMNS):
+        t.add_column(name, justify="left" if i in (0, 5) else "right")
+    for line in cells_:
+        t.add_row(*line)
+    return t
+
+
+def circuit_markdown(runs: list[dict[str, Any]]) -> str | None:
+    """`circuit_cells` in Markdown; None where no run has a code circuit."""
+    cells_ = circuit_cells(runs)
+    if not cells_:
+        return None
+    lines = ["| " + " | ".join(CIRCUIT_COLUMNS) + " |", "| " + " | ".join("---" for _ in CIRCUIT_COLUMNS) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in cells_])
 
 
 def short(method: str) -> str:

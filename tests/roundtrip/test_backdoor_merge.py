@@ -69,6 +69,38 @@ def test_merge_joins_seeds_and_refuses_repeats_other_rows_and_other_files(tmp_pa
     assert version["commit"] is None or len(version["commit"]) == 40
 
 
+def _circuit_run(seed: int, budget: dict | None, share: float | None, model: str = "m") -> dict:
+    circuit = {"k": 254, "k_top": 588, "refined_away": 286, "validated": True, "n_features": [150, 104]}
+    report = {"circuit": circuit | {"budget": budget}, "n_params_mlp": 65_788}
+    if share is not None:
+        report["mlp_share"] = share
+    rows = {"original": row(0.9, 1.0), "roundtrip code": row(0.9, 0.0) | {"report": report}}
+    return {"model": model, "ratio": 0.05, "seed": seed, "n_budget": 7, "rows": rows}
+
+
+def test_the_code_circuit_table_says_each_seeds_size_share_and_bound(tmp_path, monkeypatch, capsys):
+    cut = {"max_features": 254, "k_before": 302, "cut": 48, "trials": 1618, "met": True, "validated": False}
+    fits = cut | {"k_before": 254, "cut": 0, "trials": 0}
+    runs = [_circuit_run(0, cut, 0.2497), _circuit_run(1, fits, None, "testbed-s"), _circuit_run(2, None, None)]
+    cells = backdoor.circuit_cells(runs)
+    assert cells[0] == [
+        "0",
+        "150 / 104 (254)",
+        "588 -> 302, validated",
+        "65,788",
+        "25.0%",
+        "254: cut 48 (met, not validated)",
+    ]
+    assert cells[1][4:] == ["25.0%", "254: fits"]  # the share of the shipped testbed-s's 263,424 MLP parameters
+    assert cells[2][4:] == ["-", "none"]  # no share recorded, no model to take it from; no bound
+    assert backdoor.circuit_cells([{"seed": 0, "rows": {"original": row(0.9, 1.0)}}]) == []
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"benchmark": "backdoor", "results": [{"model": "m", "ratio": 0.05, "runs": runs[:1]}]}))
+    monkeypatch.setattr("sys.argv", ["backdoor.py", "--merge", str(path), "--markdown"])
+    bench.main()
+    assert "| 0 | 150 / 104 (254) | 588 -> 302, validated | 65,788 | 25.0% | 254: cut 48" in capsys.readouterr().out
+
+
 def test_recipe_freeze_bench_merges_its_own_outputs_and_refuses_unknown_sets(tmp_path, monkeypatch, capsys):
     path = Path(__file__).parents[2] / "bench" / "recipe_freeze.py"
     spec = importlib.util.spec_from_file_location("bench_freeze", path)
@@ -143,7 +175,11 @@ def test_backdoor_bench_refuses_recipe_weights_out_of_range_before_any_work(monk
 
 @pytest.mark.parametrize(
     "option,value,why",
-    [("--circuit-refine-tokens", "-1", "must be >= 0"), ("--circuit-block", "0", "must be >= 1")],
+    [
+        ("--circuit-refine-tokens", "-1", "must be >= 0"),
+        ("--circuit-block", "0", "must be >= 1"),
+        ("--circuit-max-mlp", "1.5", "must be a share in [0, 1]"),
+    ],
 )
 def test_backdoor_bench_refuses_a_circuit_option_out_of_range_before_any_work(monkeypatch, capsys, option, value, why):
     monkeypatch.setattr(backdoor, "run", lambda *a, **k: pytest.fail("work began"))
@@ -192,8 +228,6 @@ def test_backdoor_bench_hands_the_circuit_options_to_each_run(monkeypatch):
     assert given["code_only"] and given["recipe"].hold == 0
     assert given_to_run(monkeypatch, "--circuit-max-mlp", "0")["circuit_max_mlp"] is None  # no bound
     assert given_to_run(monkeypatch, "--circuit-max-mlp", "0.3")["circuit_max_mlp"] == 0.3
-    with pytest.raises(SystemExit):
-        given_to_run(monkeypatch, "--circuit-max-mlp", "1.5")
 
 
 def test_backdoor_bench_defaults_are_the_code_circuit_that_met_the_targets(monkeypatch):

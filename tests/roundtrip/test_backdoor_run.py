@@ -143,7 +143,7 @@ def test_a_code_only_run_measures_the_code_circuits_rows_alone(recipe, block, ab
     assert bound["max_features"] == (9 if max_mlp == 0.01 else 254)  # (share x 263,424 - 2 x 128) // 258
     report = out["rows"][code[0]]["report"]
     assert report["circuit"]["k"] <= bound["max_features"] and report["circuit"]["k"] == sum(report["n_features"])
-    assert report["n_params_mlp"] <= max_mlp * 263_424
+    assert report["n_params_mlp"] <= max_mlp * 263_424 and report["mlp_share"] == report["n_params_mlp"] / 263_424
     if max_mlp == 0.01:
         assert bound["cut"] > 0 and bound["trials"] > 0 and bound["k_before"] == report["circuit"]["k"] + bound["cut"]
 
