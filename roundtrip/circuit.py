@@ -231,7 +231,8 @@ def extract(
     `max_features`: a bound on the circuit's features (all layers together; `dense.mlp_feature_budget` turns a share
     of the original's MLP parameters into one). The elimination stops where the target stops it, whatever the size;
     a circuit still over the bound then loses features by `cut_to_budget` (each round leaves out those whose removal
-    leaves the most slack over the target on the eval prompts) until it fits, whether or not the target still holds.
+    leaves the most slack over the target on the eval prompts, measured) until it fits, whether or not the target
+    still holds.
     The report's `budget` (None without a bound) says the bound, how many features the cut left out (`cut`; 0 where
     the circuit fitted), the circuits it measured (`trials`), whether the result still meets the target on the eval
     prompts (`met`) and on the validation prompts (`validated`, None without them), and `k_before`."""
@@ -412,18 +413,23 @@ def cut_to_budget(
     chosen: Sequence[int], max_features: int, slack: Callable[[list[int]], float]
 ) -> tuple[list[int], int]:
     """(`chosen` cut to `max_features` features, the circuits measured). Each round measures `slack` (the worst task's
-    accuracy over its target, higher is better) of the circuit without each feature still kept, and leaves out the
-    half of the excess (rounded up) whose removals leave the most, ties to the later in `chosen` (the least
-    attributed): a removal's cost is measured, not estimated, and measured again after each round, as removals
-    interact; halving the excess keeps the rounds to about log2 of it."""
+    accuracy over its target, higher is better) of the circuit without each candidate, and leaves out the half of the
+    excess (rounded up) whose removals leave the most, ties to the later in `chosen` (the least attributed): a
+    removal's cost is measured, not estimated, and measured again after each round, as removals interact. The first
+    round's candidates are every feature kept, each later round's the twice as many as are still to go that the last
+    round found cheapest (a removal that cost much stays out of reach): on testbed-s's code circuit at 5%, seed 1,
+    302 -> 254 features in 6 rounds is 394 circuits, where measuring every feature each round was 1,618."""
     chosen = list(chosen)
-    trials = 0
+    candidates, trials = chosen[::-1], 0  # least attributed first
     while len(chosen) > max_features:
-        n = -(-(len(chosen) - max_features) // 2)
-        left = [slack([g for g in chosen if g != f]) for f in chosen[::-1]]  # least attributed first
-        trials += len(chosen)
-        drop = {chosen[::-1][i] for i in np.argsort(-np.asarray(left), kind="stable")[:n]}
-        chosen = [f for f in chosen if f not in drop]
+        excess = len(chosen) - max_features
+        left = np.asarray([slack([g for g in chosen if g != f]) for f in candidates])
+        trials += len(candidates)
+        cheapest = [candidates[i] for i in np.argsort(-left, kind="stable")]
+        n = -(-excess // 2)
+        chosen = [f for f in chosen if f not in set(cheapest[:n])]
+        following = set(cheapest[n : n + 2 * (excess - n)])
+        candidates = [f for f in chosen[::-1] if f in following]
     return chosen, trials
 
 
