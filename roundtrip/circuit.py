@@ -232,10 +232,10 @@ def extract(
     of the original's MLP parameters into one). The elimination stops where the target stops it, whatever the size;
     a circuit still over the bound then loses features by `cut_to_budget` (each round leaves out those whose removal
     leaves the most slack over the target on the eval prompts, measured) until it fits, whether or not the target
-    still holds.
-    The report's `budget` (None without a bound) says the bound, how many features the cut left out (`cut`; 0 where
-    the circuit fitted), the circuits it measured (`trials`), whether the result still meets the target on the eval
-    prompts (`met`) and on the validation prompts (`validated`, None without them), and `k_before`."""
+    still holds. The report's `budget` (None without a bound) says the bound, how many features the cut left out
+    (`cut`; 0 where the circuit fitted), the circuits it measured (`trials`), whether the result still meets the
+    target on the eval prompts (`met`) and on the validation prompts (`validated`, None without them), and
+    `k_before`."""
     if refine is not None and refine < 0:
         raise ValueError(f"refine must be >= 0 (features to try leaving out), got {refine}")
     if refine_tokens is not None and refine_tokens < 0:
@@ -377,10 +377,8 @@ def extract(
             )
             acc, budget["cut"] = accuracy_of(chosen, kept=kept), eliminated - len(chosen)
         budget["met"] = faithful(acc)
-        if validation is not None:
-            budget["validated"] = meets(accuracy_of(chosen, validation, kept), v_reference, v_margins)
-        else:
-            budget["validated"] = None
+        on_validation = None if validation is None else accuracy_of(chosen, validation, kept)
+        budget["validated"] = None if on_validation is None else meets(on_validation, v_reference, v_margins)
     sel = select(scores, chosen, kept, positions, fill)
     sel = dataclasses.replace(sel, source=name, meta={"k": len(chosen), "tolerance": tolerance})
     report = {
@@ -427,7 +425,8 @@ def cut_to_budget(
         trials += len(candidates)
         cheapest = [candidates[i] for i in np.argsort(-left, kind="stable")]
         n = -(-excess // 2)
-        chosen = [f for f in chosen if f not in set(cheapest[:n])]
+        dropped = set(cheapest[:n])
+        chosen = [f for f in chosen if f not in dropped]
         following = set(cheapest[n : n + 2 * (excess - n)])
         candidates = [f for f in chosen[::-1] if f in following]
     return chosen, trials
