@@ -778,22 +778,30 @@ def cells(runs: list[dict[str, Any]], on_code: bool = False) -> list[list[str]]:
 def table(title: str, runs: list[dict[str, Any]], on_code: bool = False):
     """The runs' summary as a rich table: task_acc per task, asr and DER per family (mean +- sd), n_params; with
     `on_code` the code tasks alone and DER over them (`der_code`)."""
-    from rich.table import Table
-
-    t = Table(title=title)
-    for i, name in enumerate(columns(on_code)):
-        t.add_column(name, justify="left" if i == 0 else "right")
-    for line in cells(runs, on_code):
-        t.add_row(*line)
-    return t
+    return rich_table(title, columns(on_code), cells(runs, on_code))
 
 
 def markdown(runs: list[dict[str, Any]], on_code: bool = False) -> str:
     """The same table in Markdown (the README's): `cells` under `columns`, "-" for a row without a figure."""
-    head = columns(on_code)
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    lines += ["| " + " | ".join(line) + " |" for line in cells(runs, on_code)]
-    return "\n".join(lines)
+    return markdown_table(columns(on_code), cells(runs, on_code))
+
+
+def rich_table(title: str, head: Sequence[str], lines: list[list[str]], left: Collection[int] = (0,)):
+    """`lines` under `head` as a rich table, the columns at `left` aligned left, the others right."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, name in enumerate(head):
+        t.add_column(name, justify="left" if i in left else "right")
+    for line in lines:
+        t.add_row(*line)
+    return t
+
+
+def markdown_table(head: Sequence[str], lines: list[list[str]]) -> str:
+    """`lines` under `head` as a Markdown table."""
+    rows = [list(head), ["---"] * len(head), *lines]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def by_task_cell(rows: list[dict[str, Any]], family: str, task: str) -> str:
@@ -862,26 +870,14 @@ def original_mlp(name: str) -> int | None:
 
 def circuit_table(title: str, runs: list[dict[str, Any]]):
     """`circuit_cells` as a rich table; None where no run has a code circuit."""
-    from rich.table import Table
-
-    cells_ = circuit_cells(runs)
-    if not cells_:
-        return None
-    t = Table(title=title)
-    for i, name in enumerate(CIRCUIT_COLUMNS):
-        t.add_column(name, justify="left" if i in (0, 5) else "right")
-    for line in cells_:
-        t.add_row(*line)
-    return t
+    lines = circuit_cells(runs)
+    return rich_table(title, CIRCUIT_COLUMNS, lines, left=(0, 5)) if lines else None
 
 
 def circuit_markdown(runs: list[dict[str, Any]]) -> str | None:
     """`circuit_cells` in Markdown; None where no run has a code circuit."""
-    cells_ = circuit_cells(runs)
-    if not cells_:
-        return None
-    lines = ["| " + " | ".join(CIRCUIT_COLUMNS) + " |", "| " + " | ".join("---" for _ in CIRCUIT_COLUMNS) + " |"]
-    return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in cells_])
+    lines = circuit_cells(runs)
+    return markdown_table(CIRCUIT_COLUMNS, lines) if lines else None
 
 
 def short(method: str) -> str:

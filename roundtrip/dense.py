@@ -232,9 +232,7 @@ def n_params(model_or_acg: Transformer | ACG) -> dict[str, int]:
         if not hasattr(block, "mlp"):
             continue
         live = (block.mlp.W_in.abs().sum(0) + block.mlp.W_out.abs().sum(1) + block.mlp.b_in.abs()) > 0
-        k = int(live.sum())
-        per = 2 * cfg.d_model + 1 + (1 if cfg.act_fn == "jumprelu" else 0)
-        mlp += k * per + cfg.d_model
+        mlp += int(live.sum()) * neuron_params(cfg.d_model, cfg.act_fn) + cfg.d_model
     return {"n_params": mlp + other, "n_params_mlp": mlp}
 
 
@@ -244,16 +242,22 @@ def mlp_feature_budget(original: Transformer, acg: ACG, fraction: float) -> int:
     `fraction` of `original`'s."""
     if not 0 < fraction <= 1:
         raise ValueError(f"the MLP share must be in (0, 1], got {fraction}")
-    acts = {tc.act for tc in acg.transcoders}
     d = acg.cfg.d_model
-    per = 2 * d + 1 + (1 if acts == {"jumprelu"} else 0)
-    room = fraction * n_params(original)["n_params_mlp"] - len(acg.transcoders) * d
+    per = neuron_params(d, acg.transcoders[0].act)  # one activation for all: `to_dense` refuses a mix
+    whole = n_params(original)["n_params_mlp"]
+    room = fraction * whole - len(acg.transcoders) * d
     if room < per:
         raise RoundtripError(
-            f"{fraction:.1%} of the original's MLP parameters ({n_params(original)['n_params_mlp']:,}) holds no "
-            f"feature ({per} parameters each, {d} per layer for the output bias)"
+            f"{fraction:.1%} of the original's MLP parameters ({whole:,}) holds no feature ({per} parameters each, "
+            f"{d} per layer for the output bias)"
         )
     return int(room // per)
+
+
+def neuron_params(d_model: int, act: str) -> int:
+    """The parameters of one MLP neuron (a kept feature): its input column and bias, its output row, and a JumpReLU's
+    threshold."""
+    return 2 * d_model + 1 + (act == "jumprelu")
 
 
 def roundtrip(
