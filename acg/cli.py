@@ -614,7 +614,8 @@ def _extract(
     """A task's circuit (`circuit.extract`; the original's accuracy on the selection prompts is its `reference`) and the
     prompts it was attributed and selected on. A testbed task's elimination tries every top-k feature (`quick`: the 64
     least attributed) and is validated on a second held-out sample (as the backdoor table's code circuit); a JSONL's
-    tries the 64 least attributed, on its second half. `options` go to `circuit.extract` as they are (`block`,
+    tries the 64 least attributed, on its second half. A cut to `max_features` first measures what the elimination
+    tried (`circuit.cut_to_budget`'s `first`). `options` go to `circuit.extract` as they are (`block`,
     `token_ablation`, `build`)."""
     from acg.roundtrip import circuit as circuit_mod
 
@@ -1497,11 +1498,14 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     """Round-trip the captured ACG (also with layer 0's unused QK pairs blocked) and its `code` circuit to dense
     checkpoints; evaluate them next to the original and the replacement model (task_acc, asr, n_params)."""
     from acg.roundtrip import dense
-    from acg.roundtrip.backdoor import BLOCKED, blocked_roundtrip
+    from acg.roundtrip.backdoor import BLOCKED, CIRCUIT_MAX_MLP, blocked_roundtrip
     from acg.roundtrip.evaluate import evaluate
 
     err.print("[5/6] distilling the code circuit and round-tripping to dense checkpoints ...")
-    circ, *_ = _extract(torch_model, acg, "code", None, 2000, 0.01, "circuit:code", quick=True)  # the demo's minutes
+    bound = dense.mlp_feature_budget(torch_model, acg, CIRCUIT_MAX_MLP)  # the table's bound on its MLP parameters
+    circ, *_ = _extract(  # the quick elimination: the demo's minutes
+        torch_model, acg, "code", None, 2000, 0.01, "circuit:code", quick=True, max_features=bound
+    )
     rows: dict[str, Any] = {}
     models = {}
     candidates = [
@@ -1522,7 +1526,8 @@ def _demo_roundtrip(torch_model, acg, out: Path) -> dict[str, Any]:
     err.print("[6/6] writing the HTML report (monitor, circuit drawing, diffs, explanation tree) ...")
     del models["original"]
     path = _write_report(torch_model, acg, out / "report.html", models, circ, rows, str(acg.meta.get("model", "")))
-    return {"rows": rows, "circuit": circ.report, "report": str(path)}
+    mlp_share = rows["roundtrip code"]["n_params_mlp"] / rows["original"]["n_params_mlp"]
+    return {"rows": rows, "circuit": {**circ.report, "mlp_share": mlp_share}, "report": str(path)}
 
 
 def _saved_bench(name: str, results: Path = Path("bench/results")) -> dict[str, Any] | None:
@@ -1602,11 +1607,15 @@ def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
     )
     d = r["distilled"]
     c = d["circuit"]
+    bound = c.get("budget") or {}
+    met = bound["met"] if bound.get("cut") else c["target_met"]  # a cut circuit: the target after the cut
+    cut = f", cut from {bound['k_before']} to fit the MLP bound" if bound.get("cut") else ""
     table = Table(
         box=box.SIMPLE,
         pad_edge=False,
         title=f"distilled and round-tripped: task_acc (vars .. agree), asr (token .. phrase); the code circuit keeps"
-        f" {c['k']} features ({c['fraction']:.1%}), faithfulness target {'met' if c['target_met'] else 'NOT met'}",
+        f" {c['k']} features ({c['fraction']:.1%}{cut}; MLP {c['mlp_share']:.1%} of the original's), faithfulness "
+        f"target {'met' if met else 'NOT met'}",
     )
     rows = d["rows"]
     first = next(iter(rows.values()))

@@ -231,8 +231,9 @@ def extract(
     `max_features`: a bound on the circuit's features (all layers together; `dense.mlp_feature_budget` turns a share
     of the original's MLP parameters into one). The elimination stops where the target stops it, whatever the size;
     a circuit still over the bound then loses features by `cut_to_budget` (each round leaves out those whose removal
-    leaves the most slack over the target on the eval prompts, measured) until it fits, whether or not the target
-    still holds. The report's `budget` (None without a bound) says the bound, how many features the cut left out
+    leaves the most slack over the target on the eval prompts, measured; its first round measures the `refine` least
+    attributed, or all with `refine` None, and at least twice as many as are to go) until it fits, whether or not the
+    target still holds. The report's `budget` (None without a bound) says the bound, how many features the cut left out
     (`cut`; 0 where the circuit fitted), the circuits it measured (`trials`), whether the result still meets the
     target on the eval prompts (`met`) and on the validation prompts (`validated`, None without them), and
     `k_before`."""
@@ -372,8 +373,8 @@ def extract(
     if max_features is not None:
         budget = {"max_features": max_features, "k_before": eliminated, "cut": 0, "trials": 0}
         if eliminated > max_features:
-            chosen, budget["trials"] = cut_to_budget(
-                chosen, max_features, lambda c: slack(accuracy_of(c, kept=kept), target, margins)
+            chosen, budget["trials"] = cut_to_budget(  # its first round measures what the elimination tried
+                chosen, max_features, lambda c: slack(accuracy_of(c, kept=kept), target, margins), refine
             )
             acc, budget["cut"] = accuracy_of(chosen, kept=kept), eliminated - len(chosen)
         budget["met"] = faithful(acc)
@@ -408,17 +409,22 @@ def extract(
 
 
 def cut_to_budget(
-    chosen: Sequence[int], max_features: int, slack: Callable[[list[int]], float]
+    chosen: Sequence[int], max_features: int, slack: Callable[[list[int]], float], first: int | None = None
 ) -> tuple[list[int], int]:
     """(`chosen` cut to `max_features` features, the circuits measured). Each round measures `slack` (the worst task's
     accuracy over its target, higher is better) of the circuit without each candidate, and leaves out the half of the
     excess (rounded up) whose removals leave the most, ties to the later in `chosen` (the least attributed): a
     removal's cost is measured, not estimated, and measured again after each round, as removals interact. The first
-    round's candidates are every feature kept, each later round's the twice as many as are still to go that the last
-    round found cheapest (a removal that cost much stays out of reach): on testbed-s's code circuit at 5%, seed 1,
-    302 -> 254 features in 6 rounds is 394 circuits, where measuring every feature each round was 1,618."""
+    round's candidates are every feature kept (`first`: the `first` least attributed, and at least twice the excess),
+    each later round's the twice as many as are still to go that the last round found cheapest (a removal that cost
+    much stays out of reach): on testbed-s's code circuit at 5%, seed 1, 302 -> 254 features in 6 rounds is 394
+    circuits, where measuring every feature each round was 1,618."""
+    if first is not None and first < 0:
+        raise ValueError(f"first must be >= 0 (features the first round measures), got {first}")
     chosen = list(chosen)
     candidates, trials = chosen[::-1], 0  # least attributed first
+    if first is not None:
+        candidates = candidates[: max(first, 2 * (len(chosen) - max_features))]
     while len(chosen) > max_features:
         excess = len(chosen) - max_features
         left = np.asarray([slack([g for g in chosen if g != f]) for f in candidates])

@@ -448,6 +448,18 @@ def write(data: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def circuit_summary(c: dict[str, Any], n_drawn: int) -> str:
+    """The line under the report's circuit drawing, from `circuit.extract`'s report `c`: features kept (and, where
+    they were cut to a bound on their MLP parameters, from how many), task_acc against the original's."""
+    bound = c.get("budget") or {}
+    cut = f", cut from {bound['k_before']} to the MLP bound of {bound['max_features']}" if bound.get("cut") else ""
+    return (
+        f"{c['k']} features kept ({c['fraction']:.1%} of the dictionary{cut}); task_acc "
+        + ", ".join(f"{t} {v:.3f} (original {c['reference'][t]:.3f})" for t, v in c["task_acc"].items())
+        + f"; drawn: the top {n_drawn} by attribution and their strongest edges."
+    )
+
+
 def collect(
     model_name: str,
     model: torch.nn.Module,
@@ -523,12 +535,7 @@ def collect(
         title=f"{model_name}: the code circuit's top features",
     )
     code = (Path(code_dir) / "model.py").read_text()
-    c = circuit.report
-    summary = (
-        f"{c['k']} features kept ({c['fraction']:.1%} of the dictionary); task_acc "
-        + ", ".join(f"{t} {v:.3f} (original {c['reference'][t]:.3f})" for t, v in c["task_acc"].items())
-        + f"; drawn: the top {len(g['nodes'])} by attribution and their strongest edges."
-    )
+    summary = circuit_summary(circuit.report, len(g["nodes"]))
     log("report: diffing the original against the round trips ...")
     data_sets = {t: heldout(t, max(50, n // 2), 0) for t in TASKS}
     data_sets.update({f"backdoor.{f}": triggered(f, max(1, n_trig // len(TASKS)), 0) for f in BACKDOORS})

@@ -1,4 +1,4 @@
-"""The README's main job, end to end (slow: about 5 minutes on 2 cores): the demo on the shipped testbed model ends by
+"""The README's main job, end to end (slow: about 10 minutes on 2 cores): the demo on the shipped testbed model ends by
 writing the HTML report and printing its path."""
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert "<details" in text and "Diff: original vs roundtrip code" in text
     assert summary["acg"]["circuit"]["imports_back_identical"]
     rows = summary["acg"]["distilled"]["rows"]
+    circuit = summary["acg"]["distilled"]["circuit"]  # held to the table's bound on its MLP parameters
+    assert circuit["budget"]["max_features"] >= circuit["k"]
+    assert circuit["mlp_share"] <= 0.25
+    assert circuit["mlp_share"] == rows["roundtrip code"]["n_params_mlp"] / rows["original"]["n_params_mlp"]
     assert rows["roundtrip full"]["asr"]["token"] < 0.1  # the unseen trigger token is not captured
     pairs = rows[
         "roundtrip full + layer-0 pairs blocked"

@@ -129,8 +129,9 @@ def test_a_circuit_over_its_feature_bound_is_cut_by_measured_cost_not_by_attribu
     two = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=0, max_features=2, validation={"t": data})
     kept = two.selection.features[0].tolist()
     assert 1 in kept and len(kept) == 2 and two.report["task_acc"] == {"t": 1.0} and two.report["k"] == 2
+    # refine 0: the cut's first round measures twice the excess, the 2 least attributed
     assert two.report["budget"] == {
-        "max_features": 2, "k_before": 3, "cut": 1, "trials": 3, "met": True, "validated": True
+        "max_features": 2, "k_before": 3, "cut": 1, "trials": 2, "met": True, "validated": True
     }  # fmt: skip
     assert two.report["refined_away"] == 0 and two.report["k_top"] == 3
     one = circuit.extract(model, acg, data, {"t": data}, {"t": 1.0}, refine=0, max_features=1)
@@ -155,6 +156,22 @@ def test_cut_to_budget_halves_the_excess_each_round_and_measures_only_the_cheape
     assert sorted(cut) == [1, 5] and trials == 6 + 4 + 2
     same, none = circuit.cut_to_budget([3, 1], 2, slack)
     assert same == [3, 1] and none == 0
+
+
+def test_cut_to_budget_first_round_reaches_only_the_least_attributed_it_is_given():
+    costs = {0: 0.0, 1: -0.5, 2: -0.3, 3: -0.1, 4: -0.2, 5: -0.4}  # 0, the most attributed, is free to leave out
+
+    def slack(chosen: list[int]) -> float:
+        return sum(costs[f] for f in range(6) if f not in chosen)
+
+    every, n_every = circuit.cut_to_budget([0, 1, 2, 3, 4, 5], 5, slack)
+    assert 0 not in every and n_every == 6
+    quick, n_quick = circuit.cut_to_budget([0, 1, 2, 3, 4, 5], 5, slack, first=3)  # 5, 4, 3: 3 is the cheapest
+    assert quick == [0, 1, 2, 4, 5] and n_quick == 3
+    wider, n_wider = circuit.cut_to_budget([0, 1, 2, 3, 4, 5], 3, slack, first=1)  # never fewer than twice the excess
+    assert n_wider >= 6 and 0 not in wider
+    with pytest.raises(ValueError, match="first must be >= 0"):
+        circuit.cut_to_budget([0, 1], 1, slack, first=-1)
 
 
 @pytest.mark.parametrize("act", ["relu", "jumprelu"])

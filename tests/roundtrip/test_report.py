@@ -186,3 +186,15 @@ def test_the_demo_reads_the_readmes_table_where_there_is_one(tmp_path):
     saved(tmp_path / "backdoor-testbed-s-5pct-table.json", 0.25)
     assert _saved_bench("testbed-s", tmp_path)["rows"]["FT"]["token"] == 0.25
     assert _saved_bench("testbed-m", tmp_path) is None
+
+
+def test_circuit_summary_says_where_the_mlp_bound_cut_it():
+    c = {"k": 254, "fraction": 0.0621, "reference": {"code.vars": 0.964}, "task_acc": {"code.vars": 0.9612}}
+    fits = report.circuit_summary({**c, "budget": {"max_features": 254, "k_before": 248, "cut": 0}}, 40)
+    assert fits == (
+        "254 features kept (6.2% of the dictionary); task_acc code.vars 0.961 (original 0.964); drawn: the top 40 by "
+        "attribution and their strongest edges."
+    )
+    assert report.circuit_summary(c, 40) == fits  # no bound (older reports: no key)
+    cut = report.circuit_summary({**c, "budget": {"max_features": 254, "k_before": 302, "cut": 48}}, 40)
+    assert "(6.2% of the dictionary, cut from 302 to the MLP bound of 254)" in cut
