@@ -1590,6 +1590,8 @@ def _save(dense, roundtrip, path: Path):
 
 
 def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
+    from acg.roundtrip import report
+
     Console().print(layer_table(r["layers"], f"ACG of {model}: fitted in {r['seconds']:.0f} s"))
     f = r["replacement"]
     err.print(
@@ -1609,13 +1611,12 @@ def _print_demo_acg(model: str, r: dict[str, Any]) -> None:
     c = d["circuit"]
     bound = c.get("budget") or {}
     met = bound["met"] if bound.get("cut") else c["target_met"]  # a cut circuit: the target after the cut
-    cut = f", cut from {bound['k_before']} to fit the MLP bound" if bound.get("cut") else ""
     table = Table(
         box=box.SIMPLE,
         pad_edge=False,
         title=f"distilled and round-tripped: task_acc (vars .. agree), asr (token .. phrase); the code circuit keeps"
-        f" {c['k']} features ({c['fraction']:.1%}{cut}; MLP {c['mlp_share']:.1%} of the original's), faithfulness "
-        f"target {'met' if met else 'NOT met'}",
+        f" {c['k']} features ({c['fraction']:.1%}{report.cut_note(c)}; MLP {c['mlp_share']:.1%} of the original's),"
+        f" faithfulness target {'met' if met else 'NOT met'}",
     )
     rows = d["rows"]
     first = next(iter(rows.values()))

@@ -448,13 +448,18 @@ def write(data: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def cut_note(c: dict[str, Any]) -> str:
+    """ ", cut from K to the MLP bound of N" where `circuit.extract`'s report `c` says the bound on its MLP parameters
+    cut the circuit; "" where it fitted or had no bound."""
+    bound = c.get("budget") or {}
+    return f", cut from {bound['k_before']} to the MLP bound of {bound['max_features']}" if bound.get("cut") else ""
+
+
 def circuit_summary(c: dict[str, Any], n_drawn: int) -> str:
     """The line under the report's circuit drawing, from `circuit.extract`'s report `c`: features kept (and, where
-    they were cut to a bound on their MLP parameters, from how many), task_acc against the original's."""
-    bound = c.get("budget") or {}
-    cut = f", cut from {bound['k_before']} to the MLP bound of {bound['max_features']}" if bound.get("cut") else ""
+    they were cut to a bound on their MLP parameters, from how many: `cut_note`), task_acc against the original's."""
     return (
-        f"{c['k']} features kept ({c['fraction']:.1%} of the dictionary{cut}); task_acc "
+        f"{c['k']} features kept ({c['fraction']:.1%} of the dictionary{cut_note(c)}); task_acc "
         + ", ".join(f"{t} {v:.3f} (original {c['reference'][t]:.3f})" for t, v in c["task_acc"].items())
         + f"; drawn: the top {n_drawn} by attribution and their strongest edges."
     )
